@@ -1,0 +1,1 @@
+"""moonprune's command-line interface (installed as ``moonprune.cli``)."""

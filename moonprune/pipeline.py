@@ -1,0 +1,276 @@
+"""``compress``: checkpoint -> K+1 head -> sparse MOON fine-tuning -> report -> export.
+
+Each stage is its own module; this one only wires them together, validates every
+input *before* any output is written, and writes the outputs atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from moonprune.checkpoints import (
+    ArchSpec,
+    DenseModel,
+    MoonpruneCheckpoint,
+    load_dense,
+    measured_sparsity,
+    save_checkpoint,
+)
+from moonprune.config import CompressConfig
+from moonprune.data import ImageSet, Splits, load_ood, load_splits
+from moonprune.errors import CheckpointError, ConfigError
+from moonprune.heads import add_unknown_output_, output_width
+from moonprune.outputs import OutputDir
+from moonprune.reliability import evaluate
+from moonprune.reliability.evaluation import collect_logits
+from moonprune.reliability.metrics import calibrate_threshold
+from moonprune.reliability.scores import compute_score, get_score
+from moonprune.sparsity import MASKERS
+from moonprune.training import TrainCallback, train
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was given but no CUDA GPU is available; use --device cpu")
+    return torch.device(name)
+
+
+@dataclass
+class CompressResult:
+    """What ``compress`` produced: the output directory, the report, the checkpoint."""
+
+    out: Path
+    report: dict[str, Any]
+    checkpoint: MoonpruneCheckpoint
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass
+class Inputs:
+    """Everything validated and loaded before training starts."""
+
+    dense: DenseModel
+    splits: Splits
+    ood: dict[str, ImageSet]
+
+
+def prepare_inputs(cfg: CompressConfig, dense: DenseModel | None = None) -> Inputs:
+    """Load data and model and check they fit together (class count, input shape)."""
+    splits = load_splits(cfg.data, seed=cfg.train.seed)
+    ood = {spec: load_ood(spec, splits.preprocessing, seed=cfg.train.seed) for spec in cfg.ood}
+    if dense is None:
+        arch = ArchSpec(cfg.arch, dict(cfg.arch_kwargs)) if cfg.arch else None
+        dense = load_dense(cfg.checkpoint, arch, trust=cfg.trust_checkpoint)
+    try:
+        width = output_width(dense.model, splits.train.x[:2])
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"the model cannot run on the data's input of shape "
+            f"{tuple(splits.train.x.shape[1:])}: {str(exc).splitlines()[0]}; check --arch and "
+            "the data"
+        ) from None
+    if width != splits.num_classes:
+        raise CheckpointError(
+            f"the model has {width} outputs but the data {cfg.data!r} has "
+            f"{splits.num_classes} classes; pick a matching class subset (e.g. "
+            f"{cfg.data.partition(':')[0]}:0-{width - 1}) or the right checkpoint"
+        )
+    if dense.arch is None:
+        raise CheckpointError(
+            "a whole pickled module cannot be rebuilt for the saved checkpoint; "
+            "also pass --arch package.module:factory"
+        )
+    get_score(cfg.score)
+    MASKERS.create(cfg.sparsity.method, cfg.sparsity.masker_config(cfg.train.seed))
+    return Inputs(dense, splits, ood)
+
+
+def _evaluate(model: nn.Module, inputs: Inputs, cfg: CompressConfig) -> dict[str, Any]:
+    metrics = evaluate(
+        model,
+        inputs.splits.test.x,
+        inputs.splits.test.y,
+        {name: s.x for name, s in inputs.ood.items()},
+        num_known=inputs.splits.num_classes,
+        score=cfg.score,
+        ece_bins=cfg.ece_bins,
+        tpr=cfg.tpr,
+    )
+    return metrics.as_dict()
+
+
+def _acceptance(model: nn.Module, inputs: Inputs, cfg: CompressConfig) -> dict[str, Any]:
+    """Threshold on ID val at ``tpr``; accepted/rejected fractions it gives."""
+    k = inputs.splits.num_classes
+
+    def scores(x: torch.Tensor) -> np.ndarray:
+        return compute_score(collect_logits(model, x), k, cfg.score).cpu().numpy()
+
+    val = scores(inputs.splits.val.x)
+    threshold = calibrate_threshold(val, cfg.tpr)
+    return {
+        "threshold": float(threshold),
+        "id_val_accepted": float((val >= threshold).mean()),
+        "id_test_accepted": float((scores(inputs.splits.test.x) >= threshold).mean()),
+        "ood_rejected": {n: float((scores(s.x) < threshold).mean()) for n, s in inputs.ood.items()},
+    }
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def compress(
+    cfg: CompressConfig,
+    *,
+    callback: TrainCallback | None = None,
+    resume: bool = False,
+    force: bool = False,
+    dense: DenseModel | None = None,
+) -> CompressResult:
+    """Run the whole pipeline for ``cfg``; see the module docstring."""
+    t_start = time.perf_counter()
+    out = OutputDir(cfg.out, force=force, resume=resume)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.train.seed)
+    inputs = prepare_inputs(cfg, dense)
+    dense_model = inputs.dense.model.to(device).eval()
+    assert inputs.dense.arch is not None  # prepare_inputs checked it
+    t0 = time.perf_counter()
+    dense_metrics = _evaluate(dense_model, inputs, cfg)
+    dense_eval_s = time.perf_counter() - t0
+
+    model = copy.deepcopy(dense_model)
+    head_layer = None
+    if cfg.moon.enabled:
+        head_layer = add_unknown_output_(
+            model, inputs.splits.train.x[:2].to(device), cfg.head_layer
+        )
+    masker = MASKERS.create(cfg.sparsity.method, cfg.sparsity.masker_config(cfg.train.seed))
+    work = out.open()
+    try:
+        t0 = time.perf_counter()
+        result = train(
+            model,
+            masker,
+            inputs.splits.train,
+            cfg.train,
+            cfg.moon,
+            state_path=out.state_path,
+            resume=resume,
+            callback=callback,
+        )
+        train_s = time.perf_counter() - t0
+    except KeyboardInterrupt:
+        raise
+    except Exception:
+        if not out.state_path.exists():
+            out.discard()
+        raise
+    compressed = result.model.eval()
+    compressed_metrics = _evaluate(compressed, inputs, cfg)
+    acceptance = _acceptance(compressed, inputs, cfg)
+    sparsity = measured_sparsity(compressed)
+    report: dict[str, Any] = {
+        "moonprune_version": _version(),
+        "method": cfg.sparsity.method,
+        "moon": cfg.moon.enabled,
+        "target_sparsity": cfg.sparsity.sparsity,
+        "sparsity": sparsity,
+        "threshold": acceptance["threshold"],
+        "tpr": cfg.tpr,
+        "score": cfg.score,
+        "acceptance": acceptance,
+        "models": {"dense": dense_metrics, "compressed": compressed_metrics},
+        "timing": {
+            "dense_eval_s": dense_eval_s,
+            "train_s": train_s,
+            "epoch_s_mean": float(np.mean([h.seconds for h in result.history]))
+            if result.history
+            else 0.0,
+        },
+        "data": {
+            "id": cfg.data,
+            "classes": list(inputs.splits.classes),
+            "n_train": len(inputs.splits.train),
+            "n_val": len(inputs.splits.val),
+            "n_test": len(inputs.splits.test),
+            "ood": {name: len(s) for name, s in inputs.ood.items()},
+        },
+        "preprocessing": inputs.splits.preprocessing.as_dict(),
+        "history": [
+            {"epoch": h.epoch, "loss": h.loss, "lr": h.lr, "a": h.a, "density": h.density}
+            for h in result.history
+        ],
+        "config": cfg.as_dict(),
+    }
+    ckpt = MoonpruneCheckpoint(
+        model=compressed.cpu(),
+        arch=inputs.dense.arch,
+        classes=inputs.splits.classes,
+        preprocessing=inputs.splits.preprocessing,
+        head_layer=head_layer,
+        masks=result.masks,
+        threshold=acceptance["threshold"],
+        tpr=cfg.tpr,
+        score=cfg.score,
+        config=cfg.as_dict(),
+        metrics={"dense": dense_metrics, "compressed": compressed_metrics},
+    )
+    files = {"model.pt": save_checkpoint(ckpt, work / "model.pt")}
+    if cfg.export:
+        t0 = time.perf_counter()
+        files["model.onnx"], report["export"] = _export(ckpt, inputs, work / "model.onnx", sparsity)
+        report["timing"]["export_s"] = time.perf_counter() - t0
+    report["timing"]["total_s"] = time.perf_counter() - t_start
+    _write_json(report, work / "report.json")
+    _write_json(cfg.as_dict(), work / "recipe.json")
+    final = out.commit()
+    files = {name: final / name for name in [*files, "report.json", "recipe.json"]}
+    return CompressResult(final, report, ckpt, files)
+
+
+def _export(
+    ckpt: MoonpruneCheckpoint, inputs: Inputs, path: Path, sparsity: float
+) -> tuple[Path, dict[str, Any]]:
+    from moonprune.exporters import export_onnx
+
+    assert ckpt.threshold is not None
+    export_report = export_onnx(
+        ckpt.model,
+        path,
+        num_known=ckpt.num_known,
+        input_shape=ckpt.preprocessing.input_shape,
+        threshold=ckpt.threshold,
+        tpr=ckpt.tpr,
+        score=ckpt.score,
+        classes=list(ckpt.classes),
+        preprocessing=ckpt.preprocessing.as_dict(),
+        sparsity=sparsity,
+        example_inputs=inputs.splits.val.x[:64],
+    )
+    return path, export_report.as_dict()
+
+
+def _version() -> str:
+    from moonprune import __version__
+
+    return __version__

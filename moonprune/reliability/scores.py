@@ -1,0 +1,77 @@
+"""OOD scores: pure functions of logits, every one "higher = more in-distribution".
+
+All are plain tensor operations so the same code runs in PyTorch and inside the
+exported ONNX graph. ``logits`` is ``(N, K)`` for a plain model or ``(N, K + 1)``
+with the unknown column at index ``K`` (see :mod:`moonprune.conventions`).
+
+=========  ===============================================================
+``msp``    max over the K known classes of softmax(logits / T) taken over all
+           columns (the MOON reference score)
+``energy`` ``T * logsumexp(known logits / T)`` (negative free energy)
+``max_logit`` max known logit
+``unknown``  ``1 - p_unknown`` (needs the K + 1 head; equals 1 on a plain model)
+=========  ===============================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from moonprune.errors import ConfigError
+
+ScoreFn = Callable[[torch.Tensor, int, float], torch.Tensor]
+
+
+def known_probabilities(
+    logits: torch.Tensor, num_known: int, temperature: float = 1.0
+) -> torch.Tensor:
+    """``(N, K)``: the known-class part of the softmax over *all* columns of logits / T."""
+    return torch.softmax(logits / temperature, dim=-1)[..., :num_known]
+
+
+def msp(logits: torch.Tensor, num_known: int, temperature: float = 1.0) -> torch.Tensor:
+    """Maximum softmax probability over the known classes."""
+    return known_probabilities(logits, num_known, temperature).amax(dim=-1)
+
+
+def energy(logits: torch.Tensor, num_known: int, temperature: float = 1.0) -> torch.Tensor:
+    """``T * logsumexp(logits[:, :K] / T)``: high for confident in-distribution inputs."""
+    return temperature * torch.logsumexp(logits[..., :num_known] / temperature, dim=-1)
+
+
+def max_logit(logits: torch.Tensor, num_known: int, temperature: float = 1.0) -> torch.Tensor:
+    """Largest known-class logit (temperature does not change the ranking; ignored)."""
+    del temperature
+    return logits[..., :num_known].amax(dim=-1)
+
+
+def not_unknown(logits: torch.Tensor, num_known: int, temperature: float = 1.0) -> torch.Tensor:
+    """``1 - p_unknown``: the mass the model puts on the known classes together."""
+    return known_probabilities(logits, num_known, temperature).sum(dim=-1)
+
+
+SCORES: dict[str, tuple[ScoreFn, str]] = {
+    "msp": (msp, "max softmax probability over the K known classes (MOON reference)"),
+    "energy": (energy, "negative free energy T*logsumexp(known logits / T)"),
+    "max_logit": (max_logit, "largest known-class logit"),
+    "unknown": (not_unknown, "1 - p(unknown); needs the K+1 head"),
+}
+
+
+def get_score(name: str) -> ScoreFn:
+    """The score function called ``name``; unknown names list the valid ones."""
+    try:
+        return SCORES[name][0]
+    except KeyError:
+        raise ConfigError(
+            f"unknown OOD score {name!r}; choose one of: {', '.join(SCORES)}"
+        ) from None
+
+
+def compute_score(
+    logits: torch.Tensor, num_known: int, name: str = "msp", temperature: float = 1.0
+) -> torch.Tensor:
+    """``(N,)`` score ``name`` of ``logits``; higher = more in-distribution."""
+    return get_score(name)(logits, num_known, temperature)

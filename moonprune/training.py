@@ -1,0 +1,338 @@
+"""The sparse fine-tuning loop: masker + MOON objective + weight averaging, resumable.
+
+One epoch, per batch::
+
+    logits = model(x); loss = schedule.loss(...) or cross_entropy(...)
+    loss.backward(); optimizer.step(); masker.step()   # .grad is the dense gradient
+    averaging.maybe_update(...)                         # last epochs only
+
+and at the epoch's end: ``schedule.end_epoch``, BatchNorm recalibration of the
+average, and (when a state path is given) an atomic training-state file holding the
+model, optimiser, masker, schedule and averaging state, so an interrupted run
+resumes to bit-identical final weights. Shuffling and dropout are seeded per epoch
+(``seed``, ``epoch``), so a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moonprune.averaging import WeightAveraging
+from moonprune.config import MoonConfig, TrainConfig
+from moonprune.data import ImageSet
+from moonprune.errors import CheckpointError, ConfigError
+from moonprune.objectives import MoonSchedule, MoonScheduleConfig
+from moonprune.sparsity.base import Masker, TopologySchedule
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What the loop reports after each optimizer step."""
+
+    epoch: int
+    step: int
+    steps_per_epoch: int
+    loss: float
+    lr: float
+    a: float | None
+    density: float
+
+
+@dataclass(frozen=True)
+class EpochInfo:
+    """What the loop reports after each epoch (also kept in ``TrainResult.history``)."""
+
+    epoch: int
+    loss: float
+    lr: float
+    a: float | None
+    density: float
+    seconds: float
+    averaged: bool
+    masker: dict[str, float] = field(default_factory=dict)
+
+
+class TrainCallback(Protocol):
+    def on_step(self, info: StepInfo) -> None: ...
+    def on_epoch_end(self, info: EpochInfo) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    """The output network (the average with MOON), its masks, and the history."""
+
+    model: nn.Module
+    masks: dict[str, torch.Tensor]
+    history: list[EpochInfo]
+
+
+class StopTraining(Exception):
+    """Raised by a callback (or ``stop_after_epoch``) to interrupt after a saved epoch."""
+
+
+def lr_factor(epoch_float: float, config: TrainConfig, main_epochs: int) -> float:
+    """Cosine factor from ``lr_peak_factor`` to ``lr_floor_factor`` over ``main_epochs``,
+    then held at the floor (the averaging epochs)."""
+    if epoch_float >= main_epochs:
+        return config.lr_floor_factor
+    cos = 0.5 * (1 + math.cos(math.pi * epoch_float / main_epochs))
+    return config.lr_floor_factor + (config.lr_peak_factor - config.lr_floor_factor) * cos
+
+
+def iterate_batches(
+    data: ImageSet, batch_size: int, seed: int, device: torch.device, shuffle: bool = True
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of ``data`` in an order fixed by ``seed`` (drop nothing)."""
+    if shuffle:
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    else:
+        order = torch.arange(len(data))
+    for start in range(0, len(data), batch_size):
+        idx = order[start : start + batch_size]
+        yield data.x[idx].to(device), data.y[idx].to(device)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """Runs sparse fine-tuning of ``model`` (already K+1 when MOON is on) on ``train``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        masker: Masker,
+        train: ImageSet,
+        train_config: TrainConfig,
+        moon_config: MoonConfig,
+        *,
+        state_path: Path | None = None,
+        callback: TrainCallback | None = None,
+    ) -> None:
+        self.model = model
+        self.masker = masker
+        self.data = train
+        self.cfg = train_config
+        self.moon_cfg = moon_config
+        self.state_path = state_path
+        self.callback = callback
+        self.device = next(model.parameters()).device
+        self.steps_per_epoch = math.ceil(len(train) / train_config.batch_size)
+        self.total_steps = self.steps_per_epoch * train_config.epochs
+        avg_epochs = moon_config.resolved_average_epochs(train_config.epochs)
+        self.main_epochs = train_config.epochs - avg_epochs
+        self.averaging = (
+            WeightAveraging(self.main_epochs, moon_config.average_fraction) if avg_epochs else None
+        )
+        self.schedule = (
+            MoonSchedule(
+                MoonScheduleConfig(
+                    train_config.epochs,
+                    moon_config.warmup_epochs,
+                    moon_config.init_factor,
+                    moon_config.a_final,
+                )
+            )
+            if moon_config.enabled
+            else None
+        )
+        if self.schedule is not None and moon_config.warmup_epochs >= train_config.epochs:
+            logger.warning(
+                "warm-up (%d epochs) covers the whole run (%d epochs): the MOON loss never "
+                "starts; training is plain cross-entropy on the K+1 head",
+                moon_config.warmup_epochs,
+                train_config.epochs,
+            )
+        self.optimizer = torch.optim.SGD(
+            model.parameters(),
+            lr=train_config.lr,
+            momentum=train_config.momentum,
+            nesterov=train_config.nesterov and train_config.momentum > 0,
+            weight_decay=train_config.weight_decay,
+        )
+        end_step = min(
+            int(train_config.update_end * self.total_steps), self.main_epochs * self.steps_per_epoch
+        )
+        self.masker.prepare(
+            model,
+            TopologySchedule(self.total_steps, end_step, self.steps_per_epoch),
+            self.optimizer,
+        )
+        self.start_epoch = 0
+        self.history: list[EpochInfo] = []
+
+    # -- state ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "fingerprint": self._fingerprint(),
+            "epoch": self.start_epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "masker": self.masker.state_dict(),
+            "schedule": None if self.schedule is None else self.schedule.state_dict(),
+            "averaging": None if self.averaging is None else self.averaging.state_dict(),
+            "history": [vars(h) for h in self.history],
+        }
+
+    def _fingerprint(self) -> dict[str, Any]:
+        return {
+            "train": vars(self.cfg),
+            "moon": vars(self.moon_cfg),
+            "masker": type(self.masker).__name__,
+            "n_train": len(self.data),
+        }
+
+    def load_state(self, path: Path) -> None:
+        """Continue from a training-state file written by an earlier, interrupted run."""
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except (OSError, RuntimeError, EOFError) as exc:
+            raise CheckpointError(f"cannot read training state {str(path)!r}: {exc}") from None
+        if state.get("fingerprint") != self._fingerprint():
+            raise ConfigError(
+                f"the training state in {str(path)!r} was written with other settings; "
+                "resume with the same command and options, or start afresh without --resume"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.masker.load_state_dict(state["masker"])
+        if self.schedule is not None:
+            self.schedule.load_state_dict(state["schedule"])
+        if self.averaging is not None:
+            self.averaging.load_state_dict(state["averaging"], copy.deepcopy(self.model))
+        self.history = [EpochInfo(**h) for h in state["history"]]
+        self.start_epoch = int(state["epoch"])
+
+    # -- loop -----------------------------------------------------------------------
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor, epoch: int) -> torch.Tensor:
+        if self.schedule is None:
+            return F.cross_entropy(logits, y)
+        return self.schedule.loss(logits, y, epoch)
+
+    def run(self, stop_after_epoch: int | None = None) -> TrainResult:
+        """Train from ``start_epoch`` to the end; ``stop_after_epoch`` interrupts (tests)."""
+        for epoch in range(self.start_epoch, self.cfg.epochs):
+            self._run_epoch(epoch)
+            self.start_epoch = epoch + 1
+            if self.state_path is not None:
+                _atomic_save(self.state_dict(), self.state_path)
+            if stop_after_epoch is not None and epoch >= stop_after_epoch:
+                raise StopTraining(f"stopped after epoch {epoch}")
+        masks = self.masker.finalize()
+        final = self.model
+        if self.averaging is not None and self.averaging.result() is not None:
+            final = self.averaging.result()  # type: ignore[assignment]
+        final.eval()
+        return TrainResult(final, masks, self.history)
+
+    def _run_epoch(self, epoch: int) -> None:
+        start = time.perf_counter()
+        torch.manual_seed(self.cfg.seed * 100_003 + epoch)
+        self.model.train()
+        seed = self.cfg.seed * 100_003 + epoch
+        total_loss, n_seen = 0.0, 0
+        lr = self.cfg.lr
+        density = 1.0
+        for i, (x, y) in enumerate(
+            iterate_batches(self.data, self.cfg.batch_size, seed, self.device)
+        ):
+            lr = self.cfg.lr * lr_factor(
+                epoch + i / self.steps_per_epoch, self.cfg, self.main_epochs
+            )
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            logits = self.model(x)
+            loss = self._loss(logits, y, epoch)
+            if not torch.isfinite(loss):
+                raise ConfigError(
+                    f"the loss became {loss.item()} at epoch {epoch}, step {i}; "
+                    "lower the learning rate (--lr) or check the data for NaN"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.masker.step()
+            if self.averaging is not None:
+                self.averaging.maybe_update(self.model, epoch, i, self.steps_per_epoch)
+            total_loss += loss.item() * len(y)
+            n_seen += len(y)
+            if self.callback is not None:
+                if i % 20 == 0:
+                    density = self.masker.stats()["density"]
+                self.callback.on_step(
+                    StepInfo(epoch, i, self.steps_per_epoch, loss.item(), lr, self._a(), density)
+                )
+        if self.schedule is not None:
+            self.schedule.end_epoch(epoch)
+        if self.averaging is not None:
+            self.averaging.end_epoch(
+                epoch, (x for x, _ in iterate_batches(self.data, 256, 0, self.device, False))
+            )
+        stats = self.masker.stats()
+        info = EpochInfo(
+            epoch,
+            total_loss / max(n_seen, 1),
+            lr,
+            self._a(),
+            stats["density"],
+            time.perf_counter() - start,
+            self.averaging is not None and self.averaging.is_active(epoch),
+            stats,
+        )
+        self.history.append(info)
+        if self.callback is not None:
+            self.callback.on_epoch_end(info)
+
+    def _a(self) -> float | None:
+        return None if self.schedule is None else self.schedule.a
+
+
+def train(
+    model: nn.Module,
+    masker: Masker,
+    train_set: ImageSet,
+    train_config: TrainConfig,
+    moon_config: MoonConfig,
+    *,
+    state_path: Path | None = None,
+    resume: bool = False,
+    callback: TrainCallback | None = None,
+) -> TrainResult:
+    """One-call training: build a :class:`Trainer`, resume if asked, run to the end."""
+    trainer = Trainer(
+        model,
+        masker,
+        train_set,
+        train_config,
+        moon_config,
+        state_path=state_path,
+        callback=callback,
+    )
+    if resume:
+        if state_path is None or not state_path.is_file():
+            raise ConfigError(
+                f"--resume was given but there is no training state at {state_path}; "
+                "run without --resume to start afresh"
+            )
+        trainer.load_state(state_path)
+    return trainer.run()

@@ -1,0 +1,163 @@
+"""The MOON loss against hand-computed values, and the schedule of ``a``."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moonprune.errors import ConfigError
+from moonprune.objectives import (
+    MoonSchedule,
+    MoonScheduleConfig,
+    threshold_statistic,
+    unknown_aware_loss,
+    unknown_probability,
+)
+
+# K = 2 known classes + unknown (column 2).
+LOGITS = torch.tensor(
+    [
+        [2.0, 0.0, 0.0],  # label 0: correct
+        [0.0, 1.0, 0.0],  # label 0: misclassified (argmax 1)
+        [0.0, 0.0, 30.0],  # label 1: misclassified, p_u = 1 in float32 -> clamped
+    ]
+)
+TARGET = torch.tensor([0, 0, 1])
+
+
+def _softmax(row: list[float]) -> list[float]:
+    z = sum(math.exp(v) for v in row)
+    return [math.exp(v) / z for v in row]
+
+
+def _expected_loss(a: float) -> float:
+    total = 0.0
+    for row, y in zip(LOGITS.tolist(), TARGET.tolist(), strict=True):
+        p = _softmax(row)
+        h = -math.log(p[y])
+        p_u = min(p[2], 1 - 1e-7)
+        correct = max(range(3), key=lambda j: row[j]) == y
+        total += h * (1.0 if correct else 1 + a / (1 + a * p_u))
+    return total / 3
+
+
+@pytest.mark.parametrize("a", [0.0, 0.01, 0.5, 1.0, 3.0])
+def test_loss_matches_hand_computation(a: float) -> None:
+    got = unknown_aware_loss(LOGITS, TARGET, a).item()
+    assert got == pytest.approx(_expected_loss(a), rel=1e-5)
+
+
+def test_loss_weights_only_misclassified_rows() -> None:
+    # With only the correct row, the loss is plain cross-entropy whatever a is.
+    row, y = LOGITS[:1], TARGET[:1]
+    assert unknown_aware_loss(row, y, 5.0).item() == pytest.approx(F.cross_entropy(row, y).item())
+    # A misclassified row weighs more as a grows.
+    bad, yb = LOGITS[1:2], TARGET[1:2]
+    assert unknown_aware_loss(bad, yb, 2.0) > unknown_aware_loss(bad, yb, 0.5)
+
+
+def test_unknown_probability_is_clamped_below_one() -> None:
+    p_u = unknown_probability(LOGITS[2:3])
+    assert p_u.item() < 1.0
+    assert p_u.item() == pytest.approx(1 - 1e-7, abs=1e-7)
+
+
+def test_weight_is_not_differentiated() -> None:
+    logits = LOGITS.clone().requires_grad_(True)
+    unknown_aware_loss(logits, TARGET, 1.0).backward()
+    # gradient equals that of sum(w * h)/N with w treated as constants
+    p = torch.softmax(LOGITS, 1)
+    p_u = p[:, 2].clamp(max=1 - 1e-7)
+    w = torch.tensor([1.0, 1 + 1 / (1 + p_u[1].item()), 1 + 1 / (1 + p_u[2].item())])
+    ref = LOGITS.clone().requires_grad_(True)
+    (F.cross_entropy(ref, TARGET, reduction="none") * w).mean().backward()
+    assert ref.grad is not None and logits.grad is not None
+    assert torch.allclose(logits.grad, ref.grad, atol=1e-6)
+
+
+def _run_schedule(
+    config: MoonScheduleConfig, steps_per_epoch: int = 3
+) -> tuple[list, MoonSchedule]:
+    schedule = MoonSchedule(config)
+    torch.manual_seed(0)
+    seen = []
+    for epoch in range(config.total_epochs):
+        for _ in range(steps_per_epoch):
+            logits = torch.randn(8, 4)
+            target = torch.randint(0, 3, (8,))
+            loss = schedule.loss(logits, target, epoch)
+            seen.append((epoch, schedule.a, loss.item(), F.cross_entropy(logits, target).item()))
+        schedule.end_epoch(epoch)
+    return seen, schedule
+
+
+def test_warmup_returns_plain_cross_entropy() -> None:
+    seen, _ = _run_schedule(MoonScheduleConfig(total_epochs=8, warmup_epochs=3))
+    for epoch, a, loss, ce in seen:
+        if epoch < 3:
+            assert a is None
+            assert loss == pytest.approx(ce)
+
+
+def test_ewma_tracks_statistic() -> None:
+    schedule = MoonSchedule(MoonScheduleConfig(total_epochs=2, warmup_epochs=2))
+    torch.manual_seed(1)
+    batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(3)]
+    expected = None
+    for logits, target in batches:
+        schedule.loss(logits, target, 0)
+        t = threshold_statistic(logits, target)
+        expected = t if expected is None else 0.05 * t + 0.95 * expected
+    assert schedule.ewma == pytest.approx(expected)
+
+
+def test_a_starts_at_ewma_over_init_factor_and_reaches_a_final() -> None:
+    config = MoonScheduleConfig(total_epochs=10, warmup_epochs=4, init_factor=64, a_final=1.0)
+    schedule = MoonSchedule(config)
+    torch.manual_seed(0)
+    ewma: float | None = None
+    a_per_epoch = []
+    for epoch in range(10):
+        for step in range(3):
+            logits, target = torch.randn(8, 4), torch.randint(0, 3, (8,))
+            t = threshold_statistic(logits, target)
+            ewma = t if ewma is None else 0.05 * t + 0.95 * ewma
+            schedule.loss(logits, target, epoch)
+            if epoch == 4 and step == 0:
+                assert schedule.a == pytest.approx(ewma / 64)
+        a_per_epoch.append(schedule.a)
+        schedule.end_epoch(epoch)
+    assert schedule.a == pytest.approx(1.0)
+    # a grows by the same step each epoch after warm-up: (a_final - a0) / (10 - 4)
+    diffs = [b - a for a, b in itertools.pairwise(a_per_epoch[4:])]
+    assert diffs[0] == pytest.approx((1.0 - a_per_epoch[4]) / 6)
+    assert all(d == pytest.approx(diffs[0]) for d in diffs)
+
+
+def test_epochs_equal_to_warmup_never_divides_by_zero() -> None:
+    seen, schedule = _run_schedule(MoonScheduleConfig(total_epochs=5, warmup_epochs=5))
+    assert schedule.a is None
+    assert all(loss == pytest.approx(ce) for _, _, loss, ce in seen)
+
+
+def test_last_epoch_alone_after_warmup() -> None:
+    _, schedule = _run_schedule(MoonScheduleConfig(total_epochs=5, warmup_epochs=4))
+    assert schedule.a == pytest.approx(1.0)
+
+
+def test_state_dict_round_trip() -> None:
+    _, schedule = _run_schedule(MoonScheduleConfig(total_epochs=6, warmup_epochs=2))
+    clone = MoonSchedule(schedule.config)
+    clone.load_state_dict(schedule.state_dict())
+    assert (clone.ewma, clone.a, clone.a_step) == (schedule.ewma, schedule.a, schedule.a_step)
+
+
+def test_bad_config_is_rejected() -> None:
+    with pytest.raises(ConfigError):
+        MoonScheduleConfig(total_epochs=0)
+    with pytest.raises(ConfigError):
+        MoonScheduleConfig(total_epochs=3, init_factor=0)

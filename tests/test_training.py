@@ -1,0 +1,104 @@
+"""The training loop: averaging keeps the zeros, resume is exact, schedules line up."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from moonprune.config import MoonConfig, TrainConfig
+from moonprune.heads import add_unknown_output_
+from moonprune.models import demo_cnn
+from moonprune.sparsity import MASKERS, MaskerConfig
+from moonprune.training import StopTraining, Trainer, lr_factor
+
+TRAIN = TrainConfig(epochs=4, batch_size=64, lr=0.05, seed=3)
+MOON = MoonConfig(warmup_epochs=1, average_epochs=1, average_fraction=0.3)
+
+
+def _model(digits06) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = demo_cnn(num_classes=6, width=4)
+    add_unknown_output_(model, digits06.train.x[:2])
+    return model
+
+
+def _trainer(model, digits06, method="rigl", state_path=None, moon=MOON) -> Trainer:
+    masker = MASKERS.create(method, MaskerConfig(sparsity=0.8, update_interval=3, seed=1))
+    return Trainer(model, masker, digits06.train, TRAIN, moon, state_path=state_path)
+
+
+def test_lr_schedule_shape() -> None:
+    cfg = TrainConfig()
+    assert lr_factor(0, cfg, 10) == pytest.approx(1.2)
+    assert lr_factor(5, cfg, 10) == pytest.approx((1.2 + 0.08) / 2)
+    assert lr_factor(10, cfg, 10) == pytest.approx(0.08)
+    assert lr_factor(13.5, cfg, 10) == pytest.approx(0.08)
+
+
+def test_averaging_keeps_zeros_and_topology_freezes_first(digits06) -> None:
+    model = _model(digits06)
+    trainer = _trainer(model, digits06)
+    # mask updates must stop before the averaging epoch starts
+    schedule = trainer.masker._schedule  # the masker keeps its schedule after prepare
+    assert schedule is not None
+    assert schedule.end_step <= trainer.main_epochs * trainer.steps_per_epoch
+    result = trainer.run()
+    assert result.model is not model  # the averaged copy is the output
+    assert trainer.averaging is not None and trainer.averaging.averaged is not None
+    n = int(trainer.averaging.averaged.n_averaged)
+    assert n == trainer.averaging.updates_per_epoch(trainer.steps_per_epoch) > 1
+    averaged = dict(result.model.named_parameters())
+    for name, mask in result.masks.items():
+        weight = averaged[name]
+        assert torch.all(weight[~mask.to(weight.device)] == 0), name
+    # the average differs from the last iterate (it really averaged)
+    last = dict(model.named_parameters())
+    assert any(not torch.equal(averaged[k], last[k]) for k in result.masks)
+
+
+def test_resume_gives_identical_final_weights(digits06, tmp_path: Path) -> None:
+    base = _model(digits06)
+    full = _trainer(copy.deepcopy(base), digits06).run()
+
+    state = tmp_path / "state.pt"
+    first = _trainer(copy.deepcopy(base), digits06, state_path=state)
+    with pytest.raises(StopTraining):
+        first.run(stop_after_epoch=1)
+    assert state.is_file()
+    second = _trainer(copy.deepcopy(base), digits06, state_path=state)
+    second.load_state(state)
+    assert second.start_epoch == 2
+    resumed = second.run()
+
+    for (k, a), (_, b) in zip(
+        full.model.state_dict().items(), resumed.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), k
+    for k in full.masks:
+        assert torch.equal(full.masks[k], resumed.masks[k])
+
+
+def test_resume_refuses_other_settings(digits06, tmp_path: Path) -> None:
+    from moonprune.errors import ConfigError
+
+    state = tmp_path / "state.pt"
+    first = _trainer(_model(digits06), digits06, state_path=state)
+    with pytest.raises(StopTraining):
+        first.run(stop_after_epoch=0)
+    other = _trainer(_model(digits06), digits06, moon=MoonConfig(warmup_epochs=2, average_epochs=1))
+    with pytest.raises(ConfigError, match="other settings"):
+        other.load_state(state)
+
+
+def test_plain_baseline_trains_without_averaging(digits06) -> None:
+    torch.manual_seed(0)
+    model = demo_cnn(num_classes=6, width=4)
+    trainer = _trainer(model, digits06, moon=MoonConfig(enabled=False))
+    result = trainer.run()
+    assert trainer.averaging is None and trainer.schedule is None
+    assert result.model is model
+    assert all(h.a is None for h in result.history)
+    assert model(digits06.train.x[:2]).shape == (2, 6)
