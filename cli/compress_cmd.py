@@ -11,6 +11,23 @@ from moonprune.cli.render import RichProgress, comparison_table, summary_lines
 METHOD_HELP = "Sparse method: rigl, set, gmp (gradual magnitude), magnitude (one-shot)."
 
 
+def parse_size(text: str | None) -> tuple[int, int] | None:
+    """``"32"`` -> (32, 32); ``"24x32"`` -> (24, 32)."""
+    if text is None:
+        return None
+    from moonprune.errors import ConfigError
+
+    try:
+        values = [int(p) for p in text.lower().replace(",", "x").split("x")]
+    except ValueError:
+        raise ConfigError(f"--image-size {text!r} is not HxW, e.g. 32x32") from None
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2:
+        raise ConfigError(f"--image-size {text!r} is not HxW, e.g. 32x32")
+    return values[0], values[1]
+
+
 def _interrupted(out: Path) -> None:
     from moonprune.cli.app import err_console
 
@@ -93,6 +110,18 @@ def register(app: typer.Typer) -> None:
         no_export: Annotated[
             bool, typer.Option("--no-export", help="Skip writing model.onnx.")
         ] = False,
+        image_size: Annotated[
+            str | None,
+            typer.Option(
+                help="Resize folder images to HxW (e.g. 32x32); default: the first image's size."
+            ),
+        ] = None,
+        channels: Annotated[
+            int | None, typer.Option(help="Convert images to 1 (gray) or 3 (RGB) channels.")
+        ] = None,
+        on_bad_image: Annotated[
+            str | None, typer.Option(help="An undecodable image file: skip (warn) or fail.")
+        ] = None,
         trust_checkpoint: Annotated[
             bool,
             typer.Option("--trust-checkpoint", help="Allow a pickled nn.Module (can run code!)."),
@@ -125,6 +154,9 @@ def register(app: typer.Typer) -> None:
                 "device": device,
                 "score": score,
                 "tpr": tpr,
+                "image_size": parse_size(image_size),
+                "channels": channels,
+                "on_bad_image": on_bad_image,
                 "trust_checkpoint": True if trust_checkpoint else None,
                 "export": False if no_export else None,
                 "sparsity.method": method,

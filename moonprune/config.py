@@ -136,6 +136,9 @@ class CompressConfig:
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     head_layer: str | None = None
     trust_checkpoint: bool = False
+    image_size: tuple[int, int] | None = None
+    channels: int | None = None
+    on_bad_image: str = "skip"
     device: str = "auto"
     export: bool = True
     score: str = "msp"
@@ -150,6 +153,14 @@ class CompressConfig:
             raise ConfigError(f"tpr must be in (0, 1), got {self.tpr}; e.g. --tpr 0.95")
         if self.ece_bins < 1:
             raise ConfigError(f"ece_bins must be >= 1, got {self.ece_bins}")
+        if self.image_size is not None and (
+            len(self.image_size) != 2 or min(self.image_size) < 1
+        ):
+            raise ConfigError(f"image_size must be [height, width], got {self.image_size}")
+        if self.channels not in (None, 1, 3):
+            raise ConfigError(f"channels must be 1 or 3, got {self.channels}")
+        if self.on_bad_image not in ("skip", "fail"):
+            raise ConfigError(f"on_bad_image must be 'skip' or 'fail', got {self.on_bad_image!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
 
@@ -181,6 +192,8 @@ def build_config(values: dict[str, Any]) -> CompressConfig:
     top = {k: v for k, v in values.items() if k not in _SECTIONS}
     if "ood" in top:
         top["ood"] = tuple(top["ood"])
+    if top.get("image_size") is not None:
+        top["image_size"] = tuple(top["image_size"])
     sections = {
         name: _build(cls, dict(values.get(name, {})), f"[{name}]")
         for name, cls in _SECTIONS.items()

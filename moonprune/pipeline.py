@@ -28,7 +28,7 @@ from moonprune.checkpoints import (
     save_checkpoint,
 )
 from moonprune.config import CompressConfig
-from moonprune.data import ImageSet, Splits, load_ood, load_splits
+from moonprune.data import ImageSet, ReadOptions, Splits, load_ood, load_splits
 from moonprune.errors import CheckpointError, ConfigError
 from moonprune.heads import add_unknown_output_, output_width
 from moonprune.outputs import OutputDir
@@ -72,8 +72,12 @@ class Inputs:
 
 def prepare_inputs(cfg: CompressConfig, dense: DenseModel | None = None) -> Inputs:
     """Load data and model and check they fit together (class count, input shape)."""
-    splits = load_splits(cfg.data, seed=cfg.train.seed)
-    ood = {spec: load_ood(spec, splits.preprocessing, seed=cfg.train.seed) for spec in cfg.ood}
+    options = ReadOptions(cfg.image_size, cfg.channels, cfg.on_bad_image)
+    splits = load_splits(cfg.data, seed=cfg.train.seed, options=options)
+    ood = {
+        spec: load_ood(spec, splits.preprocessing, seed=cfg.train.seed, options=options)
+        for spec in cfg.ood
+    }
     if dense is None:
         arch = ArchSpec(cfg.arch, dict(cfg.arch_kwargs)) if cfg.arch else None
         dense = load_dense(cfg.checkpoint, arch, trust=cfg.trust_checkpoint)
