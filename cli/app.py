@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -64,9 +63,10 @@ def run_guarded(fn: Callable[[], T]) -> T:
 
 
 def _register_commands() -> None:
-    from moonprune.cli import compress_cmd
+    from moonprune.cli import compress_cmd, verify_cmd
 
     compress_cmd.register(app)
+    verify_cmd.register(app)
 
 
 _register_commands()
@@ -75,7 +75,3 @@ _register_commands()
 def main(argv: list[str] | None = None) -> Any:
     """Console-script entry point."""
     return app(args=argv if argv is not None else sys.argv[1:], prog_name="moonprune")
-
-
-def output_path(value: str | None) -> Path | None:
-    return None if value is None else Path(value)

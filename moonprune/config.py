@@ -153,9 +153,7 @@ class CompressConfig:
             raise ConfigError(f"tpr must be in (0, 1), got {self.tpr}; e.g. --tpr 0.95")
         if self.ece_bins < 1:
             raise ConfigError(f"ece_bins must be >= 1, got {self.ece_bins}")
-        if self.image_size is not None and (
-            len(self.image_size) != 2 or min(self.image_size) < 1
-        ):
+        if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
             raise ConfigError(f"image_size must be [height, width], got {self.image_size}")
         if self.channels not in (None, 1, 3):
             raise ConfigError(f"channels must be 1 or 3, got {self.channels}")

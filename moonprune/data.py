@@ -265,12 +265,20 @@ def _predefined_splits(spec: str, options: ReadOptions) -> dict[str, RawImages] 
     return parts
 
 
-def load_splits(spec: str, seed: int = 0, options: ReadOptions | None = None) -> Splits:
+def load_splits(
+    spec: str,
+    seed: int = 0,
+    options: ReadOptions | None = None,
+    preprocessing: Preprocessing | None = None,
+) -> Splits:
     """The ID data set ``spec``, normalised with its training split's mean/std, split.
 
     An ImageFolder with ``train/`` (and optionally ``val/``, ``test/``) keeps its
     splits; a missing ``val``/``test`` is carved from ``train``. Otherwise the whole
     set is split 60/20/20, stratified, deterministically in ``seed``.
+
+    With ``preprocessing`` (a saved model's), images are converted to its input and
+    normalised with its statistics instead of the training split's.
     """
     options = options or ReadOptions()
     given = _predefined_splits(spec, options)
@@ -299,13 +307,24 @@ def load_splits(spec: str, seed: int = 0, options: ReadOptions | None = None) ->
             parts["train"] = RawImages(
                 train.images[tr], train.labels[tr], train.classes, train.pixel_scale
             )
-    train_images = parts["train"].images
-    mean = train_images.mean(axis=(0, 2, 3))
-    std = np.maximum(train_images.std(axis=(0, 2, 3)), 1e-3)
-    _, c, h, w = train_images.shape
-    pre = Preprocessing(
-        c, h, w, float(parts["train"].pixel_scale), tuple(map(float, mean)), tuple(map(float, std))
-    )
+    if preprocessing is None:
+        train_images = parts["train"].images
+        mean = train_images.mean(axis=(0, 2, 3))
+        std = np.maximum(train_images.std(axis=(0, 2, 3)), 1e-3)
+        _, c, h, w = train_images.shape
+        scale = float(parts["train"].pixel_scale)
+        pre = Preprocessing(c, h, w, scale, tuple(map(float, mean)), tuple(map(float, std)))
+    else:
+        pre = preprocessing
+        parts = {
+            name: RawImages(
+                sources.conform(raw.images, pre.channels, (pre.height, pre.width)),
+                raw.labels,
+                raw.classes,
+                raw.pixel_scale,
+            )
+            for name, raw in parts.items()
+        }
 
     def to_set(part: str) -> ImageSet:
         raw = parts[part]

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from moonprune.assessment import Assessment, assess
 from moonprune.checkpoints import (
     ArchSpec,
     DenseModel,
@@ -32,10 +33,7 @@ from moonprune.data import ImageSet, ReadOptions, Splits, load_ood, load_splits
 from moonprune.errors import CheckpointError, ConfigError
 from moonprune.heads import add_unknown_output_, output_width
 from moonprune.outputs import OutputDir
-from moonprune.reliability import evaluate
-from moonprune.reliability.evaluation import collect_logits
-from moonprune.reliability.metrics import calibrate_threshold
-from moonprune.reliability.scores import compute_score, get_score
+from moonprune.reliability.scores import get_score
 from moonprune.sparsity import MASKERS
 from moonprune.training import TrainCallback, train
 
@@ -105,35 +103,11 @@ def prepare_inputs(cfg: CompressConfig, dense: DenseModel | None = None) -> Inpu
     return Inputs(dense, splits, ood)
 
 
-def _evaluate(model: nn.Module, inputs: Inputs, cfg: CompressConfig) -> dict[str, Any]:
-    metrics = evaluate(
-        model,
-        inputs.splits.test.x,
-        inputs.splits.test.y,
-        {name: s.x for name, s in inputs.ood.items()},
-        num_known=inputs.splits.num_classes,
-        score=cfg.score,
-        ece_bins=cfg.ece_bins,
-        tpr=cfg.tpr,
-    )
-    return metrics.as_dict()
-
-
-def _acceptance(model: nn.Module, inputs: Inputs, cfg: CompressConfig) -> dict[str, Any]:
-    """Threshold on ID val at ``tpr``; accepted/rejected fractions it gives."""
-    k = inputs.splits.num_classes
-
-    def scores(x: torch.Tensor) -> np.ndarray:
-        return compute_score(collect_logits(model, x), k, cfg.score).cpu().numpy()
-
-    val = scores(inputs.splits.val.x)
-    threshold = calibrate_threshold(val, cfg.tpr)
-    return {
-        "threshold": float(threshold),
-        "id_val_accepted": float((val >= threshold).mean()),
-        "id_test_accepted": float((scores(inputs.splits.test.x) >= threshold).mean()),
-        "ood_rejected": {n: float((scores(s.x) < threshold).mean()) for n, s in inputs.ood.items()},
-    }
+def _assess(model: nn.Module, inputs: Inputs, cfg: CompressConfig) -> Assessment:
+    return assess(
+        model, inputs.splits, inputs.ood, score=cfg.score, tpr=cfg.tpr,
+        ece_bins=cfg.ece_bins, seed=cfg.train.seed,
+    )  # fmt: skip
 
 
 def _write_json(obj: Any, path: Path) -> None:
@@ -159,7 +133,7 @@ def compress(
     dense_model = inputs.dense.model.to(device).eval()
     assert inputs.dense.arch is not None  # prepare_inputs checked it
     t0 = time.perf_counter()
-    dense_metrics = _evaluate(dense_model, inputs, cfg)
+    dense_assessment = _assess(dense_model, inputs, cfg)
     dense_eval_s = time.perf_counter() - t0
 
     model = copy.deepcopy(dense_model)
@@ -190,8 +164,8 @@ def compress(
             out.discard()
         raise
     compressed = result.model.eval()
-    compressed_metrics = _evaluate(compressed, inputs, cfg)
-    acceptance = _acceptance(compressed, inputs, cfg)
+    assessment = _assess(compressed, inputs, cfg)
+    dense_metrics, compressed_metrics = dense_assessment.metrics, assessment.metrics
     sparsity = measured_sparsity(compressed)
     report: dict[str, Any] = {
         "moonprune_version": _version(),
@@ -199,11 +173,12 @@ def compress(
         "moon": cfg.moon.enabled,
         "target_sparsity": cfg.sparsity.sparsity,
         "sparsity": sparsity,
-        "threshold": acceptance["threshold"],
+        "threshold": assessment.threshold,
         "tpr": cfg.tpr,
         "score": cfg.score,
-        "acceptance": acceptance,
+        "acceptance": assessment.acceptance,
         "models": {"dense": dense_metrics, "compressed": compressed_metrics},
+        "ci": {"dense": dense_assessment.ci, "compressed": assessment.ci},
         "timing": {
             "dense_eval_s": dense_eval_s,
             "train_s": train_s,
@@ -233,7 +208,7 @@ def compress(
         preprocessing=inputs.splits.preprocessing,
         head_layer=head_layer,
         masks=result.masks,
-        threshold=acceptance["threshold"],
+        threshold=assessment.threshold,
         tpr=cfg.tpr,
         score=cfg.score,
         config=cfg.as_dict(),

@@ -1,0 +1,146 @@
+"""``moonprune verify``: the reliability gate (exit 0 pass, 1 a gate failed, 2 bad input)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+GATE_HELP = "Fraction in [0, 1], e.g. 0.9."
+
+
+def gate_table(result: Any) -> Table:
+    """One row per gate: value, bound, 95% interval, verdict."""
+    table = Table(title="reliability gates")
+    for col in ("gate", "value", "bound", "95% CI", "margin", "verdict"):
+        table.add_column(col, justify="left" if col == "gate" else "right")
+    for check in result.checks:
+        ci = "-" if check.ci is None else f"[{check.ci[0]:.4f}, {check.ci[1]:.4f}]"
+        verdict = "[green]pass[/]" if check.passed else "[red]FAIL[/]"
+        if check.uncertain:
+            verdict += " [yellow](within CI)[/]"
+        table.add_row(
+            f"{check.gate} {check.subject}",
+            f"{check.value:.4f}",
+            f"{check.bound:.4f}",
+            ci,
+            f"{check.margin:+.4f}",
+            verdict,
+        )
+    return table
+
+
+def metrics_table(report: dict[str, Any]) -> Table:
+    """Accuracy, ECE, NLL and per-OOD AUROC/FPR95 with intervals, per model."""
+    table = Table(title=f"score {report['score']}, threshold {report['threshold']:.4f}")
+    names = list(report["models"])
+    table.add_column("metric")
+    for name in names:
+        table.add_column(name, justify="right")
+    for key in ("accuracy", "ece", "nll"):
+        table.add_row(key, *(f"{report['models'][n][key]:.4f}" for n in names))
+    for ood in report["models"]["compressed"]["ood"]:
+        for key in ("auroc", "fpr95"):
+            cells = []
+            for n in names:
+                lo, hi = report["ci"][n][ood][key]
+                cells.append(f"{report['models'][n]['ood'][ood][key]:.4f} [{lo:.3f}, {hi:.3f}]")
+            table.add_row(f"{key} vs {ood}", *cells)
+    return table
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``verify`` to ``app``."""
+
+    @app.command()
+    def verify(
+        model: Annotated[str, typer.Argument(help="A moonprune checkpoint (model.pt).")],
+        data: Annotated[
+            str | None, typer.Option(help="ID data (default: what the model was compressed on).")
+        ] = None,
+        ood: Annotated[
+            list[str] | None, typer.Option(help="OOD set (repeatable; default: the model's).")
+        ] = None,
+        baseline: Annotated[
+            str | None, typer.Option(help="Dense checkpoint to compare with (state_dict).")
+        ] = None,
+        baseline_arch: Annotated[
+            str | None, typer.Option(help="Factory of the baseline (default: the model's).")
+        ] = None,
+        min_auroc: Annotated[
+            float | None, typer.Option(help=f"Every OOD AUROC >= X. {GATE_HELP}")
+        ] = None,
+        max_fpr95: Annotated[
+            float | None, typer.Option(help=f"Every OOD FPR95 <= X. {GATE_HELP}")
+        ] = None,
+        min_accuracy: Annotated[
+            float | None, typer.Option(help=f"Accuracy >= X. {GATE_HELP}")
+        ] = None,
+        max_accuracy_drop: Annotated[
+            float | None,
+            typer.Option(help="Dense accuracy - compressed accuracy <= X (needs --baseline)."),
+        ] = None,
+        max_ece: Annotated[float | None, typer.Option(help=f"ECE <= X. {GATE_HELP}")] = None,
+        max_auroc_drop: Annotated[
+            float | None,
+            typer.Option(
+                help="Dense AUROC - compressed AUROC <= X per OOD set (needs --baseline)."
+            ),
+        ] = None,
+        score: Annotated[str | None, typer.Option(help="OOD score (default: the model's).")] = None,
+        tpr: Annotated[float | None, typer.Option(help="ID acceptance of the threshold.")] = None,
+        seed: Annotated[int | None, typer.Option(help="Split seed (default: the model's).")] = None,
+        json_path: Annotated[
+            Path | None, typer.Option("--json", help="Write the report with gate verdicts here.")
+        ] = None,
+    ) -> None:
+        """Measure a compressed model's reliability and gate it, for CI pipelines.
+
+        Exit code 0 when every gate holds, 1 when any fails, 2 for bad usage or input.
+
+        Example:  moonprune verify run1/model.pt --baseline run1/dense.pt
+        --min-auroc 0.9 --max-accuracy-drop 0.01 --json verify.json
+        """
+        from moonprune.cli.app import console, run_guarded
+
+        from moonprune.errors import GateFailed
+        from moonprune.verification import Gates
+        from moonprune.verification import verify as run_verify
+
+        def go() -> Any:
+            gates = Gates(min_auroc, max_fpr95, min_accuracy, max_accuracy_drop, max_ece,
+                          max_auroc_drop)  # fmt: skip
+            return run_verify(
+                model, data=data, ood=tuple(ood or ()), baseline=baseline,
+                baseline_arch=baseline_arch, gates=gates, score=score, tpr=tpr, seed=seed,
+            )  # fmt: skip
+
+        result = run_guarded(go)
+        console.print(metrics_table(result.report))
+        if result.checks:
+            console.print(gate_table(result))
+        if json_path is not None:
+            _write_json(result.report, json_path)
+            console.print(f"wrote {json_path}")
+
+        def gate() -> None:
+            failed = [c for c in result.checks if not c.passed]
+            if failed:
+                raise GateFailed(
+                    f"{len(failed)} of {len(result.checks)} gates failed: "
+                    + "; ".join(
+                        f"{c.gate} {c.subject} {c.value:.4f} vs {c.bound:.4f}" for c in failed
+                    )
+                )
+
+        run_guarded(gate)

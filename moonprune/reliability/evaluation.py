@@ -1,0 +1,181 @@
+"""Evaluate a classifier: accuracy, calibration, NLL and OOD detection per OOD set.
+
+Logits are ``(N, K)`` for a plain model or ``(N, K + 1)`` with the unknown column at
+index ``K`` (:mod:`moonprune.conventions`). The conventions, for both widths:
+
+- prediction: ``argmax`` over the K known columns (the unknown column never wins a
+  prediction; rejecting is the threshold's job);
+- probabilities: the softmax over *all* columns, so ``p(unknown)`` lowers the known
+  ones (:func:`~moonprune.reliability.scores.known_probabilities`);
+- ECE confidence: the largest known-class probability; NLL: ``-log p[y]``;
+- OOD score: :func:`~moonprune.reliability.scores.compute_score` ``score``, higher =
+  more in-distribution; ID test set positive against each OOD set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from moonprune.conventions import has_unknown_output
+from moonprune.errors import ConfigError, DataError
+from moonprune.reliability.metrics import (
+    OODMetrics,
+    accuracy,
+    expected_calibration_error,
+    negative_log_likelihood,
+    ood_metrics,
+)
+from moonprune.reliability.scores import compute_score, known_probabilities
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    """Device of the first parameter (or buffer); CPU for a model with neither."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def collect_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """``model(x)`` in eval mode without gradients, ``batch_size`` rows at a time.
+
+    ``x`` (N, C, H, W) is moved batch by batch to the device of the model's first
+    parameter; the result (N, outputs) is returned on the CPU. The training flag of
+    every submodule is restored afterwards, even if the forward pass raises.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise DataError(f"no inputs to evaluate (shape {tuple(x.shape)}); check the data spec")
+    device = _model_device(model)
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            chunks = [model(batch.to(device)).cpu() for batch in x.split(batch_size)]
+    finally:
+        # Pre-order: a module's own train() call comes after its ancestors' ones.
+        for module, training in modes:
+            module.train(training)
+    return torch.cat(chunks)
+
+
+@dataclass(frozen=True)
+class ModelMetrics:
+    """One model's row of the report: ID accuracy, ECE, NLL and OOD metrics per set."""
+
+    accuracy: float
+    ece: float
+    nll: float
+    ood: dict[str, OODMetrics]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report.json ``M`` object: ``{"accuracy", "ece", "nll", "ood": {name: {...}}}``."""
+        return {
+            "accuracy": float(self.accuracy),
+            "ece": float(self.ece),
+            "nll": float(self.nll),
+            "ood": {name: metrics.as_dict() for name, metrics in self.ood.items()},
+        }
+
+
+def _check_logits(logits: torch.Tensor, num_known: int, name: str) -> None:
+    if logits.ndim != 2 or logits.shape[0] == 0:
+        raise DataError(f"{name} must be a non-empty (N, C) tensor, got {tuple(logits.shape)}")
+    try:
+        has_unknown_output(logits, num_known)
+    except ValueError as err:
+        raise DataError(f"{name}: {err}; is num_known={num_known} right for this model?") from None
+    if not bool(torch.isfinite(logits).all()):
+        raise DataError(f"{name} contain NaN or inf; the model produced non-finite outputs")
+
+
+def _ood_scores(logits: torch.Tensor, num_known: int, score: str) -> np.ndarray:
+    return compute_score(logits, num_known, score).detach().cpu().double().numpy()
+
+
+def evaluate_logits(
+    id_logits: torch.Tensor,
+    id_labels: torch.Tensor,
+    ood_logits: Mapping[str, torch.Tensor],
+    num_known: int,
+    score: str = "msp",
+    ece_bins: int = 15,
+    tpr: float = 0.95,
+) -> ModelMetrics:
+    """Metrics from precomputed logits (see the module docstring for the conventions).
+
+    ``id_logits`` (N, K) or (N, K + 1), ``id_labels`` (N,) in [0, K), each
+    ``ood_logits[name]`` (M, same width). ECE uses ``ece_bins`` equal-width bins;
+    ``fpr95`` is the OOD acceptance at the threshold accepting ``tpr`` of ID.
+    """
+    if isinstance(num_known, bool) or not isinstance(num_known, int) or num_known < 1:
+        raise ConfigError(f"num_known must be a positive integer, got {num_known!r}")
+    _check_logits(id_logits, num_known, "ID logits")
+    width = id_logits.shape[1]
+    for name, logits in ood_logits.items():
+        _check_logits(logits, num_known, f"OOD logits {name!r}")
+        if logits.shape[1] != width:
+            raise DataError(
+                f"OOD logits {name!r} have {logits.shape[1]} columns but the ID logits "
+                f"{width}; evaluate both with the same model"
+            )
+    labels = torch.as_tensor(id_labels).detach().cpu().numpy()
+    if labels.shape != (id_logits.shape[0],):
+        raise DataError(
+            f"ID labels have shape {labels.shape}; expected ({id_logits.shape[0]},), "
+            "one per row of the ID logits"
+        )
+    if labels.min() < 0 or labels.max() >= num_known:
+        raise DataError(
+            f"ID labels must be known classes in [0, {num_known}), got "
+            f"[{labels.min()}, {labels.max()}]"
+        )
+    # Accuracy, ECE and NLL in float64; the OOD score in the logits' own dtype, as the
+    # threshold is calibrated and the exported model scores.
+    logits64 = id_logits.detach().cpu().double()
+    probs = torch.softmax(logits64, dim=-1)
+    known = known_probabilities(logits64, num_known)
+    predictions = known.argmax(dim=-1).numpy()
+    id_scores = _ood_scores(id_logits, num_known, score)
+    return ModelMetrics(
+        accuracy=accuracy(predictions, labels),
+        ece=expected_calibration_error(
+            known.amax(dim=-1).numpy(), predictions == labels, n_bins=ece_bins
+        ),
+        nll=negative_log_likelihood(probs.numpy(), labels),
+        ood={
+            name: ood_metrics(id_scores, _ood_scores(logits, num_known, score), tpr)
+            for name, logits in ood_logits.items()
+        },
+    )
+
+
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    ood: Mapping[str, torch.Tensor],
+    num_known: int,
+    score: str = "msp",
+    ece_bins: int = 15,
+    tpr: float = 0.95,
+) -> ModelMetrics:
+    """:func:`collect_logits` on ``x`` and on each OOD input, then :func:`evaluate_logits`.
+
+    ``x`` (N, C, H, W) with labels ``y`` (N,); ``ood`` maps a set name to its inputs.
+    """
+    return evaluate_logits(
+        collect_logits(model, x),
+        y,
+        {name: collect_logits(model, inputs) for name, inputs in ood.items()},
+        num_known,
+        score=score,
+        ece_bins=ece_bins,
+        tpr=tpr,
+    )

@@ -1,0 +1,215 @@
+"""``verify``: re-measure a compressed model and hold it to reliability gates.
+
+A gate is a bound on one number: ``min_auroc`` / ``max_fpr95`` apply to every OOD
+set, ``max_accuracy_drop`` / ``max_auroc_drop`` compare with a dense baseline
+(``--baseline``), ``min_accuracy`` and ``max_ece`` are absolute. Verdicts use the
+point estimate; the bootstrap interval is reported beside it, and a gate whose
+bound lies inside the interval is flagged ``uncertain`` (noise could flip it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from moonprune.assessment import Assessment, assess
+from moonprune.checkpoints import ArchSpec, load_checkpoint, load_dense, measured_sparsity
+from moonprune.data import ImageSet, ReadOptions, load_ood, load_splits
+from moonprune.errors import CheckpointError, ConfigError
+
+
+@dataclass(frozen=True)
+class Gates:
+    """Bounds a model must meet; ``None`` = not checked. Fractions, not percent."""
+
+    min_auroc: float | None = None
+    max_fpr95: float | None = None
+    min_accuracy: float | None = None
+    max_accuracy_drop: float | None = None
+    max_ece: float | None = None
+    max_auroc_drop: float | None = None
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a number, got {value}")
+            if value is not None and value < 0:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be >= 0 (a fraction, e.g. 0.9), got {value}"
+                )
+
+    @property
+    def needs_baseline(self) -> bool:
+        return self.max_accuracy_drop is not None or self.max_auroc_drop is not None
+
+    @property
+    def any(self) -> bool:
+        return any(v is not None for v in asdict(self).values())
+
+
+@dataclass(frozen=True)
+class GateCheck:
+    """One gate applied to one number."""
+
+    gate: str
+    subject: str
+    value: float
+    bound: float
+    passed: bool
+    ci: tuple[float, float] | None = None
+
+    @property
+    def uncertain(self) -> bool:
+        """The bound lies inside the bootstrap interval of the value."""
+        return self.ci is not None and self.ci[0] <= self.bound <= self.ci[1]
+
+    @property
+    def margin(self) -> float:
+        """How far the value is on the right side of the bound (negative = failed)."""
+        lower_is_better = self.gate.startswith("max_")
+        return self.bound - self.value if lower_is_better else self.value - self.bound
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "gate": self.gate, "subject": self.subject, "value": self.value,
+            "bound": self.bound, "passed": self.passed, "margin": self.margin,
+            "ci": None if self.ci is None else list(self.ci), "uncertain": self.uncertain,
+        }  # fmt: skip
+
+
+def check_gates(
+    gates: Gates, model: Assessment, baseline: Assessment | None = None
+) -> list[GateCheck]:
+    """Every gate in ``gates`` checked against ``model`` (and ``baseline`` for drops)."""
+    if gates.needs_baseline and baseline is None:
+        raise ConfigError(
+            "--max-accuracy-drop and --max-auroc-drop compare with the dense model: "
+            "pass --baseline DENSE_CHECKPOINT"
+        )
+    m = model.metrics
+    checks: list[GateCheck] = []
+
+    def add(gate: str, subject: str, value: float, bound: float | None, ci: Any = None) -> None:
+        if bound is None:
+            return
+        ok = value <= bound if gate.startswith("max_") else value >= bound
+        checks.append(GateCheck(gate, subject, value, bound, ok, None if ci is None else tuple(ci)))
+
+    add("min_accuracy", "accuracy", m["accuracy"], gates.min_accuracy)
+    add("max_ece", "ECE", m["ece"], gates.max_ece)
+    for name, ood in m["ood"].items():
+        add("min_auroc", f"AUROC vs {name}", ood["auroc"], gates.min_auroc, model.ci[name]["auroc"])
+        add("max_fpr95", f"FPR95 vs {name}", ood["fpr95"], gates.max_fpr95, model.ci[name]["fpr95"])
+    if baseline is not None:
+        b = baseline.metrics
+        add("max_accuracy_drop", "accuracy drop", b["accuracy"] - m["accuracy"],
+            gates.max_accuracy_drop)  # fmt: skip
+        for name, ood in m["ood"].items():
+            add("max_auroc_drop", f"AUROC drop vs {name}", b["ood"][name]["auroc"] - ood["auroc"],
+                gates.max_auroc_drop)  # fmt: skip
+    return checks
+
+
+@dataclass
+class VerifyResult:
+    """The report (DESIGN.md contract + gates), the checks, and the assessments."""
+
+    report: dict[str, Any]
+    checks: list[GateCheck]
+    compressed: Assessment
+    dense: Assessment | None
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+
+def verify(
+    model_path: str | Path,
+    *,
+    data: str | None = None,
+    ood: tuple[str, ...] = (),
+    baseline: str | Path | None = None,
+    baseline_arch: str | None = None,
+    gates: Gates | None = None,
+    score: str | None = None,
+    tpr: float | None = None,
+    seed: int | None = None,
+    ece_bins: int = 15,
+    n_boot: int = 200,
+) -> VerifyResult:
+    """Evaluate a moonprune checkpoint on ``data`` (its test split) and ``ood``.
+
+    Defaults come from the checkpoint: the data spec and OOD sets it was compressed
+    with, its seed (so the split is the same), score and TPR. The threshold is
+    recalibrated on the validation split with that score and TPR.
+    """
+    gates = gates or Gates()
+    ckpt = load_checkpoint(model_path)
+    cfg = ckpt.config
+    data = data or cfg.get("data")
+    ood = ood or tuple(cfg.get("ood", ()))
+    if not data:
+        raise ConfigError("pass --data: the checkpoint does not record its data")
+    if not ood:
+        raise ConfigError("pass at least one --ood set (e.g. --ood noise)")
+    seed = cfg.get("train", {}).get("seed", 0) if seed is None else seed
+    score = score or ckpt.score
+    tpr = ckpt.tpr if tpr is None else tpr
+    if not 0 < tpr < 1:
+        raise ConfigError(f"--tpr must be in (0, 1), got {tpr}")
+    options = ReadOptions(
+        tuple(cfg["image_size"]) if cfg.get("image_size") else None,
+        cfg.get("channels"),
+        cfg.get("on_bad_image", "skip"),
+    )
+    splits = load_splits(data, seed=seed, options=options, preprocessing=ckpt.preprocessing)
+    if splits.num_classes != ckpt.num_known:
+        raise ConfigError(
+            f"the model knows {ckpt.num_known} classes but {data!r} has {splits.num_classes}; "
+            "use the class subset the model was compressed on"
+        )
+    ood_sets: dict[str, ImageSet] = {
+        spec: load_ood(spec, ckpt.preprocessing, seed=seed, options=options) for spec in ood
+    }
+    dense_model = None
+    if baseline is not None:
+        arch = ArchSpec(baseline_arch) if baseline_arch else _dense_arch(ckpt.arch)
+        dense_model = load_dense(baseline, arch).model.eval()
+    kwargs: dict[str, Any] = {"score": score, "tpr": tpr, "ece_bins": ece_bins,
+                              "n_boot": n_boot, "seed": seed}  # fmt: skip
+    compressed = assess(ckpt.model, splits, ood_sets, **kwargs)
+    dense = None if dense_model is None else assess(dense_model, splits, ood_sets, **kwargs)
+    checks = check_gates(gates, compressed, dense)
+    models = {"compressed": compressed.metrics}
+    ci = {"compressed": compressed.ci}
+    if dense is not None:
+        models["dense"] = dense.metrics
+        ci["dense"] = dense.ci
+    report = {
+        "moonprune_version": ckpt.version,
+        "method": cfg.get("sparsity", {}).get("method"),
+        "moon": ckpt.has_unknown,
+        "target_sparsity": cfg.get("sparsity", {}).get("sparsity"),
+        "sparsity": measured_sparsity(ckpt.model),
+        "threshold": compressed.threshold,
+        "checkpoint_threshold": ckpt.threshold,
+        "tpr": tpr,
+        "score": score,
+        "acceptance": compressed.acceptance,
+        "models": models,
+        "ci": ci,
+        "data": {"id": data, "ood": list(ood), "seed": seed, "n_test": len(splits.test)},
+        "gates": [c.as_dict() for c in checks],
+        "passed": all(c.passed for c in checks),
+    }
+    return VerifyResult(report, checks, compressed, dense)
+
+
+def _dense_arch(arch: ArchSpec) -> ArchSpec:
+    """The compressed model's own factory (without the unknown row) builds the baseline."""
+    if not arch.factory:
+        raise CheckpointError("the checkpoint records no architecture; pass --baseline-arch")
+    return arch

@@ -1,0 +1,158 @@
+"""The CLI: the demo end to end, compress from a state_dict, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from moonprune.cli.app import app
+from moonprune.models import demo_cnn
+
+runner = CliRunner()
+ARCH = "moonprune.models:demo_cnn"
+
+
+@pytest.fixture(scope="module")
+def dense_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An (untrained) 6-class demo CNN state_dict: errors are found before training."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "dense.pt"
+    torch.save(demo_cnn(num_classes=6, width=8).state_dict(), path)
+    return path
+
+
+def _args(dense: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "compress", str(dense), "--arch", ARCH, "--data", "digits:0-5",
+        "--ood", "digits:6-9", "--out", str(out), "--epochs", "2", "--no-export", *extra,
+    ]  # fmt: skip
+
+
+def _recipe(tmp_path: Path, kwargs: str = "num_classes = 6, width = 8") -> Path:
+    path = tmp_path / "recipe.toml"
+    path.write_text(f"arch_kwargs = {{ {kwargs} }}\n[moon]\nwarmup_epochs = 1\n")
+    return path
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "moonprune", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_help_teaches() -> None:
+    result = runner.invoke(app, ["compress", "--help"])
+    assert result.exit_code == 0
+    for flag in ("--arch", "--data", "--ood", "--method", "--sparsity", "--no-moon", "--resume"):
+        assert flag in result.output
+
+
+def test_compress_state_dict_end_to_end(dense_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    recipe = _recipe(tmp_path)
+    result = runner.invoke(app, [*_args(dense_path, out, "--config", str(recipe))])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["models"]) == {"dense", "compressed"}
+    assert set(report["models"]["compressed"]["ood"]) == {"digits:6-9"}
+    assert abs(report["sparsity"] - 0.9) < 0.005
+    assert (out / "model.pt").is_file() and (out / "recipe.json").is_file()
+    assert not (tmp_path / ".run.partial").exists()
+    recipe_saved = json.loads((out / "recipe.json").read_text())
+    assert recipe_saved["moon"]["warmup_epochs"] == 1
+    assert recipe_saved["arch_kwargs"] == {"num_classes": 6, "width": 8}
+
+
+BAD_INPUTS = {
+    "missing checkpoint": (["--sparsity", "0.9"], "does not exist", "missing.pt"),
+    "sparsity 1.5": (["--sparsity", "1.5"], "sparsity", None),
+    "epochs 0": (["--epochs", "0"], "epochs", None),
+    "class mismatch": (["--data", "digits:0-3"], "4 classes", None),
+    "unknown method": (["--method", "rigel"], "rigl", None),
+    "unknown data": (["--data", "nosuchdata"], "nosuchdata", None),
+    "bad arch": (["--arch", "nosuchpkg.models:net"], "nosuchpkg", None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_line(
+    case: str, dense_path: Path, tmp_path: Path
+) -> None:
+    extra, needle, checkpoint = BAD_INPUTS[case]
+    out = tmp_path / "out"
+    ckpt = tmp_path / checkpoint if checkpoint else dense_path
+    recipe = _recipe(tmp_path)
+    result = runner.invoke(app, [*_args(ckpt, out, "--config", str(recipe)), *extra])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    text = " ".join(lines)
+    assert needle in text, text
+    assert "Traceback" not in result.output
+    assert not out.exists()
+    assert not (tmp_path / ".out.partial").exists()
+
+
+def test_bad_input_as_subprocess(dense_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = _run(_args(dense_path, out, "--sparsity", "1.5"))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert len([ln for ln in proc.stderr.splitlines() if ln.strip()]) == 1
+    assert "sparsity must be in (0, 1)" in proc.stderr
+    assert not out.exists()
+
+
+def test_existing_nonempty_out_is_refused(dense_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = runner.invoke(app, _args(dense_path, out))
+    assert result.exit_code == 2
+    assert "--force" in result.output
+    assert (out / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_pickled_module_without_trust(tmp_path: Path) -> None:
+    path = tmp_path / "whole.pt"
+    torch.save(demo_cnn(num_classes=6, width=8), path)
+    result = runner.invoke(app, _args(path, tmp_path / "out"))
+    assert result.exit_code == 2
+    assert "--trust-checkpoint" in result.output
+
+
+def test_non_finite_checkpoint(tmp_path: Path) -> None:
+    state = demo_cnn(num_classes=6, width=8).state_dict()
+    state["classifier.bias"][0] = float("inf")
+    path = tmp_path / "inf.pt"
+    torch.save(state, path)
+    result = runner.invoke(app, [*_args(path, tmp_path / "out"), "--config", str(_recipe(tmp_path))])
+    assert result.exit_code == 2
+    assert "NaN or infinite" in result.output
+
+
+def test_empty_data_folder(dense_path: Path, tmp_path: Path) -> None:
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    result = runner.invoke(
+        app, [*_args(dense_path, tmp_path / "out"), "--data", str(tmp_path / "data")]
+    )
+    assert result.exit_code == 2
+    assert "no images" in result.output
+
+
+def test_ood_npz_of_wrong_shape(dense_path: Path, tmp_path: Path) -> None:
+    np.savez(tmp_path / "ood.npz", x=np.zeros((4, 1, 9, 9), dtype=np.float32))
+    result = runner.invoke(
+        app,
+        [*_args(dense_path, tmp_path / "out"), "--config", str(_recipe(tmp_path)),
+         "--ood", str(tmp_path / "ood.npz")],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert "shape" in result.output
