@@ -59,6 +59,15 @@ def _write_json(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _write_html(result: Any, path: Path) -> None:
+    from moonprune.reporting import write_html_report
+
+    models = {"compressed": result.compressed}
+    if result.dense is not None:
+        models = {"dense": result.dense, **models}
+    write_html_report(path, result.report, models, result.layer_sparsity)
+
+
 def register(app: typer.Typer) -> None:
     """Add ``verify`` to ``app``."""
 
@@ -100,6 +109,9 @@ def register(app: typer.Typer) -> None:
         score: Annotated[str | None, typer.Option(help="OOD score (default: the model's).")] = None,
         tpr: Annotated[float | None, typer.Option(help="ID acceptance of the threshold.")] = None,
         seed: Annotated[int | None, typer.Option(help="Split seed (default: the model's).")] = None,
+        html_path: Annotated[
+            Path | None, typer.Option("--html", help="Write report.html (plots) here.")
+        ] = None,
         json_path: Annotated[
             Path | None, typer.Option("--json", help="Write the report with gate verdicts here.")
         ] = None,
@@ -132,6 +144,9 @@ def register(app: typer.Typer) -> None:
         if json_path is not None:
             _write_json(result.report, json_path)
             console.print(f"wrote {json_path}")
+        if html_path is not None:
+            run_guarded(lambda: _write_html(result, html_path))
+            console.print(f"wrote {html_path}")
 
         def gate() -> None:
             failed = [c for c in result.checks if not c.passed]

@@ -29,10 +29,10 @@ def has_unknown_output(logits: torch.Tensor, num_known: int) -> bool:
     return width == num_known + 1
 
 
-def prunable_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+def prunable_weights(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """``(parameter name, weight)`` of every conv and linear layer, in module order."""
-    return [
-        (f"{name}.weight" if name else "weight", module.weight)
-        for name, module in model.named_modules()
-        if isinstance(module, PRUNABLE_TYPES)
-    ]
+    found: list[tuple[str, torch.Tensor]] = []
+    for name, module in model.named_modules():
+        if isinstance(module, PRUNABLE_TYPES) and isinstance(module.weight, torch.Tensor):
+            found.append((f"{name}.weight" if name else "weight", module.weight))
+    return found

@@ -34,6 +34,7 @@ from moonprune.errors import CheckpointError, ConfigError
 from moonprune.heads import add_unknown_output_, output_width
 from moonprune.outputs import OutputDir
 from moonprune.reliability.scores import get_score
+from moonprune.reporting import layer_sparsity, write_html_report
 from moonprune.sparsity import MASKERS
 from moonprune.training import TrainCallback, train
 
@@ -221,9 +222,15 @@ def compress(
         report["timing"]["export_s"] = time.perf_counter() - t0
     report["timing"]["total_s"] = time.perf_counter() - t_start
     _write_json(report, work / "report.json")
+    write_html_report(
+        work / "report.html",
+        report,
+        {"dense": dense_assessment, "compressed": assessment},
+        {"dense": layer_sparsity(dense_model), "compressed": layer_sparsity(compressed)},
+    )
     _write_json(cfg.as_dict(), work / "recipe.json")
     final = out.commit()
-    files = {name: final / name for name in [*files, "report.json", "recipe.json"]}
+    files = {name: final / name for name in [*files, "report.json", "report.html", "recipe.json"]}
     return CompressResult(final, report, ckpt, files)
 
 

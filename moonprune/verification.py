@@ -18,6 +18,7 @@ from moonprune.assessment import Assessment, assess
 from moonprune.checkpoints import ArchSpec, load_checkpoint, load_dense, measured_sparsity
 from moonprune.data import ImageSet, ReadOptions, load_ood, load_splits
 from moonprune.errors import CheckpointError, ConfigError
+from moonprune.reporting import layer_sparsity
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ class VerifyResult:
     checks: list[GateCheck]
     compressed: Assessment
     dense: Assessment | None
+    layer_sparsity: dict[str, dict[str, float]]
 
     @property
     def passed(self) -> bool:
@@ -205,7 +207,10 @@ def verify(
         "gates": [c.as_dict() for c in checks],
         "passed": all(c.passed for c in checks),
     }
-    return VerifyResult(report, checks, compressed, dense)
+    sparsity = {"compressed": layer_sparsity(ckpt.model)}
+    if dense_model is not None:
+        sparsity = {"dense": layer_sparsity(dense_model), **sparsity}
+    return VerifyResult(report, checks, compressed, dense, sparsity)
 
 
 def _dense_arch(arch: ArchSpec) -> ArchSpec:

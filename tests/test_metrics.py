@@ -275,8 +275,11 @@ def test_bootstrap_resamples_each_set_with_replacement() -> None:
     for a, b in calls:
         assert a.shape == (10,) and b.shape == (7,)
         assert np.isin(a, id_scores).all() and np.isin(b, ood_scores).all()
-    assert any(np.unique(a).size < a.size for a, _ in calls)  # with replacement
+    # with replacement, and a fresh draw for each set in each replicate
+    assert any(np.unique(a).size < a.size for a, _ in calls)
+    assert any(np.unique(b).size < b.size for _, b in calls)
     assert len({a.tobytes() for a, _ in calls}) > 1
+    assert len({b.tobytes() for _, b in calls}) > 1
 
 
 @pytest.mark.parametrize(("kwargs", "word"), [({"n_boot": 0}, "n_boot"), ({"level": 1.0}, "level")])
@@ -287,9 +290,10 @@ def test_bootstrap_bad_options(kwargs: dict[str, Any], word: str) -> None:
 
 # --- evaluate_logits / collect_logits ------------------------------------------------
 
-# K = 2 known classes + the unknown column; each row is log(probabilities).
-ID_PROBS = [[0.6, 0.3, 0.1], [0.1, 0.2, 0.7], [0.2, 0.7, 0.1]]
-ID_LABELS = [0, 0, 1]
+# K = 2 known classes + the unknown column; each row is log(probabilities). In rows 2
+# and 4 the unknown column is the largest, but a prediction is a known class.
+ID_PROBS = [[0.6, 0.3, 0.1], [0.1, 0.2, 0.7], [0.2, 0.7, 0.1], [0.3, 0.1, 0.6]]
+ID_LABELS = [0, 0, 1, 0]
 OOD_PROBS = [[0.1, 0.1, 0.8], [0.5, 0.4, 0.1]]
 
 
@@ -304,18 +308,30 @@ def _hand_batch() -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
 def test_evaluate_logits_hand_computed() -> None:
     id_logits, labels, ood = _hand_batch()
     result = evaluate_logits(id_logits, labels, ood, num_known=2)
-    # predictions argmax over the known columns: [0, 1, 1] (row 2 is not "unknown")
-    assert result.accuracy == pytest.approx(2 / 3)
+    # predictions = argmax over the known columns: [0, 1, 1, 0]; 3 of 4 right
+    assert result.accuracy == pytest.approx(3 / 4)
     # softmax over all 3 columns at the true label
-    assert result.nll == pytest.approx(-(math.log(0.6) + math.log(0.1) + math.log(0.7)) / 3)
-    # confidences .6, .2, .7 each alone in a bin, correct 1, 0, 1
-    assert result.ece == pytest.approx((0.4 + 0.2 + 0.3) / 3, abs=1e-6)
-    # MSP: ID {.6, .2, .7} vs OOD {.1, .5}
+    nll = -(math.log(0.6) + math.log(0.1) + math.log(0.7) + math.log(0.3)) / 4
+    assert result.nll == pytest.approx(nll)
+    # confidences .6, .2, .7, .3 each alone in one of 15 bins, correct 1, 0, 1, 1
+    assert result.ece == pytest.approx((0.4 + 0.2 + 0.3 + 0.7) / 4, abs=1e-6)
+    # MSP: ID {.6, .2, .7, .3} vs OOD {.1, .5}
     far = result.ood["far"]
-    assert far.auroc == pytest.approx(5 / 6)
-    assert far.fpr95 == pytest.approx(1 / 2)  # t = .2 accepts OOD .5
-    assert far.aupr_in == pytest.approx(1 / 3 + 1 / 3 + 1 / 3 * 3 / 4)
-    assert far.aupr_out == pytest.approx(1 / 2 + 1 / 2 * 2 / 3)
+    assert far.auroc == pytest.approx(6 / 8)
+    assert far.fpr95 == pytest.approx(1 / 2)  # all 4 ID needed: t = .2 accepts OOD .5
+    # descending .7 I, .6 I, .5 O, .3 I, .2 I, .1 O: sum of (recall step) * precision
+    assert far.aupr_in == pytest.approx(1 / 4 + 1 / 4 + 1 / 4 * 3 / 4 + 1 / 4 * 4 / 5)
+    # OOD first from the bottom: .1 O (P 1), .2 I, .3 I, .5 O (P 2/4)
+    assert far.aupr_out == pytest.approx(1 / 2 + 1 / 2 * 2 / 4)
+
+
+def test_evaluate_logits_passes_ece_bins_and_tpr() -> None:
+    id_logits, labels, ood = _hand_batch()
+    result = evaluate_logits(id_logits, labels, ood, num_known=2, ece_bins=1, tpr=0.5)
+    # one bin: |accuracy - mean confidence| = |3/4 - 1.8/4|
+    assert result.ece == pytest.approx(0.3, abs=1e-6)
+    # 2 of 4 ID accepted at t = .6; no OOD score reaches it
+    assert result.ood["far"].fpr95 == 0.0
 
 
 def test_model_metrics_as_dict_is_the_report_shape() -> None:
@@ -333,21 +349,21 @@ def test_model_metrics_as_dict_is_the_report_shape() -> None:
 
 def test_evaluate_logits_plain_head_uses_score_name() -> None:
     id_logits = torch.tensor([[3.0, 0.0], [0.0, 1.0], [2.0, 2.5]])
-    ood = {"x": torch.tensor([[0.5, 0.0], [4.0, 0.0]])}
+    ood = {"x": torch.tensor([[0.5, 0.0], [2.8, 0.0]])}
     result = evaluate_logits(id_logits, torch.tensor([0, 1, 0]), ood, 2, score="max_logit")
     assert result.accuracy == pytest.approx(2 / 3)
-    # max logit: ID {3, 1, 2.5} vs OOD {.5, 4}
-    assert result.ood["x"].auroc == pytest.approx(3 / 6)
+    # max logit: ID {3, 1, 2.5} vs OOD {.5, 2.8}: 4 of 6 pairs (MSP would give 3.5 of 6)
+    assert result.ood["x"].auroc == pytest.approx(4 / 6)
 
 
 @pytest.mark.parametrize(
     ("change", "word"),
     [
-        ({"id_labels": torch.tensor([0, 2, 1])}, "known classes"),
+        ({"id_labels": torch.tensor([0, 2, 1, 0])}, "known classes"),
         ({"id_labels": torch.tensor([0, 1])}, "labels"),
         ({"ood_logits": {"x": torch.zeros(2, 2)}}, "columns"),
-        ({"id_logits": torch.zeros(3, 5)}, "num_known"),
-        ({"id_logits": torch.tensor([[0.0, 1.0, math.nan]] * 3)}, "NaN"),
+        ({"id_logits": torch.zeros(4, 5)}, "num_known"),
+        ({"id_logits": torch.tensor([[0.0, 1.0, math.nan]] * 4)}, "NaN"),
     ],
 )
 def test_evaluate_logits_bad_inputs(change: dict[str, Any], word: str) -> None:

@@ -130,7 +130,7 @@ def _threshold(id_sorted_desc: Scores, tpr: float) -> float:
         k -= 1
     while k < n and k / n < tpr:
         k += 1
-    return float(id_sorted_desc[min(k, n - 1)])
+    return float(id_sorted_desc[k - 1])
 
 
 def calibrate_threshold(id_scores: ArrayLike, tpr: float = 0.95) -> float:

@@ -1,0 +1,167 @@
+"""``report.html``: one self-contained page (PNG plots embedded) explaining the numbers.
+
+Plots: ROC curve per OOD set (dense vs compressed), score histograms of ID vs each
+OOD set with the threshold, a reliability diagram (calibration), and per-layer
+sparsity. matplotlib is imported lazily (Agg backend, no display needed).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from moonprune.assessment import Assessment
+from moonprune.conventions import prunable_weights
+
+
+def roc_curve(id_scores: np.ndarray, ood_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR) points, ID positive, accepting ``score >= t`` as t falls."""
+    scores = np.concatenate([id_scores, ood_scores])
+    is_id = np.concatenate([np.ones(len(id_scores)), np.zeros(len(ood_scores))])
+    order = np.argsort(-scores, kind="mergesort")
+    scores, is_id = scores[order], is_id[order]
+    last_of_tie = np.r_[scores[1:] != scores[:-1], True]
+    tp = np.cumsum(is_id)[last_of_tie]
+    fp = np.cumsum(1 - is_id)[last_of_tie]
+    return np.r_[0.0, fp / len(ood_scores)], np.r_[0.0, tp / len(id_scores)]
+
+
+def layer_sparsity(model: nn.Module) -> dict[str, float]:
+    """Fraction of zeros per prunable weight."""
+    return {name: float((w == 0).float().mean()) for name, w in prunable_weights(model)}
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _figures(
+    models: dict[str, Assessment], sparsity: dict[str, dict[str, float]]
+) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures: list[tuple[str, str]] = []
+    ood_names = [k for k in next(iter(models.values())).scores if not k.startswith("id_")]
+    for name in ood_names:
+        fig, ax = plt.subplots(figsize=(4.5, 4))
+        for label, a in models.items():
+            fpr, tpr = roc_curve(a.scores["id_test"], a.scores[name])
+            auc = a.metrics["ood"][name]["auroc"]
+            ax.plot(fpr, tpr, label=f"{label} (AUROC {100 * auc:.1f})")
+        ax.plot([0, 1], [0, 1], ":", color="grey")
+        ax.set(xlabel="OOD accepted (FPR)", ylabel="ID accepted (TPR)", title=f"ROC vs {name}")
+        ax.legend(loc="lower right")
+        figures.append((f"ROC vs {name}", _png(fig)))
+    for label, a in models.items():
+        fig, axes = plt.subplots(
+            1, len(ood_names), figsize=(4.5 * len(ood_names), 3.2), squeeze=False
+        )
+        for ax, name in zip(axes[0], ood_names, strict=True):
+            lo = min(a.scores["id_test"].min(), a.scores[name].min())
+            hi = max(a.scores["id_test"].max(), a.scores[name].max())
+            bins = np.linspace(lo, hi, 40)
+            ax.hist(a.scores["id_test"], bins=bins, alpha=0.6, density=True, label="ID test")
+            ax.hist(a.scores[name], bins=bins, alpha=0.6, density=True, label=name)
+            ax.axvline(a.threshold, color="k", linestyle="--", label="threshold")
+            ax.set(title=f"{label}: scores, ID vs {name}", xlabel="score (higher = ID)")
+            ax.legend(fontsize=8)
+        figures.append((f"{label}: score histograms", _png(fig)))
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    for label, a in models.items():
+        edges = np.linspace(0, 1, 16)
+        idx = np.clip(np.digitize(a.id_confidence, edges[1:-1], right=True), 0, 14)
+        centres, accs = [], []
+        for b in range(15):
+            sel = idx == b
+            if sel.any():
+                centres.append(a.id_confidence[sel].mean())
+                accs.append(a.id_correct[sel].mean())
+        ax.plot(centres, accs, "o-", label=f"{label} (ECE {100 * a.metrics['ece']:.2f}%)")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set(xlabel="confidence", ylabel="accuracy", title="reliability diagram (15 bins)")
+    ax.legend(loc="upper left")
+    figures.append(("calibration", _png(fig)))
+    if sparsity:
+        fig, ax = plt.subplots(figsize=(7, 0.3 * max(len(next(iter(sparsity.values()))), 4) + 1))
+        names = list(next(iter(sparsity.values())))
+        y = np.arange(len(names))
+        for i, (label, layers) in enumerate(sparsity.items()):
+            ax.barh(y + 0.4 * i, [100 * layers.get(n, 0.0) for n in names], 0.4, label=label)
+        ax.set_yticks(y + 0.2, names, fontsize=7)
+        ax.invert_yaxis()
+        ax.set(xlabel="zeros %", title="per-layer sparsity")
+        ax.legend()
+        figures.append(("per-layer sparsity", _png(fig)))
+    return figures
+
+
+def write_html_report(
+    path: Path,
+    report: dict[str, Any],
+    models: dict[str, Assessment],
+    sparsity: dict[str, dict[str, float]],
+) -> Path:
+    """Render the page to ``path`` atomically; returns ``path``."""
+    figures = _figures(models, sparsity)
+    rows = []
+    for label, a in models.items():
+        m = a.metrics
+        cells = [f"{100 * m['accuracy']:.2f}", f"{100 * m['ece']:.2f}", f"{m['nll']:.4f}"]
+        cells += [f"{100 * o['auroc']:.2f} / {100 * o['fpr95']:.2f}" for o in m["ood"].values()]
+        rows.append(
+            "<tr><th>"
+            + html.escape(label)
+            + "</th>"
+            + "".join(f"<td>{c}</td>" for c in cells)
+            + "</tr>"
+        )
+    ood_heads = "".join(
+        f"<th>AUROC / FPR95 % vs {html.escape(n)}</th>"
+        for n in next(iter(models.values())).metrics["ood"]
+    )
+    images = "\n".join(
+        f'<figure><img alt="{html.escape(t)}" src="data:image/png;base64,{b64}">'
+        f"<figcaption>{html.escape(t)}</figcaption></figure>"
+        for t, b64 in figures
+    )
+    score = html.escape(str(report.get("score")))
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>moonprune report</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+td, th {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
+figure {{ display: inline-block; margin: 0.5em; vertical-align: top; }}
+pre {{ background: #f6f6f6; padding: 1em; overflow: auto; max-height: 30em; }}
+</style></head><body>
+<h1>moonprune report</h1>
+<p>method <b>{html.escape(str(report.get("method")))}</b>, MOON {report.get("moon")},
+sparsity {100 * float(report.get("sparsity", 0)):.2f}% (target
+{100 * float(report.get("target_sparsity") or 0):.0f}%), score {score},
+threshold {float(report.get("threshold", 0)):.4f} at TPR {report.get("tpr")}</p>
+<table><tr><th>model</th><th>accuracy %</th><th>ECE %</th><th>NLL</th>{ood_heads}</tr>
+{"".join(rows)}</table>
+{images}
+<h2>report.json</h2><pre>{html.escape(json.dumps(report, indent=2))}</pre>
+</body></html>
+"""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(page)
+    os.replace(tmp, path)
+    return path
