@@ -11,7 +11,9 @@ A masker owns one boolean mask per prunable weight (conv and linear, see
     masks = masker.finalize()    # bake the masks into the weights, detach from the model
 
 Masks live in the masker (not in the model), so copies of the model (weight
-averaging, export) carry only plain weights with exact zeros.
+averaging, export) carry only plain weights with exact zeros. When an optimizer is
+given, its per-weight state (momentum, Adam moments) is zeroed where the mask is
+off, so a weight that is grown later starts from zero momentum.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
 
+from moonprune.conventions import prunable_weights
 from moonprune.errors import ConfigError
+from moonprune.sparsity.distributions import keep_counts, layer_densities
 
 
 @dataclass(frozen=True)
@@ -55,8 +58,7 @@ class TopologySchedule:
 class MaskerConfig:
     """Settings shared by all maskers; a method ignores what it does not use.
 
-    ``update_interval`` and ``drop_fraction`` are ``None`` for the method's default
-    (RigL: every ``min(100, end_step // 10)`` steps, r = 0.3; SET: every epoch, r = 0.5).
+    ``update_interval`` and ``drop_fraction`` are ``None`` for the method's default.
     """
 
     sparsity: float = 0.9
@@ -66,7 +68,7 @@ class MaskerConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.sparsity < 1.0:
+        if not (isinstance(self.sparsity, float | int) and 0.0 < self.sparsity < 1.0):
             raise ConfigError(
                 f"sparsity must be in (0, 1), got {self.sparsity}; e.g. --sparsity 0.9 "
                 "keeps 10% of the weights"
@@ -86,11 +88,20 @@ class MaskerConfig:
         return 1.0 - self.sparsity
 
 
+def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the ``k`` largest entries of ``scores`` (ties broken by index)."""
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k > 0:
+        mask[torch.topk(scores.flatten(), k, sorted=False).indices] = True
+    return mask.view_as(scores)
+
+
 class Masker(abc.ABC):
     """Base class of every sparse-training method.
 
-    Subclasses set ``name`` and ``description`` (one line, shown by the registry) and
-    implement :meth:`_initial_masks` and, if the topology changes, :meth:`_update`.
+    Subclasses set ``name`` and ``description`` (one line, shown by the registry),
+    implement :meth:`initial_masks`, and, when the topology changes during training,
+    :meth:`update_due` and :meth:`update`.
     """
 
     name: ClassVar[str]
@@ -100,38 +111,121 @@ class Masker(abc.ABC):
         self.config = config
         self.masks: dict[str, torch.Tensor] = {}
         self.step_count = 0
-        self._params: dict[str, nn.Parameter] = {}
+        self.updates = 0
+        self._params: dict[str, torch.Tensor] = {}
         self._optimizer: torch.optim.Optimizer | None = None
         self._schedule: TopologySchedule | None = None
 
-    # -- lifecycle -------------------------------------------------------------------
+    # -- what subclasses provide --------------------------------------------------
     @abc.abstractmethod
+    def initial_masks(self) -> dict[str, torch.Tensor]:
+        """Masks at the start of training, from the dense weights."""
+
+    def update_due(self, step: int) -> bool:
+        """Whether the topology changes after optimizer step ``step`` (1-based)."""
+        del step
+        return False
+
+    def update(self) -> None:
+        """Change ``self.masks`` (called when :meth:`update_due`)."""
+        raise NotImplementedError(f"{type(self).__name__} has a fixed topology")
+
+    def extra_state(self) -> dict[str, Any]:
+        """Method-specific state to save (e.g. an RNG)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`extra_state`."""
+        del state
+
+    # -- lifecycle ----------------------------------------------------------------
+    @property
+    def schedule(self) -> TopologySchedule:
+        if self._schedule is None:
+            raise RuntimeError(f"{type(self).__name__}.prepare(model, ...) was not called")
+        return self._schedule
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        """The masked weights by parameter name."""
+        return self._params
+
+    def target_counts(self) -> dict[str, int]:
+        """Kept weights per layer at the target density (ERK or uniform)."""
+        shapes = {n: p.shape for n, p in self._params.items()}
+        densities = layer_densities(shapes, self.config.density, self.config.distribution)
+        return keep_counts(shapes, densities, self.config.density)
+
+    def magnitude_masks(self, counts: dict[str, int]) -> dict[str, torch.Tensor]:
+        """Per layer, keep the ``counts[name]`` weights of largest magnitude."""
+        return {n: top_k_mask(p.detach().abs(), counts[n]) for n, p in self._params.items()}
+
     def prepare(
         self,
-        model: nn.Module,
+        model: torch.nn.Module,
         schedule: TopologySchedule,
         optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         """Attach to ``model``: compute the initial masks and zero the pruned weights."""
+        self._params = dict(prunable_weights(model))
+        if not self._params:
+            raise ConfigError("the model has no conv or linear layer to prune")
+        self._schedule = schedule
+        self._optimizer = optimizer
+        self.step_count = 0
+        self.updates = 0
+        self.masks = self.initial_masks()
+        self.apply_masks_()
 
-    @abc.abstractmethod
     def step(self) -> None:
         """Called after every ``optimizer.step()``: maybe update masks, then apply them."""
+        self.step_count += 1
+        if self.step_count < self.schedule.end_step and self.update_due(self.step_count):
+            self.update()
+            self.updates += 1
+        self.apply_masks_()
 
-    @abc.abstractmethod
+    def apply_masks_(self) -> None:
+        """Zero pruned weights (and their optimizer state)."""
+        with torch.no_grad():
+            for name, param in self._params.items():
+                mask = self.masks[name]
+                param.mul_(mask)
+                if self._optimizer is not None:
+                    for value in self._optimizer.state.get(param, {}).values():
+                        if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                            value.mul_(mask)
+
     def finalize(self) -> dict[str, torch.Tensor]:
         """Apply the masks one last time, detach, and return them (name -> bool tensor)."""
+        self.apply_masks_()
+        masks = {n: m.detach().cpu().clone() for n, m in self.masks.items()}
+        self._optimizer = None
+        return masks
 
-    # -- introspection ---------------------------------------------------------------
-    @abc.abstractmethod
+    # -- introspection ------------------------------------------------------------
     def stats(self) -> dict[str, float]:
-        """Numbers worth logging now: at least ``density`` (global, measured)."""
+        """``density`` (kept / total over masked weights) and ``updates`` so far."""
+        kept = sum(int(m.sum()) for m in self.masks.values())
+        total = sum(m.numel() for m in self.masks.values())
+        return {"density": kept / total if total else 1.0, "updates": float(self.updates)}
 
-    # -- resume ----------------------------------------------------------------------
-    @abc.abstractmethod
+    # -- resume -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly: masks, step count, RNG state, ..."""
+        """Everything needed to continue exactly: masks, counters, method state."""
+        return {
+            "masks": {n: m.detach().cpu().clone() for n, m in self.masks.items()},
+            "step_count": self.step_count,
+            "updates": self.updates,
+            "extra": self.extra_state(),
+        }
 
-    @abc.abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` after :meth:`prepare` on the same model."""
+        if set(state["masks"]) != set(self._params):
+            raise ConfigError("masker state does not match the model's prunable layers")
+        self.masks = {n: m.to(self._params[n].device).bool() for n, m in state["masks"].items()}
+        self.step_count = int(state["step_count"])
+        self.updates = int(state["updates"])
+        self.load_extra_state(state["extra"])
+        self.apply_masks_()

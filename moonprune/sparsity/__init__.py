@@ -1,0 +1,44 @@
+"""Sparse-training methods behind one base class and a registry.
+
+>>> from moonprune.sparsity import MASKERS, MaskerConfig
+>>> MASKERS.names()
+['gmp', 'magnitude', 'rigl', 'set']
+>>> masker = MASKERS.create("rigl", MaskerConfig(sparsity=0.9))
+"""
+
+from __future__ import annotations
+
+from moonprune.sparsity.base import Masker, MaskerConfig, TopologySchedule
+from moonprune.sparsity.distributions import keep_counts, layer_densities
+from moonprune.sparsity.maskers import (
+    GradualMagnitudeMasker,
+    MagnitudeMasker,
+    RigLMasker,
+    SETMasker,
+)
+from moonprune.sparsity.registry import MaskerRegistry
+
+MASKERS = MaskerRegistry()
+for _cls in (MagnitudeMasker, GradualMagnitudeMasker, SETMasker, RigLMasker):
+    MASKERS.register(_cls)
+
+
+def create_masker(name: str, config: MaskerConfig) -> Masker:
+    """``MASKERS.create(name, config)``."""
+    return MASKERS.create(name, config)
+
+
+__all__ = [
+    "MASKERS",
+    "GradualMagnitudeMasker",
+    "MagnitudeMasker",
+    "Masker",
+    "MaskerConfig",
+    "MaskerRegistry",
+    "RigLMasker",
+    "SETMasker",
+    "TopologySchedule",
+    "create_masker",
+    "keep_counts",
+    "layer_densities",
+]

@@ -1,0 +1,104 @@
+"""Gates, ROC points and the HTML report, on hand-made assessments."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.metrics import roc_curve as sk_roc_curve
+
+from moonprune.assessment import Assessment
+from moonprune.errors import ConfigError
+from moonprune.reporting import roc_curve, write_html_report
+from moonprune.verification import Gates, check_gates
+
+
+def _assessment(acc: float, auroc: float, fpr: float, ece: float = 0.05) -> Assessment:
+    rng = np.random.default_rng(0)
+    return Assessment(
+        metrics={
+            "accuracy": acc,
+            "ece": ece,
+            "nll": 0.3,
+            "ood": {"noise": {"auroc": auroc, "fpr95": fpr, "aupr_in": 0.9, "aupr_out": 0.9}},
+        },
+        threshold=0.5,
+        acceptance={"id_val_accepted": 0.95, "id_test_accepted": 0.94, "ood_rejected": {}},
+        ci={"noise": {"auroc": [auroc - 0.02, auroc + 0.02], "fpr95": [fpr - 0.05, fpr + 0.05]}},
+        scores={
+            "id_test": rng.random(50) + 0.5,
+            "id_val": rng.random(50) + 0.5,
+            "noise": rng.random(40),
+        },
+        id_confidence=rng.random(50),
+        id_correct=rng.random(50) > 0.2,
+    )
+
+
+def test_gates_pass_and_fail_with_margins() -> None:
+    model = _assessment(acc=0.97, auroc=0.91, fpr=0.30)
+    dense = _assessment(acc=0.99, auroc=0.93, fpr=0.25)
+    checks = check_gates(
+        Gates(min_auroc=0.9, max_fpr95=0.2, max_accuracy_drop=0.01, max_auroc_drop=0.05),
+        model,
+        dense,
+    )
+    verdicts = {c.gate: c.passed for c in checks}
+    assert verdicts == {
+        "min_auroc": True,
+        "max_fpr95": False,
+        "max_accuracy_drop": False,
+        "max_auroc_drop": True,
+    }
+    by_gate = {c.gate: c for c in checks}
+    assert by_gate["max_fpr95"].margin == pytest.approx(-0.10)
+    assert by_gate["max_accuracy_drop"].value == pytest.approx(0.02)
+    assert by_gate["min_auroc"].uncertain  # 0.9 lies inside [0.89, 0.93]
+
+
+def test_impossible_gate_fails() -> None:
+    checks = check_gates(Gates(min_auroc=1.01), _assessment(0.9, 0.99, 0.0))
+    assert len(checks) == 1 and not checks[0].passed
+
+
+def test_drop_gates_need_a_baseline() -> None:
+    with pytest.raises(ConfigError, match="--baseline"):
+        check_gates(Gates(max_accuracy_drop=0.01), _assessment(0.9, 0.9, 0.1))
+
+
+def test_gate_values_are_validated() -> None:
+    with pytest.raises(ConfigError, match="min-auroc"):
+        Gates(min_auroc=float("nan"))
+
+
+def test_roc_points_match_sklearn() -> None:
+    rng = np.random.default_rng(3)
+    id_s = np.round(rng.normal(1, 1, 200), 1)  # ties on purpose
+    ood_s = np.round(rng.normal(0, 1, 150), 1)
+    fpr, tpr = roc_curve(id_s, ood_s)
+    labels = np.r_[np.ones(200), np.zeros(150)]
+    sk_fpr, sk_tpr, _ = sk_roc_curve(labels, np.r_[id_s, ood_s], drop_intermediate=False)
+    assert np.allclose(fpr, sk_fpr) and np.allclose(tpr, sk_tpr)
+
+
+def test_html_report_is_self_contained_and_images_decode(tmp_path: Path) -> None:
+    models = {"dense": _assessment(0.99, 0.95, 0.2), "compressed": _assessment(0.97, 0.9, 0.3)}
+    report = {"method": "rigl", "moon": True, "sparsity": 0.9, "target_sparsity": 0.9,
+              "score": "msp", "threshold": 0.5, "tpr": 0.95}  # fmt: skip
+    sparsity = {"dense": {"a.weight": 0.0, "b.weight": 0.0},
+                "compressed": {"a.weight": 0.5, "b.weight": 0.95}}  # fmt: skip
+    path = write_html_report(tmp_path / "report.html", report, models, sparsity)
+    page = path.read_text()
+    assert "http://" not in page and "https://" not in page  # nothing fetched
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    # ROC (1 OOD set) + 2 histograms + calibration + sparsity
+    assert len(images) == 5
+    for b64 in images:
+        with Image.open(io.BytesIO(base64.b64decode(b64))) as img:
+            img.load()
+            assert img.width > 100 and img.height > 100
