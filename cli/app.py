@@ -63,10 +63,11 @@ def run_guarded(fn: Callable[[], T]) -> T:
 
 
 def _register_commands() -> None:
-    from moonprune.cli import compress_cmd, verify_cmd
+    from moonprune.cli import compress_cmd, deploy_cmd, verify_cmd
 
     compress_cmd.register(app)
     verify_cmd.register(app)
+    deploy_cmd.register(app)
 
 
 _register_commands()

@@ -1,0 +1,149 @@
+"""``moonprune export``, ``inspect`` and ``bench``: the edge side."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+
+def _kb(n: int) -> str:
+    return f"{n / 1024:.1f} KiB"
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``export``, ``inspect`` and ``bench`` to ``app``."""
+
+    @app.command()
+    def export(
+        model: Annotated[str, typer.Argument(help="A moonprune checkpoint (model.pt).")],
+        out: Annotated[Path, typer.Option(help="The .onnx file to write.")],
+        tpr: Annotated[
+            float | None,
+            typer.Option(help="Share of ID inputs accepted (default: the model's, 0.95)."),
+        ] = None,
+        score: Annotated[
+            str | None, typer.Option(help="OOD score: msp, energy, max_logit, unknown.")
+        ] = None,
+        opset: Annotated[int | None, typer.Option(help="ONNX opset (default 18).")] = None,
+        quantize: Annotated[
+            str | None, typer.Option(help="int8: static quantization calibrated on ID data.")
+        ] = None,
+        bake_preprocessing: Annotated[
+            bool,
+            typer.Option(
+                "--bake-preprocessing", help="The graph takes raw pixels and normalises inside."
+            ),
+        ] = False,
+    ) -> None:
+        """Export a compressed model to ONNX with the in-graph rejector (label -1 = unknown).
+
+        Example:  moonprune export run1/model.pt --out model-int8.onnx --quantize int8
+        """
+        from moonprune.cli.app import console, run_guarded
+        from moonprune.exporters.checkpoint_export import export_checkpoint
+
+        report = run_guarded(
+            lambda: export_checkpoint(model, out, tpr=tpr, score=score, opset=opset,
+                                      quantize=quantize, bake_preprocessing=bake_preprocessing)
+        )  # fmt: skip
+        table = Table(title=f"exported {out}")
+        table.add_column("")
+        if quantize:
+            table.add_column("float32", justify="right")
+            table.add_column("int8", justify="right")
+            fm, qm = report["float_metrics"], report["metrics"]
+            table.add_row("size", _kb(report["float_bytes"]), _kb(report["bytes"]))
+            table.add_row("gzip size", _kb(report["float_gzip_bytes"]), _kb(report["gzip_bytes"]))
+            table.add_row(
+                "threshold", f"{report['float_threshold']:.4f}", f"{report['threshold']:.4f}"
+            )
+            table.add_row(
+                "accuracy %", f"{100 * fm['accuracy']:.2f}", f"{100 * qm['accuracy']:.2f}"
+            )
+            table.add_row("ID val accepted %", f"{100 * fm['id_val_accepted']:.2f}",
+                          f"{100 * qm['id_val_accepted']:.2f}")  # fmt: skip
+            for name in qm["auroc"]:
+                table.add_row(f"AUROC % vs {name}", f"{100 * fm['auroc'][name]:.2f}",
+                              f"{100 * qm['auroc'][name]:.2f}")  # fmt: skip
+        else:
+            table.add_column("value", justify="right")
+            m = report["metrics"]
+            table.add_row("size", _kb(report["bytes"]))
+            table.add_row("gzip size", _kb(report["gzip_bytes"]))
+            table.add_row("threshold", f"{report['threshold']:.4f}")
+            table.add_row("parity max |logit diff|", f"{report['parity_max_abs_diff']:.2e}")
+            table.add_row("accuracy %", f"{100 * m['accuracy']:.2f}")
+            table.add_row("ID val accepted %", f"{100 * m['id_val_accepted']:.2f}")
+            for name, value in m["auroc"].items():
+                table.add_row(f"AUROC % vs {name}", f"{100 * value:.2f}")
+        console.print(table)
+
+    @app.command()
+    def inspect(
+        path: Annotated[str, typer.Argument(help="A moonprune checkpoint (.pt) or an .onnx file.")],
+        as_json: Annotated[
+            bool, typer.Option("--json", help="Print JSON instead of tables.")
+        ] = False,
+    ) -> None:
+        """Layers, sparsity, size and metadata of a .pt or .onnx file."""
+        from moonprune.cli.app import console, run_guarded
+        from moonprune.exporters.inspection import inspect_checkpoint, inspect_onnx
+
+        info: dict[str, Any] = run_guarded(
+            lambda: inspect_onnx(path) if str(path).endswith(".onnx") else inspect_checkpoint(path)
+        )
+        if as_json:
+            typer.echo(json.dumps(info, indent=2))
+            return
+        table = Table(title=f"{info['path']} ({info['format']})")
+        for col in ("layer", "shape", "parameters", "nonzeros", "sparsity %"):
+            table.add_column(col, justify="left" if col in ("layer", "shape") else "right")
+        for row in info["layers"]:
+            table.add_row(row["name"], "x".join(map(str, row["shape"])), str(row["parameters"]),
+                          str(row["nonzeros"]), f"{100 * row['sparsity']:.1f}")  # fmt: skip
+        table.add_row("total", "", str(info["parameters"]), str(info["nonzeros"]),
+                      f"{100 * info['prunable_sparsity']:.1f}", style="bold")  # fmt: skip
+        console.print(table)
+        console.print(f"file {_kb(info['bytes'])}, gzip {_kb(info['gzip_bytes'])}")
+        for key, value in info["metadata"].items():
+            console.print(f"  {key}: {value}", highlight=False)
+
+    @app.command()
+    def bench(
+        path: Annotated[str, typer.Argument(help="An .onnx file.")],
+        vs: Annotated[str | None, typer.Option(help="Another .onnx file to compare with.")] = None,
+        threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads.")] = None,
+        batch: Annotated[int, typer.Option(help="Batch size for throughput.")] = 64,
+        runs: Annotated[int, typer.Option(help="Timed runs per batch size.")] = 100,
+        warmup: Annotated[int, typer.Option(help="Untimed warm-up runs.")] = 10,
+    ) -> None:
+        """onnxruntime latency (p50/p95 at batch 1) and throughput at --batch."""
+        from moonprune.cli.app import console, run_guarded
+        from moonprune.exporters.inspection import bench_onnx
+
+        paths = [path] + ([vs] if vs else [])
+        results = [
+            run_guarded(lambda p=p: bench_onnx(p, batch_sizes=(1, batch), threads=threads,
+                                               warmup=warmup, runs=runs))
+            for p in paths
+        ]  # fmt: skip
+        table = Table(title=f"onnxruntime CPU, threads={threads or 'default'}")
+        for col in ("file", "p50 ms (b=1)", "p95 ms (b=1)", f"images/s (b={batch})"):
+            table.add_column(col, justify="left" if col == "file" else "right")
+        for r in results:
+            b1, bn = r["batches"]["1"], r["batches"][str(batch)]
+            table.add_row(
+                r["path"], f"{b1['p50_ms']:.3f}", f"{b1['p95_ms']:.3f}", f"{bn['throughput']:.0f}"
+            )
+        console.print(table)
+        if vs:
+            base, other = results[1]["batches"], results[0]["batches"]
+            console.print(
+                f"{path} vs {vs}: {base['1']['p50_ms'] / other['1']['p50_ms']:.2f}x at batch 1, "
+                f"{other[str(batch)]['throughput'] / base[str(batch)]['throughput']:.2f}x "
+                f"throughput at batch {batch}"
+            )

@@ -1,0 +1,118 @@
+"""``moonprune export``: a moonprune checkpoint -> ONNX (optionally int8), measured.
+
+The threshold is recalibrated whenever the score or TPR differs from the checkpoint's
+(on the ID validation split the model was compressed with), and always after int8
+quantization, on the quantized model's own confidence. The float and the int8 file
+are both evaluated with onnxruntime on the test split and the OOD sets, so the cost
+of quantization is reported, not assumed.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from moonprune.exporters.onnx_export import export_onnx, gzip_size, run_onnx
+from moonprune.exporters.quantize import quantize_int8, recalibrate_threshold
+
+from moonprune.errors import ConfigError
+
+
+def evaluate_onnx(
+    path: str | Path, test_x: np.ndarray, test_y: np.ndarray, val_x: np.ndarray,
+    ood: dict[str, np.ndarray],
+) -> dict[str, Any]:  # fmt: skip
+    """Accuracy, ID acceptance and AUROC per OOD set of an exported file (onnxruntime)."""
+    from moonprune.reliability import auroc
+
+    test = run_onnx(path, test_x)
+    val = run_onnx(path, val_x)
+    return {
+        "accuracy": float((test["probabilities"].argmax(1) == test_y).mean()),
+        "id_val_accepted": float((~val["is_unknown"]).mean()),
+        "auroc": {
+            name: auroc(test["confidence"], run_onnx(path, x)["confidence"])
+            for name, x in ood.items()
+        },
+    }
+
+
+def export_checkpoint(
+    model_path: str | Path,
+    out: str | Path,
+    *,
+    tpr: float | None = None,
+    score: str | None = None,
+    opset: int | None = None,
+    quantize: str | None = None,
+    bake_preprocessing: bool = False,
+) -> dict[str, Any]:
+    """Export ``model_path`` to ``out``; returns a report of sizes, thresholds, metrics."""
+    from moonprune.assessment import assess
+    from moonprune.checkpoints import load_checkpoint, measured_sparsity
+    from moonprune.data import load_ood, load_splits
+
+    if quantize not in (None, "int8"):
+        raise ConfigError(f"--quantize {quantize!r} is not supported; use int8")
+    if tpr is not None and not 0 < tpr < 1:
+        raise ConfigError(f"--tpr must be in (0, 1), got {tpr}")
+    ckpt = load_checkpoint(model_path)
+    cfg = ckpt.config
+    if not cfg.get("data"):
+        raise ConfigError(f"{model_path} records no data spec to calibrate the threshold on")
+    seed = int(cfg.get("train", {}).get("seed", 0))
+    splits = load_splits(cfg["data"], seed=seed, preprocessing=ckpt.preprocessing)
+    ood = {s: load_ood(s, ckpt.preprocessing, seed=seed) for s in cfg.get("ood", [])}
+    tpr = ckpt.tpr if tpr is None else tpr
+    score = score or ckpt.score
+    threshold = ckpt.threshold
+    if threshold is None or tpr != ckpt.tpr or score != ckpt.score:
+        threshold = assess(ckpt.model, splits, {}, score=score, tpr=tpr, n_boot=1).threshold
+    out = Path(out)
+    kwargs: dict[str, Any] = dict(
+        num_known=ckpt.num_known, input_shape=ckpt.preprocessing.input_shape,
+        threshold=threshold, tpr=tpr, score=score, classes=list(ckpt.classes),
+        preprocessing=ckpt.preprocessing.as_dict(), sparsity=measured_sparsity(ckpt.model),
+        opset=opset, example_inputs=splits.val.x, bake_preprocessing=bake_preprocessing,
+    )  # fmt: skip
+    pre = ckpt.preprocessing
+
+    def raw(x: np.ndarray) -> np.ndarray:  # undo normalisation for a baked graph
+        if not bake_preprocessing:
+            return x
+        mean = np.asarray(pre.mean, np.float32).reshape(1, -1, 1, 1)
+        std = np.asarray(pre.std, np.float32).reshape(1, -1, 1, 1)
+        return ((x * std + mean) / pre.scale).astype(np.float32)
+
+    arrays = {
+        "test_x": raw(splits.test.x.numpy()), "test_y": splits.test.y.numpy(),
+        "val_x": raw(splits.val.x.numpy()),
+        "ood": {n: raw(s.x.numpy()) for n, s in ood.items()},
+    }  # fmt: skip
+    if quantize is None:
+        report = export_onnx(ckpt.model, out, **kwargs).as_dict()
+        report["metrics"] = evaluate_onnx(out, **arrays)
+        report["threshold"] = threshold
+        return report
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        float_path = Path(tmp) / "float.onnx"
+        float_report = export_onnx(ckpt.model, float_path, **kwargs).as_dict()
+        float_metrics = evaluate_onnx(float_path, **arrays)
+        quantize_int8(float_path, out, raw(splits.train.x.numpy()))
+        recal = recalibrate_threshold(out, arrays["val_x"], tpr)
+    int8_metrics = evaluate_onnx(out, **arrays)
+    return {
+        "path": str(out),
+        "bytes": out.stat().st_size,
+        "gzip_bytes": gzip_size(out),
+        "float_bytes": float_report["bytes"],
+        "float_gzip_bytes": float_report["gzip_bytes"],
+        "size_ratio": float_report["bytes"] / out.stat().st_size,
+        "float_threshold": threshold,
+        "threshold": recal["threshold"],
+        "float_metrics": float_metrics,
+        "metrics": int8_metrics,
+        "parity_max_abs_diff": float_report["parity_max_abs_diff"],
+    }

@@ -1,0 +1,250 @@
+"""Export a classifier with its rejector to one ONNX file, checked and parity-tested.
+
+The file is written to a temporary name in the target directory, checked with
+``onnx.checker``, compared with PyTorch in onnxruntime, given its metadata, and only
+then moved into place: a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import json
+import logging
+import os
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from moonprune.exporters.rejector import RejectingClassifier
+from torch import nn
+
+from moonprune.errors import ExportError
+
+OUTPUT_NAMES = ("logits", "probabilities", "confidence", "label", "is_unknown")
+DEFAULT_OPSET = 18
+LOGIT_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What was written and how well it agrees with PyTorch."""
+
+    path: str
+    bytes: int
+    gzip_bytes: int
+    parity_max_abs_diff: float
+    labels_agree: bool
+    opset: int
+    export_seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def gzip_size(path: Path) -> int:
+    """Bytes of ``path`` after gzip -9 (what a download would cost)."""
+    return len(gzip.compress(path.read_bytes(), compresslevel=9))
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The dynamo exporter logs progress and deprecation noise; keep the CLI clean."""
+    names = ["torch.onnx", "torch.onnx._internal.exporter._registration", "torch.export"]
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("moonprune")
+    except Exception:
+        from moonprune import __version__
+
+        return __version__
+
+
+def metadata(
+    *, threshold: float, tpr: float, score: str, classes: list[str], preprocessing: dict[str, Any],
+    sparsity: float, temperature: float, extra: dict[str, str] | None = None,
+) -> dict[str, str]:  # fmt: skip
+    """The ``moonprune.*`` metadata_props of the DESIGN.md contract."""
+    props = {
+        "moonprune.threshold": repr(float(threshold)),
+        "moonprune.tpr": repr(float(tpr)),
+        "moonprune.score": score,
+        "moonprune.classes": json.dumps(list(classes)),
+        "moonprune.preprocessing": json.dumps(preprocessing),
+        "moonprune.sparsity": repr(float(sparsity)),
+        "moonprune.version": _version(),
+        "moonprune.temperature": repr(float(temperature)),
+    }
+    props.update(extra or {})
+    return props
+
+
+def set_metadata(model: Any, props: dict[str, str]) -> None:
+    """Replace ``model.metadata_props`` entries named in ``props`` (an onnx ModelProto)."""
+    keep = [p for p in model.metadata_props if p.key not in props]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+def strip_debug_info(model: Any) -> None:
+    """Drop what a device never reads: per-node exporter annotations (stack traces with
+    local paths, FX names) and intermediate shape annotations (onnxruntime infers them)."""
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    del model.graph.value_info[:]
+    model.graph.doc_string = ""
+
+
+def run_onnx(path: str | Path, x: np.ndarray) -> dict[str, np.ndarray]:
+    """All outputs of the model at ``path`` on ``x`` (float32 NCHW), with onnxruntime."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {"input": np.ascontiguousarray(x, dtype=np.float32)})
+    return {o.name: v for o, v in zip(session.get_outputs(), outputs, strict=True)}
+
+
+def parity(wrapper: nn.Module, path: Path, x: torch.Tensor) -> tuple[float, bool]:
+    """Max |logit difference| and whether labels and rejections agree, torch vs ORT."""
+    with torch.no_grad():
+        ref = [t.cpu().numpy() for t in wrapper(x)]
+    got = run_onnx(path, x.cpu().numpy())
+    finite = np.isfinite(x.cpu().numpy()).reshape(len(x), -1).all(axis=1)
+    diff = float(np.abs(ref[0][finite] - got["logits"][finite]).max()) if finite.any() else 0.0
+    agree = bool(np.array_equal(ref[3], got["label"]) and np.array_equal(ref[4], got["is_unknown"]))
+    return diff, agree
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    num_known: int,
+    input_shape: tuple[int, int, int],
+    threshold: float,
+    tpr: float = 0.95,
+    score: str = "msp",
+    classes: list[str] | None = None,
+    preprocessing: dict[str, Any] | None = None,
+    sparsity: float = 0.0,
+    temperature: float = 1.0,
+    opset: int | None = None,
+    example_inputs: torch.Tensor | None = None,
+    bake_preprocessing: bool = False,
+    extra_metadata: dict[str, str] | None = None,
+) -> ExportReport:
+    """Write ``model`` + rejector to ``path`` (see the module docstring); return the report.
+
+    ``example_inputs`` (normalised model inputs) drive the parity check; a row of NaN
+    and a row of inf are added to it so the rejection of non-finite input is checked
+    too. With ``bake_preprocessing`` the graph takes raw pixels and ``preprocessing``
+    (``scale``, ``mean``, ``std``) is applied inside it.
+    """
+    import onnx
+
+    start = time.perf_counter()
+    path = Path(path)
+    opset = opset or DEFAULT_OPSET
+    preprocessing = preprocessing or {}
+    normalization = None
+    if bake_preprocessing:
+        if not preprocessing:
+            raise ExportError(
+                "--bake-preprocessing needs the model's preprocessing (scale, mean, std)"
+            )
+        normalization = (preprocessing["scale"], preprocessing["mean"], preprocessing["std"])
+    device_model = model.cpu().eval()
+    wrapper = RejectingClassifier(
+        device_model, num_known, threshold, score, temperature, normalization
+    ).eval()
+    x = _parity_inputs(example_inputs, input_shape, preprocessing if bake_preprocessing else None)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with _quiet_exporter():
+            torch.onnx.export(
+                wrapper,
+                (x[:2],),
+                str(tmp),
+                input_names=["input"],
+                output_names=list(OUTPUT_NAMES),
+                dynamic_shapes=({0: torch.export.Dim("N")},),
+                opset_version=opset,
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+            )
+        proto = onnx.load(str(tmp))
+        strip_debug_info(proto)
+        set_metadata(proto, metadata(
+            threshold=threshold, tpr=tpr, score=score, classes=list(classes or []),
+            preprocessing={**preprocessing, "baked": bake_preprocessing}, sparsity=sparsity,
+            temperature=temperature, extra=extra_metadata,
+        ))  # fmt: skip
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(tmp))
+        diff, agree = parity(wrapper, tmp, x)
+        if not agree or not diff <= LOGIT_TOLERANCE:
+            raise ExportError(
+                f"ONNX parity check failed: max |logit diff| {diff:.2e} (limit "
+                f"{LOGIT_TOLERANCE:.0e}), labels agree: {agree}; the model may use an "
+                "operator the exporter translates differently; try another --opset"
+            )
+        os.replace(tmp, path)
+    except ExportError:
+        tmp.unlink(missing_ok=True)
+        raise
+    except Exception as exc:
+        tmp.unlink(missing_ok=True)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"ONNX export failed: {first}") from exc
+    return ExportReport(
+        path=str(path),
+        bytes=path.stat().st_size,
+        gzip_bytes=gzip_size(path),
+        parity_max_abs_diff=diff,
+        labels_agree=agree,
+        opset=opset,
+        export_seconds=time.perf_counter() - start,
+    )
+
+
+def _parity_inputs(
+    example: torch.Tensor | None, input_shape: tuple[int, int, int], raw: dict[str, Any] | None
+) -> torch.Tensor:
+    if example is None:
+        example = torch.randn(16, *input_shape, generator=torch.Generator().manual_seed(0))
+    x = example.detach().cpu().float()[:64]
+    if raw is not None:  # the graph takes raw pixels: undo the normalisation
+        mean = torch.tensor(raw["mean"]).view(1, -1, 1, 1)
+        std = torch.tensor(raw["std"]).view(1, -1, 1, 1)
+        x = (x * std + mean) / raw["scale"]
+    nan_row = x[:1].clone()
+    nan_row.view(-1)[0] = float("nan")
+    inf_row = x[:1].clone()
+    inf_row.view(-1)[-1] = float("inf")
+    return torch.cat([x, nan_row, inf_row])
