@@ -86,7 +86,7 @@ def export_checkpoint(
         std = np.asarray(pre.std, np.float32).reshape(1, -1, 1, 1)
         return ((x * std + mean) / pre.scale).astype(np.float32)
 
-    arrays = {
+    arrays: dict[str, Any] = {
         "test_x": raw(splits.test.x.numpy()), "test_y": splits.test.y.numpy(),
         "val_x": raw(splits.val.x.numpy()),
         "ood": {n: raw(s.x.numpy()) for n, s in ood.items()},

@@ -15,7 +15,7 @@ from moonprune.errors import ExportError
 
 
 def _layer_rows(named: list[tuple[str, np.ndarray]]) -> dict[str, Any]:
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, w in named:
         nz = int(np.count_nonzero(w))
         rows.append({"name": name, "shape": list(w.shape), "parameters": int(w.size),

@@ -34,6 +34,12 @@ class RejectingClassifier(nn.Module):
     input is then raw pixels and becomes ``(x * scale - mean[c]) / std[c]`` first.
     """
 
+    threshold: torch.Tensor
+    temperature: torch.Tensor
+    pixel_scale: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(
         self,
         classifier: nn.Module,

@@ -85,7 +85,7 @@ class ArchSpec:
             raise CheckpointError(f"module {target!r} has no attribute {attr!r}") from None
         if not callable(fn):
             raise CheckpointError(f"{self.factory!r} is not callable")
-        return fn  # type: ignore[no-any-return]
+        return fn
 
     def build(self) -> nn.Module:
         """Call the factory with ``kwargs``; it must return an ``nn.Module``."""

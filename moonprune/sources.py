@@ -137,13 +137,10 @@ def faces() -> RawImages:
 
 def _read_image(path: Path) -> np.ndarray:
     """(C, H, W) float in [0, 1]; RGB or grayscale as stored (alpha dropped)."""
-    with Image.open(path) as img:
-        img = (
-            img.convert("L")
-            if img.mode in ("1", "L", "I", "I;16", "F", "LA")
-            else img.convert("RGB")
-        )
-        array = np.asarray(img, dtype=np.float32) / 255.0
+    with Image.open(path) as opened:
+        gray = opened.mode in ("1", "L", "I", "I;16", "F", "LA")
+        converted = opened.convert("L" if gray else "RGB")
+        array = np.asarray(converted, dtype=np.float32) / 255.0
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 

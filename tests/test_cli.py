@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from moonprune.cli.app import app
 from typer.testing import CliRunner
 
-from moonprune.cli.app import app
 from moonprune.models import demo_cnn
 
 runner = CliRunner()
@@ -82,9 +82,7 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-def test_bad_input_exits_2_with_one_line(
-    case: str, dense_path: Path, tmp_path: Path
-) -> None:
+def test_bad_input_exits_2_with_one_line(case: str, dense_path: Path, tmp_path: Path) -> None:
     extra, needle, checkpoint = BAD_INPUTS[case]
     out = tmp_path / "out"
     ckpt = tmp_path / checkpoint if checkpoint else dense_path
@@ -133,7 +131,9 @@ def test_non_finite_checkpoint(tmp_path: Path) -> None:
     state["classifier.bias"][0] = float("inf")
     path = tmp_path / "inf.pt"
     torch.save(state, path)
-    result = runner.invoke(app, [*_args(path, tmp_path / "out"), "--config", str(_recipe(tmp_path))])
+    result = runner.invoke(
+        app, [*_args(path, tmp_path / "out"), "--config", str(_recipe(tmp_path))]
+    )
     assert result.exit_code == 2
     assert "NaN or infinite" in result.output
 

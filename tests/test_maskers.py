@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import pytest
@@ -188,7 +189,7 @@ def test_gmp_starts_dense_and_follows_the_cubic_schedule() -> None:
     for i in range(STEPS):
         _train_step(model, opt, masker, i)
         densities.append(masker.stats()["density"])
-    assert all(a >= b for a, b in zip(densities, densities[1:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(densities))
     assert densities[9] == pytest.approx(1 - 0.8 * (1 - (1 - 10 / 30) ** 3), abs=0.02)
     assert densities[28] == pytest.approx(0.2, abs=0.005)
 
