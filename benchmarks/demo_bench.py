@@ -13,23 +13,19 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from results_file import update_section  # benchmarks/ is on sys.path when run as a script
 
 from moonprune.checkpoints import ArchSpec, DenseModel
-from moonprune.config import CompressConfig, MoonConfig
+from moonprune.config import CompressConfig
 from moonprune.data import load_splits
 from moonprune.demo import DEMO_ARCH, DEMO_DATA, demo_config, train_dense
 from moonprune.pipeline import compress
-
-sys.path.insert(0, str(Path(__file__).parent))
-from results_file import update_section  # noqa: E402
-
 
 
 def run(seeds: list[int], epochs: int) -> list[dict[str, Any]]:
