@@ -41,10 +41,14 @@ def _interrupted(out: Path) -> None:
 
 def _show(result: Any) -> None:
     from moonprune.cli.app import console
+    from moonprune.cli.verify_cmd import enforce_gates, gate_table
 
     console.print(comparison_table(result.report))
     for line in summary_lines(result.report, result.files):
         console.print(line, highlight=False)
+    if result.checks:
+        console.print(gate_table(result))
+        enforce_gates(result.checks, " (the outputs were written)")
 
 
 def register(app: typer.Typer) -> None:
@@ -122,6 +126,18 @@ def register(app: typer.Typer) -> None:
         on_bad_image: Annotated[
             str | None, typer.Option(help="An undecodable image file: skip (warn) or fail.")
         ] = None,
+        min_auroc: Annotated[
+            float | None, typer.Option(help="Gate: every OOD AUROC >= X (exit 1 if not).")
+        ] = None,
+        max_fpr95: Annotated[float | None, typer.Option(help="Gate: every OOD FPR95 <= X.")] = None,
+        min_accuracy: Annotated[float | None, typer.Option(help="Gate: accuracy >= X.")] = None,
+        max_accuracy_drop: Annotated[
+            float | None, typer.Option(help="Gate: dense - compressed accuracy <= X.")
+        ] = None,
+        max_ece: Annotated[float | None, typer.Option(help="Gate: ECE <= X.")] = None,
+        max_auroc_drop: Annotated[
+            float | None, typer.Option(help="Gate: dense - compressed AUROC <= X per OOD set.")
+        ] = None,
         trust_checkpoint: Annotated[
             bool,
             typer.Option("--trust-checkpoint", help="Allow a pickled nn.Module (can run code!)."),
@@ -167,6 +183,12 @@ def register(app: typer.Typer) -> None:
                 "train.batch_size": batch_size,
                 "train.seed": seed,
                 "moon.enabled": False if no_moon else None,
+                "gates.min_auroc": min_auroc,
+                "gates.max_fpr95": max_fpr95,
+                "gates.min_accuracy": min_accuracy,
+                "gates.max_accuracy_drop": max_accuracy_drop,
+                "gates.max_ece": max_ece,
+                "gates.max_auroc_drop": max_auroc_drop,
             }
             merged = merge(recipe, overrides)
             for key, flag in (("checkpoint", "CHECKPOINT"), ("data", "--data"), ("out", "--out")):

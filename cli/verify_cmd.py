@@ -53,6 +53,24 @@ def metrics_table(report: dict[str, Any]) -> Table:
     return table
 
 
+def enforce_gates(checks: list[Any], note: str = "") -> None:
+    """Exit 1 (through GateFailed) when any gate failed, naming each failure."""
+    from moonprune.cli.app import run_guarded
+
+    from moonprune.errors import GateFailed
+
+    failed = [c for c in checks if not c.passed]
+
+    def gate() -> None:
+        if failed:
+            raise GateFailed(
+                f"{len(failed)} of {len(checks)} gates failed{note}: "
+                + "; ".join(f"{c.gate} {c.subject} {c.value:.4f} vs {c.bound:.4f}" for c in failed)
+            )
+
+    run_guarded(gate)
+
+
 def _write_json(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
@@ -125,8 +143,7 @@ def register(app: typer.Typer) -> None:
         """
         from moonprune.cli.app import console, run_guarded
 
-        from moonprune.errors import GateFailed
-        from moonprune.verification import Gates
+        from moonprune.config import Gates
         from moonprune.verification import verify as run_verify
 
         def go() -> Any:
@@ -148,14 +165,4 @@ def register(app: typer.Typer) -> None:
             run_guarded(lambda: _write_html(result, html_path))
             console.print(f"wrote {html_path}")
 
-        def gate() -> None:
-            failed = [c for c in result.checks if not c.passed]
-            if failed:
-                raise GateFailed(
-                    f"{len(failed)} of {len(result.checks)} gates failed: "
-                    + "; ".join(
-                        f"{c.gate} {c.subject} {c.value:.4f} vs {c.bound:.4f}" for c in failed
-                    )
-                )
-
-        run_guarded(gate)
+        enforce_gates(result.checks)

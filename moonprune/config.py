@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +125,35 @@ class SparsityConfig:
 
 
 @dataclass(frozen=True)
+class Gates:
+    """Bounds a model must meet; ``None`` = not checked. Fractions, not percent."""
+
+    min_auroc: float | None = None
+    max_fpr95: float | None = None
+    min_accuracy: float | None = None
+    max_accuracy_drop: float | None = None
+    max_ece: float | None = None
+    max_auroc_drop: float | None = None
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a number, got {value}")
+            if value is not None and value < 0:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be >= 0 (a fraction, e.g. 0.9), got {value}"
+                )
+
+    @property
+    def needs_baseline(self) -> bool:
+        return self.max_accuracy_drop is not None or self.max_auroc_drop is not None
+
+    @property
+    def any(self) -> bool:
+        return any(v is not None for v in asdict(self).values())
+
+
+@dataclass(frozen=True)
 class CompressConfig:
     """Everything ``moonprune compress`` needs; :func:`load_recipe` builds it."""
 
@@ -147,6 +176,7 @@ class CompressConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     moon: MoonConfig = field(default_factory=MoonConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    gates: Gates = field(default_factory=Gates)
 
     def __post_init__(self) -> None:
         if not 0 < self.tpr < 1:
@@ -169,7 +199,12 @@ class CompressConfig:
         return d
 
 
-_SECTIONS: dict[str, type] = {"train": TrainConfig, "moon": MoonConfig, "sparsity": SparsityConfig}
+_SECTIONS: dict[str, type] = {
+    "train": TrainConfig,
+    "moon": MoonConfig,
+    "sparsity": SparsityConfig,
+    "gates": Gates,
+}
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:

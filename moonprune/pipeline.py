@@ -37,6 +37,7 @@ from moonprune.reliability.scores import get_score
 from moonprune.reporting import layer_sparsity, write_html_report
 from moonprune.sparsity import MASKERS
 from moonprune.training import TrainCallback, train
+from moonprune.verification import GateCheck, check_gates
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class CompressResult:
     report: dict[str, Any]
     checkpoint: MoonpruneCheckpoint
     files: dict[str, Path] = field(default_factory=dict)
+    checks: list[GateCheck] = field(default_factory=list)
 
 
 @dataclass
@@ -167,6 +169,7 @@ def compress(
     compressed = result.model.eval()
     assessment = _assess(compressed, inputs, cfg)
     dense_metrics, compressed_metrics = dense_assessment.metrics, assessment.metrics
+    checks = check_gates(cfg.gates, assessment, dense_assessment) if cfg.gates.any else []
     sparsity = measured_sparsity(compressed)
     report: dict[str, Any] = {
         "moonprune_version": _version(),
@@ -180,6 +183,8 @@ def compress(
         "acceptance": assessment.acceptance,
         "models": {"dense": dense_metrics, "compressed": compressed_metrics},
         "ci": {"dense": dense_assessment.ci, "compressed": assessment.ci},
+        "gates": [c.as_dict() for c in checks],
+        "passed": all(c.passed for c in checks),
         "timing": {
             "dense_eval_s": dense_eval_s,
             "train_s": train_s,
@@ -231,7 +236,7 @@ def compress(
     _write_json(cfg.as_dict(), work / "recipe.json")
     final = out.commit()
     files = {name: final / name for name in [*files, "report.json", "report.html", "recipe.json"]}
-    return CompressResult(final, report, ckpt, files)
+    return CompressResult(final, report, ckpt, files, checks)
 
 
 def _export(

@@ -9,45 +9,16 @@ bound lies inside the interval is flagged ``uncertain`` (noise could flip it).
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from moonprune.assessment import Assessment, assess
 from moonprune.checkpoints import ArchSpec, load_checkpoint, load_dense, measured_sparsity
+from moonprune.config import Gates
 from moonprune.data import ImageSet, ReadOptions, load_ood, load_splits
 from moonprune.errors import CheckpointError, ConfigError
 from moonprune.reporting import layer_sparsity
-
-
-@dataclass(frozen=True)
-class Gates:
-    """Bounds a model must meet; ``None`` = not checked. Fractions, not percent."""
-
-    min_auroc: float | None = None
-    max_fpr95: float | None = None
-    min_accuracy: float | None = None
-    max_accuracy_drop: float | None = None
-    max_ece: float | None = None
-    max_auroc_drop: float | None = None
-
-    def __post_init__(self) -> None:
-        for name, value in asdict(self).items():
-            if value is not None and not math.isfinite(value):
-                raise ConfigError(f"--{name.replace('_', '-')} must be a number, got {value}")
-            if value is not None and value < 0:
-                raise ConfigError(
-                    f"--{name.replace('_', '-')} must be >= 0 (a fraction, e.g. 0.9), got {value}"
-                )
-
-    @property
-    def needs_baseline(self) -> bool:
-        return self.max_accuracy_drop is not None or self.max_auroc_drop is not None
-
-    @property
-    def any(self) -> bool:
-        return any(v is not None for v in asdict(self).values())
 
 
 @dataclass(frozen=True)

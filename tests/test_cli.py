@@ -156,3 +156,15 @@ def test_ood_npz_of_wrong_shape(dense_path: Path, tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.exit_code == 2
     assert "shape" in result.output
+
+
+def test_compress_applies_gates_to_its_own_result(dense_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "gated"
+    result = runner.invoke(
+        app, [*_args(dense_path, out, "--config", str(_recipe(tmp_path))), "--min-auroc", "1.01"]
+    )
+    assert result.exit_code == 1, result.output
+    assert "gates failed" in result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] is False
+    assert [g["gate"] for g in report["gates"]] == ["min_auroc"]
