@@ -55,7 +55,7 @@ def gzip_size(path: Path) -> int:
 
 
 @contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
+def quiet_exporter() -> Iterator[None]:
     """The dynamo exporter logs progress and deprecation noise; keep the CLI clean."""
     names = ["torch.onnx", "torch.onnx._internal.exporter._registration", "torch.export"]
     loggers = [logging.getLogger(n) for n in names]
@@ -196,7 +196,7 @@ def export_onnx(
     x = _parity_inputs(example_inputs, input_shape, preprocessing if bake_preprocessing else None)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with _quiet_exporter():
+        with quiet_exporter():
             torch.onnx.export(
                 wrapper,
                 (x[:2],),

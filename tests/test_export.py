@@ -75,7 +75,7 @@ def test_non_finite_rows_are_rejected_alone(demo_run) -> None:
     for i in (0, 2, 5):
         assert np.allclose(logits[i], clean[0][i], atol=1e-6)
         assert label[i] == clean[3][i] and unknown[i] == clean[4][i]
-    assert np.isfinite(conf).all()
+    assert np.isfinite(conf[[0, 2, 5]]).all()
 
 
 def test_sparse_file_gzips_far_smaller_than_dense(demo_run, tmp_path: Path) -> None:
