@@ -32,6 +32,13 @@ def register(app: typer.Typer) -> None:
         quantize: Annotated[
             str | None, typer.Option(help="int8: static quantization calibrated on ID data.")
         ] = None,
+        sparse_storage: Annotated[
+            bool,
+            typer.Option(
+                "--sparse-storage",
+                help="Store mostly-zero weights as ONNX sparse initializers (smaller file).",
+            ),
+        ] = False,
         bake_preprocessing: Annotated[
             bool,
             typer.Option(
@@ -48,7 +55,8 @@ def register(app: typer.Typer) -> None:
 
         report = run_guarded(
             lambda: export_checkpoint(model, out, tpr=tpr, score=score, opset=opset,
-                                      quantize=quantize, bake_preprocessing=bake_preprocessing)
+                                      quantize=quantize, bake_preprocessing=bake_preprocessing,
+                                      sparse_storage=sparse_storage)
         )  # fmt: skip
         table = Table(title=f"exported {out}")
         table.add_column("")
@@ -73,6 +81,8 @@ def register(app: typer.Typer) -> None:
             table.add_column("value", justify="right")
             m = report["metrics"]
             table.add_row("size", _kb(report["bytes"]))
+            if "dense_storage_bytes" in report:
+                table.add_row("size, dense storage", _kb(report["dense_storage_bytes"]))
             table.add_row("gzip size", _kb(report["gzip_bytes"]))
             table.add_row("threshold", f"{report['threshold']:.4f}")
             table.add_row("parity max |logit diff|", f"{report['parity_max_abs_diff']:.2e}")

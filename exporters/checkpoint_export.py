@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from moonprune.exporters.onnx_export import export_onnx, gzip_size, run_onnx
 from moonprune.exporters.quantize import quantize_int8, recalibrate_threshold
+from moonprune.exporters.sparse_storage import to_sparse_storage
 
 from moonprune.errors import ConfigError
 
@@ -48,6 +49,7 @@ def export_checkpoint(
     opset: int | None = None,
     quantize: str | None = None,
     bake_preprocessing: bool = False,
+    sparse_storage: bool = False,
 ) -> dict[str, Any]:
     """Export ``model_path`` to ``out``; returns a report of sizes, thresholds, metrics."""
     from moonprune.assessment import assess
@@ -56,6 +58,8 @@ def export_checkpoint(
 
     if quantize not in (None, "int8"):
         raise ConfigError(f"--quantize {quantize!r} is not supported; use int8")
+    if quantize and sparse_storage:
+        raise ConfigError("--sparse-storage applies to float weights; drop it or --quantize")
     if tpr is not None and not 0 < tpr < 1:
         raise ConfigError(f"--tpr must be in (0, 1), got {tpr}")
     ckpt = load_checkpoint(model_path)
@@ -93,6 +97,10 @@ def export_checkpoint(
     }  # fmt: skip
     if quantize is None:
         report = export_onnx(ckpt.model, out, **kwargs).as_dict()
+        if sparse_storage:
+            report["sparse_storage"] = to_sparse_storage(out, arrays["val_x"])
+            report["dense_storage_bytes"] = report["bytes"]
+            report["bytes"], report["gzip_bytes"] = out.stat().st_size, gzip_size(out)
         report["metrics"] = evaluate_onnx(out, **arrays)
         report["threshold"] = threshold
         return report

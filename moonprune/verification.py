@@ -9,6 +9,7 @@ bound lies inside the interval is flagged ``uncertain`` (noise could flip it).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,8 +154,11 @@ def verify(
         dense_model = load_dense(baseline, arch).model.eval()
     kwargs: dict[str, Any] = {"score": score, "tpr": tpr, "ece_bins": ece_bins,
                               "n_boot": n_boot, "seed": seed}  # fmt: skip
+    t0 = time.perf_counter()
     compressed = assess(ckpt.model, splits, ood_sets, **kwargs)
+    compressed_s = time.perf_counter() - t0
     dense = None if dense_model is None else assess(dense_model, splits, ood_sets, **kwargs)
+    timing = {"compressed_eval_s": compressed_s, "total_eval_s": time.perf_counter() - t0}
     checks = check_gates(gates, compressed, dense)
     models = {"compressed": compressed.metrics}
     ci = {"compressed": compressed.ci}
@@ -177,6 +181,7 @@ def verify(
         "data": {"id": data, "ood": list(ood), "seed": seed, "n_test": len(splits.test)},
         "gates": [c.as_dict() for c in checks],
         "passed": all(c.passed for c in checks),
+        "timing": timing,
     }
     sparsity = {"compressed": layer_sparsity(ckpt.model)}
     if dense_model is not None:

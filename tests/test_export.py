@@ -130,3 +130,13 @@ def test_plain_k_way_model_exports(tmp_path: Path) -> None:
     )
     assert out[0].shape == (2, 4) and out[1].shape == (2, 4)
     assert np.allclose(out[1].sum(1), 1.0, atol=1e-5)
+
+
+def test_sparse_storage_is_smaller_and_identical(demo_run, tmp_path: Path) -> None:
+    report = export_checkpoint(demo_run.out / "model.pt", tmp_path / "s.onnx", sparse_storage=True)
+    assert report["sparse_storage"]["sparse_initializers"]
+    assert report["bytes"] < 0.5 * report["dense_storage_bytes"]
+    x = load_splits("digits:0-5", seed=0).test.x.numpy()
+    a = _bare_session(tmp_path / "s.onnx").run(None, {"input": x})
+    b = _bare_session(demo_run.out / "model.onnx").run(None, {"input": x})
+    assert np.array_equal(a[3], b[3]) and np.abs(a[0] - b[0]).max() < 1e-5
