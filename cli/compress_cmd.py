@@ -11,6 +11,25 @@ from moonprune.cli.render import RichProgress, comparison_table, summary_lines
 METHOD_HELP = "Sparse method: rigl, set, gmp (gradual magnitude), magnitude (one-shot)."
 
 
+def parse_json_object(text: str | None, flag: str) -> dict[str, Any] | None:
+    """``'{"width": 16}'`` -> dict; a clear error otherwise."""
+    if text is None:
+        return None
+    import json
+
+    from moonprune.errors import ConfigError
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{flag} is not valid JSON ({exc.msg}); e.g. '{{\"width\": 16}}'"
+        ) from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag} must be a JSON object, e.g. '{{\"width\": 16}}'")
+    return value
+
+
 def parse_size(text: str | None) -> tuple[int, int] | None:
     """``"32"`` -> (32, 32); ``"24x32"`` -> (24, 32)."""
     if text is None:
@@ -73,6 +92,13 @@ def register(app: typer.Typer) -> None:
         arch: Annotated[
             str | None,
             typer.Option(help="Network factory, package.module:callable or file.py:callable."),
+        ] = None,
+        arch_kwargs: Annotated[
+            str | None,
+            typer.Option(
+                help="Factory keyword arguments as JSON, e.g. '{\"width\": 16}'. "
+                "num_classes/in_channels default to the data's."
+            ),
         ] = None,
         method: Annotated[str | None, typer.Option(help=METHOD_HELP)] = None,
         sparsity: Annotated[
@@ -165,6 +191,7 @@ def register(app: typer.Typer) -> None:
                 "data": data,
                 "out": out,
                 "arch": arch,
+                "arch_kwargs": parse_json_object(arch_kwargs, "--arch-kwargs"),
                 "ood": tuple(ood) if ood else None,
                 "head_layer": head_layer,
                 "device": device,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import math
 import os
 import pickle
@@ -99,6 +100,17 @@ class ArchSpec:
         if not isinstance(model, nn.Module):
             raise CheckpointError(f"{self.factory} returned {type(model).__name__}, not nn.Module")
         return model
+
+    def with_defaults(self, **defaults: Any) -> ArchSpec:
+        """Fill keyword arguments the factory accepts but the user did not give (e.g.
+        ``num_classes`` and ``in_channels`` from the data), so common factories need
+        no recipe at all."""
+        try:
+            params = inspect.signature(self.resolve()).parameters
+        except (TypeError, ValueError):
+            return self
+        extra = {k: v for k, v in defaults.items() if k in params and k not in self.kwargs}
+        return ArchSpec(self.factory, {**self.kwargs, **extra}) if extra else self
 
     def as_dict(self) -> dict[str, Any]:
         return {"factory": self.factory, "kwargs": dict(self.kwargs)}

@@ -7,6 +7,7 @@ input *before* any output is written, and writes the outputs atomically.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -80,7 +81,12 @@ def prepare_inputs(cfg: CompressConfig, dense: DenseModel | None = None) -> Inpu
         for spec in cfg.ood
     }
     if dense is None:
-        arch = ArchSpec(cfg.arch, dict(cfg.arch_kwargs)) if cfg.arch else None
+        arch = None
+        if cfg.arch:
+            pre = splits.preprocessing
+            arch = ArchSpec(cfg.arch, dict(cfg.arch_kwargs)).with_defaults(
+                num_classes=splits.num_classes, in_channels=pre.channels
+            )
         dense = load_dense(cfg.checkpoint, arch, trust=cfg.trust_checkpoint)
     try:
         width = output_width(dense.model, splits.train.x[:2])
@@ -133,6 +139,8 @@ def compress(
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.train.seed)
     inputs = prepare_inputs(cfg, dense)
+    if cfg.arch and inputs.dense.arch is not None:  # record the kwargs actually used
+        cfg = dataclasses.replace(cfg, arch_kwargs=dict(inputs.dense.arch.kwargs))
     dense_model = inputs.dense.model.to(device).eval()
     assert inputs.dense.arch is not None  # prepare_inputs checked it
     t0 = time.perf_counter()
