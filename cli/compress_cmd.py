@@ -30,6 +30,18 @@ def parse_json_object(text: str | None, flag: str) -> dict[str, Any] | None:
     return value
 
 
+def parse_temperature(text: str | None) -> str | float | None:
+    """``"auto"`` stays; anything else must be a number (validated by the config)."""
+    if text is None or text == "auto":
+        return text
+    from moonprune.errors import ConfigError
+
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"--temperature must be 'auto' or a number > 0, got {text!r}") from None
+
+
 def parse_size(text: str | None) -> tuple[int, int] | None:
     """``"32"`` -> (32, 32); ``"24x32"`` -> (24, 32)."""
     if text is None:
@@ -122,6 +134,10 @@ def register(app: typer.Typer) -> None:
         score: Annotated[
             str | None, typer.Option(help="OOD score: msp (default), energy, max_logit, unknown.")
         ] = None,
+        temperature: Annotated[
+            str | None,
+            typer.Option(help="auto (default): fit T on validation data; or a number (1 = off)."),
+        ] = None,
         tpr: Annotated[
             float | None,
             typer.Option(help="Share of ID inputs the threshold accepts. Default 0.95."),
@@ -197,6 +213,7 @@ def register(app: typer.Typer) -> None:
                 "device": device,
                 "score": score,
                 "tpr": tpr,
+                "temperature": parse_temperature(temperature),
                 "image_size": parse_size(image_size),
                 "channels": channels,
                 "on_bad_image": on_bad_image,

@@ -29,6 +29,9 @@ def register(app: typer.Typer) -> None:
             str | None, typer.Option(help="OOD score: msp, energy, max_logit, unknown.")
         ] = None,
         opset: Annotated[int | None, typer.Option(help="ONNX opset (default 18).")] = None,
+        temperature: Annotated[
+            str | None, typer.Option(help="auto (refit), a number, or the model's (default).")
+        ] = None,
         quantize: Annotated[
             str | None, typer.Option(help="int8: static quantization calibrated on ID data.")
         ] = None,
@@ -51,12 +54,14 @@ def register(app: typer.Typer) -> None:
         Example:  moonprune export run1/model.pt --out model-int8.onnx --quantize int8
         """
         from moonprune.cli.app import console, run_guarded
+        from moonprune.cli.compress_cmd import parse_temperature
         from moonprune.exporters.checkpoint_export import export_checkpoint
 
         report = run_guarded(
             lambda: export_checkpoint(model, out, tpr=tpr, score=score, opset=opset,
                                       quantize=quantize, bake_preprocessing=bake_preprocessing,
-                                      sparse_storage=sparse_storage)
+                                      sparse_storage=sparse_storage,
+                                      temperature=parse_temperature(temperature))
         )  # fmt: skip
         table = Table(title=f"exported {out}")
         table.add_column("")

@@ -103,5 +103,17 @@ def summary_lines(report: dict[str, Any], files: dict[str, Any]) -> list[str]:
     ]
     for name, frac in acc["ood_rejected"].items():
         lines.append(f"  rejects {100 * frac:.1f}% of {name}")
+    cal = report.get("calibration", {}).get("compressed")
+    if cal and cal["temperature"] != 1.0:
+        lines.append(
+            f"temperature T={cal['temperature']:.3f}: ECE {100 * cal['ece_before']:.2f}% -> "
+            f"{100 * cal['ece_after']:.2f}%, NLL {cal['nll_before']:.4f} -> {cal['nll_after']:.4f}"
+        )
+        if cal["auroc_changed"]:
+            changes = ", ".join(
+                f"{n} {100 * cal['auroc_before'][n]:.2f} -> {100 * v:.2f}"
+                for n, v in cal["auroc_after"].items()
+            )
+            lines.append(f"  T changes the score's ranking: AUROC {changes}")
     lines.append("wrote " + ", ".join(str(p) for p in files.values()))
     return lines

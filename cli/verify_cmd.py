@@ -125,6 +125,9 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         score: Annotated[str | None, typer.Option(help="OOD score (default: the model's).")] = None,
+        temperature: Annotated[
+            str | None, typer.Option(help="auto (refit), a number, or the model's (default).")
+        ] = None,
         tpr: Annotated[float | None, typer.Option(help="ID acceptance of the threshold.")] = None,
         seed: Annotated[int | None, typer.Option(help="Split seed (default: the model's).")] = None,
         html_path: Annotated[
@@ -142,6 +145,7 @@ def register(app: typer.Typer) -> None:
         --min-auroc 0.9 --max-accuracy-drop 0.01 --json verify.json
         """
         from moonprune.cli.app import console, run_guarded
+        from moonprune.cli.compress_cmd import parse_temperature
 
         from moonprune.config import Gates
         from moonprune.verification import verify as run_verify
@@ -152,6 +156,7 @@ def register(app: typer.Typer) -> None:
             return run_verify(
                 model, data=data, ood=tuple(ood or ()), baseline=baseline,
                 baseline_arch=baseline_arch, gates=gates, score=score, tpr=tpr, seed=seed,
+                temperature=parse_temperature(temperature),
             )  # fmt: skip
 
         result = run_guarded(go)

@@ -50,6 +50,7 @@ def export_checkpoint(
     quantize: str | None = None,
     bake_preprocessing: bool = False,
     sparse_storage: bool = False,
+    temperature: str | float | None = None,
 ) -> dict[str, Any]:
     """Export ``model_path`` to ``out``; returns a report of sizes, thresholds, metrics."""
     from moonprune.assessment import assess
@@ -71,14 +72,17 @@ def export_checkpoint(
     ood = {s: load_ood(s, ckpt.preprocessing, seed=seed) for s in cfg.get("ood", [])}
     tpr = ckpt.tpr if tpr is None else tpr
     score = score or ckpt.score
-    threshold = ckpt.threshold
-    if threshold is None or tpr != ckpt.tpr or score != ckpt.score:
-        threshold = assess(ckpt.model, splits, {}, score=score, tpr=tpr, n_boot=1).threshold
+    threshold, t = ckpt.threshold, ckpt.temperature
+    if threshold is None or tpr != ckpt.tpr or score != ckpt.score or temperature is not None:
+        refit = assess(ckpt.model, splits, {}, score=score, tpr=tpr, n_boot=1,
+                       temperature=t if temperature is None else temperature)  # fmt: skip
+        threshold, t = refit.threshold, refit.temperature
     out = Path(out)
     kwargs: dict[str, Any] = dict(
         num_known=ckpt.num_known, input_shape=ckpt.preprocessing.input_shape,
         threshold=threshold, tpr=tpr, score=score, classes=list(ckpt.classes),
         preprocessing=ckpt.preprocessing.as_dict(), sparsity=measured_sparsity(ckpt.model),
+        temperature=t,
         opset=opset, example_inputs=splits.val.x, bake_preprocessing=bake_preprocessing,
     )  # fmt: skip
     pre = ckpt.preprocessing
@@ -103,6 +107,7 @@ def export_checkpoint(
             report["bytes"], report["gzip_bytes"] = out.stat().st_size, gzip_size(out)
         report["metrics"] = evaluate_onnx(out, **arrays)
         report["threshold"] = threshold
+        report["temperature"] = t
         return report
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         float_path = Path(tmp) / "float.onnx"
@@ -119,6 +124,7 @@ def export_checkpoint(
         "float_gzip_bytes": float_report["gzip_bytes"],
         "size_ratio": float_report["bytes"] / out.stat().st_size,
         "float_threshold": threshold,
+        "temperature": t,
         "threshold": recal["threshold"],
         "float_metrics": float_metrics,
         "metrics": int8_metrics,

@@ -4,6 +4,8 @@ Shared by ``compress`` (dense and compressed side by side) and ``verify``. The m
 runs once per data set; every number is computed from those logits:
 
 - metrics on the ID *test* split vs each OOD set (:func:`evaluate_logits`);
+- an optional temperature T (fitted on the validation split, or given), applied
+  before every probability and score;
 - the rejection threshold on the ID *validation* split (accepts ``tpr`` of it), with
   the ID acceptance and the per-OOD rejection it gives;
 - seeded bootstrap 95% intervals for AUROC and FPR95 per OOD set;
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from moonprune.calibration import resolve_temperature
 from moonprune.data import ImageSet, Splits
 from moonprune.reliability import (
     auroc,
@@ -45,10 +48,29 @@ class Assessment:
     scores: dict[str, np.ndarray] = field(repr=False)
     id_confidence: np.ndarray = field(repr=False)
     id_correct: np.ndarray = field(repr=False)
+    temperature: float = 1.0
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.metrics, "threshold": self.threshold, "acceptance": self.acceptance,
-                "ci": self.ci}  # fmt: skip
+                "ci": self.ci, "temperature": self.temperature}  # fmt: skip
+
+
+@dataclass
+class ModelLogits:
+    """One forward pass of a model over the test and validation splits and OOD sets."""
+
+    test: torch.Tensor
+    val: torch.Tensor
+    ood: dict[str, torch.Tensor]
+
+
+def collect(model: nn.Module, splits: Splits, ood: Mapping[str, ImageSet]) -> ModelLogits:
+    """Run ``model`` once over everything an assessment needs."""
+    return ModelLogits(
+        collect_logits(model, splits.test.x),
+        collect_logits(model, splits.val.x),
+        {name: collect_logits(model, s.x) for name, s in ood.items()},
+    )
 
 
 def assess(
@@ -62,27 +84,52 @@ def assess(
     n_boot: int = 200,
     seed: int = 0,
     threshold: float | None = None,
+    temperature: str | float = 1.0,
 ) -> Assessment:
-    """Evaluate ``model``; calibrate the threshold on val unless ``threshold`` is given."""
+    """Evaluate ``model``; ``temperature="auto"`` fits T on the validation split."""
+    logits = collect(model, splits, ood)
+    t = resolve_temperature(temperature, logits.val, splits.val.y)
+    return assess_logits(logits, splits, score=score, tpr=tpr, ece_bins=ece_bins,
+                         n_boot=n_boot, seed=seed, threshold=threshold, temperature=t)  # fmt: skip
+
+
+def assess_logits(
+    logits: ModelLogits,
+    splits: Splits,
+    *,
+    score: str = "msp",
+    tpr: float = 0.95,
+    ece_bins: int = 15,
+    n_boot: int = 200,
+    seed: int = 0,
+    threshold: float | None = None,
+    temperature: float = 1.0,
+) -> Assessment:
+    """Metrics of ``softmax(logits / temperature)``; the threshold (on val) comes after T.
+
+    Accuracy never depends on T; ECE and NLL do; an OOD score may (MSP's ranking can
+    change when the unknown column is present), so the AUROC is that of the
+    temperature-scaled score, as the exported graph computes it.
+    """
     k = splits.num_classes
-    test_logits = collect_logits(model, splits.test.x)
-    val_logits = collect_logits(model, splits.val.x)
-    ood_logits = {name: collect_logits(model, s.x) for name, s in ood.items()}
+    t = temperature
     metrics = evaluate_logits(
-        test_logits, splits.test.y, ood_logits, k, score=score, ece_bins=ece_bins, tpr=tpr
-    ).as_dict()
+        logits.test / t, splits.test.y, {n: v / t for n, v in logits.ood.items()}, k,
+        score=score, ece_bins=ece_bins, tpr=tpr,
+    ).as_dict()  # fmt: skip
 
-    def scores_of(logits: torch.Tensor) -> np.ndarray:
-        return compute_score(logits, k, score).detach().cpu().double().numpy()
+    def scores_of(values: torch.Tensor) -> np.ndarray:
+        return compute_score(values, k, score, t).detach().cpu().double().numpy()
 
-    scores = {"id_test": scores_of(test_logits), "id_val": scores_of(val_logits)}
-    scores.update({name: scores_of(logits) for name, logits in ood_logits.items()})
+    scores = {"id_test": scores_of(logits.test), "id_val": scores_of(logits.val)}
+    scores.update({name: scores_of(values) for name, values in logits.ood.items()})
     if threshold is None:
         threshold = calibrate_threshold(scores["id_val"], tpr)
+    names = list(logits.ood)
     acceptance = {
         "id_val_accepted": float((scores["id_val"] >= threshold).mean()),
         "id_test_accepted": float((scores["id_test"] >= threshold).mean()),
-        "ood_rejected": {name: float((scores[name] < threshold).mean()) for name in ood},
+        "ood_rejected": {name: float((scores[name] < threshold).mean()) for name in names},
     }
     ci = {
         name: {
@@ -93,9 +140,9 @@ def assess(
                 )
             ),
         }
-        for name in ood
+        for name in names
     }
-    known = known_probabilities(test_logits.double(), k)
+    known = known_probabilities(logits.test.double(), k, t)
     return Assessment(
         metrics=metrics,
         threshold=float(threshold),
@@ -104,4 +151,5 @@ def assess(
         scores=scores,
         id_confidence=known.amax(dim=-1).numpy(),
         id_correct=(known.argmax(dim=-1) == splits.test.y).numpy(),
+        temperature=t,
     )

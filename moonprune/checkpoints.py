@@ -251,6 +251,7 @@ class MoonpruneCheckpoint:
     head_layer: str | None = None
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     threshold: float | None = None
+    temperature: float = 1.0
     tpr: float = 0.95
     score: str = "msp"
     config: dict[str, Any] = field(default_factory=dict)
@@ -279,6 +280,7 @@ class MoonpruneCheckpoint:
             "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "masks": {k: v.detach().cpu().bool() for k, v in self.masks.items()},
             "threshold": self.threshold,
+            "temperature": self.temperature,
             "tpr": self.tpr,
             "score": self.score,
             "config": self.config,
@@ -305,6 +307,7 @@ def checkpoint_from_dict(obj: Mapping[str, Any], source: str) -> MoonpruneCheckp
             head_layer=obj["head_layer"],
             masks=dict(obj["masks"]),
             threshold=obj["threshold"],
+            temperature=float(obj.get("temperature", 1.0)),
             tpr=float(obj["tpr"]),
             score=str(obj["score"]),
             config=dict(obj["config"]),

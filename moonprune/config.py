@@ -173,6 +173,7 @@ class CompressConfig:
     score: str = "msp"
     tpr: float = 0.95
     ece_bins: int = 15
+    temperature: str | float = "auto"
     train: TrainConfig = field(default_factory=TrainConfig)
     moon: MoonConfig = field(default_factory=MoonConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
@@ -181,6 +182,15 @@ class CompressConfig:
     def __post_init__(self) -> None:
         if not 0 < self.tpr < 1:
             raise ConfigError(f"tpr must be in (0, 1), got {self.tpr}; e.g. --tpr 0.95")
+        if self.temperature != "auto" and not (
+            isinstance(self.temperature, int | float)
+            and math.isfinite(self.temperature)
+            and self.temperature > 0
+        ):
+            raise ConfigError(
+                f"temperature must be 'auto' or a number > 0, got {self.temperature!r}; "
+                "1 turns temperature scaling off"
+            )
         if self.ece_bins < 1:
             raise ConfigError(f"ece_bins must be >= 1, got {self.ece_bins}")
         if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):

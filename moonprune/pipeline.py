@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from moonprune.assessment import Assessment, assess
+from moonprune.assessment import Assessment, assess_logits, collect
+from moonprune.calibration import resolve_temperature
 from moonprune.checkpoints import (
     ArchSpec,
     DenseModel,
@@ -112,11 +113,36 @@ def prepare_inputs(cfg: CompressConfig, dense: DenseModel | None = None) -> Inpu
     return Inputs(dense, splits, ood)
 
 
-def _assess(model: nn.Module, inputs: Inputs, cfg: CompressConfig) -> Assessment:
-    return assess(
-        model, inputs.splits, inputs.ood, score=cfg.score, tpr=cfg.tpr,
-        ece_bins=cfg.ece_bins, seed=cfg.train.seed,
-    )  # fmt: skip
+@dataclass
+class Calibrated:
+    """A model's assessment with its temperature, and the same without (T = 1)."""
+
+    after: Assessment
+    before: Assessment
+
+    def summary(self) -> dict[str, Any]:
+        """ECE/NLL/AUROC before and after temperature scaling (the report's view)."""
+        b, a = self.before.metrics, self.after.metrics
+        auroc_b = {n: m["auroc"] for n, m in b["ood"].items()}
+        auroc_a = {n: m["auroc"] for n, m in a["ood"].items()}
+        return {
+            "temperature": self.after.temperature,
+            "ece_before": b["ece"], "ece_after": a["ece"],
+            "nll_before": b["nll"], "nll_after": a["nll"],
+            "auroc_before": auroc_b, "auroc_after": auroc_a,
+            "auroc_changed": any(abs(auroc_a[n] - auroc_b[n]) > 1e-12 for n in auroc_a),
+        }  # fmt: skip
+
+
+def _assess(model: nn.Module, inputs: Inputs, cfg: CompressConfig) -> Calibrated:
+    """Assess ``model`` at T = 1 and at its temperature (fitted on val, or given)."""
+    logits = collect(model, inputs.splits, inputs.ood)
+    t = resolve_temperature(cfg.temperature, logits.val, inputs.splits.val.y)
+    kwargs: dict[str, Any] = {"score": cfg.score, "tpr": cfg.tpr, "ece_bins": cfg.ece_bins,
+                              "seed": cfg.train.seed}  # fmt: skip
+    after = assess_logits(logits, inputs.splits, temperature=t, **kwargs)
+    before = after if t == 1.0 else assess_logits(logits, inputs.splits, **kwargs)
+    return Calibrated(after, before)
 
 
 def _write_json(obj: Any, path: Path) -> None:
@@ -144,7 +170,8 @@ def compress(
     dense_model = inputs.dense.model.to(device).eval()
     assert inputs.dense.arch is not None  # prepare_inputs checked it
     t0 = time.perf_counter()
-    dense_assessment = _assess(dense_model, inputs, cfg)
+    dense_calibrated = _assess(dense_model, inputs, cfg)
+    dense_assessment = dense_calibrated.after
     dense_eval_s = time.perf_counter() - t0
 
     model = copy.deepcopy(dense_model)
@@ -175,7 +202,8 @@ def compress(
             out.discard()
         raise
     compressed = result.model.eval()
-    assessment = _assess(compressed, inputs, cfg)
+    calibrated = _assess(compressed, inputs, cfg)
+    assessment = calibrated.after
     dense_metrics, compressed_metrics = dense_assessment.metrics, assessment.metrics
     checks = check_gates(cfg.gates, assessment, dense_assessment) if cfg.gates.any else []
     sparsity = measured_sparsity(compressed)
@@ -191,6 +219,8 @@ def compress(
         "acceptance": assessment.acceptance,
         "models": {"dense": dense_metrics, "compressed": compressed_metrics},
         "ci": {"dense": dense_assessment.ci, "compressed": assessment.ci},
+        "temperature": assessment.temperature,
+        "calibration": {"dense": dense_calibrated.summary(), "compressed": calibrated.summary()},
         "gates": [c.as_dict() for c in checks],
         "passed": all(c.passed for c in checks),
         "timing": {
@@ -223,6 +253,7 @@ def compress(
         head_layer=head_layer,
         masks=result.masks,
         threshold=assessment.threshold,
+        temperature=assessment.temperature,
         tpr=cfg.tpr,
         score=cfg.score,
         config=cfg.as_dict(),
@@ -264,6 +295,7 @@ def _export(
         classes=list(ckpt.classes),
         preprocessing=ckpt.preprocessing.as_dict(),
         sparsity=sparsity,
+        temperature=ckpt.temperature,
         example_inputs=inputs.splits.val.x[:64],
     )
     return path, export_report.as_dict()

@@ -113,12 +113,15 @@ def verify(
     seed: int | None = None,
     ece_bins: int = 15,
     n_boot: int = 200,
+    temperature: str | float | None = None,
 ) -> VerifyResult:
     """Evaluate a moonprune checkpoint on ``data`` (its test split) and ``ood``.
 
     Defaults come from the checkpoint: the data spec and OOD sets it was compressed
     with, its seed (so the split is the same), score and TPR. The threshold is
-    recalibrated on the validation split with that score and TPR.
+    recalibrated on the validation split with that score and TPR, after the
+    temperature (default: the checkpoint's; ``"auto"`` refits it on validation data).
+    The dense baseline gets its own temperature the same way the checkpoint's was set.
     """
     gates = gates or Gates()
     ckpt = load_checkpoint(model_path)
@@ -155,9 +158,13 @@ def verify(
     kwargs: dict[str, Any] = {"score": score, "tpr": tpr, "ece_bins": ece_bins,
                               "n_boot": n_boot, "seed": seed}  # fmt: skip
     t0 = time.perf_counter()
-    compressed = assess(ckpt.model, splits, ood_sets, **kwargs)
+    t_model = ckpt.temperature if temperature is None else temperature
+    t_dense = cfg.get("temperature", "auto") if temperature is None else temperature
+    compressed = assess(ckpt.model, splits, ood_sets, temperature=t_model, **kwargs)
     compressed_s = time.perf_counter() - t0
-    dense = None if dense_model is None else assess(dense_model, splits, ood_sets, **kwargs)
+    dense = None
+    if dense_model is not None:
+        dense = assess(dense_model, splits, ood_sets, temperature=t_dense, **kwargs)
     timing = {"compressed_eval_s": compressed_s, "total_eval_s": time.perf_counter() - t0}
     checks = check_gates(gates, compressed, dense)
     models = {"compressed": compressed.metrics}
@@ -173,6 +180,7 @@ def verify(
         "sparsity": measured_sparsity(ckpt.model),
         "threshold": compressed.threshold,
         "checkpoint_threshold": ckpt.threshold,
+        "temperature": compressed.temperature,
         "tpr": tpr,
         "score": score,
         "acceptance": compressed.acceptance,

@@ -67,7 +67,8 @@ def test_compress_state_dict_end_to_end(dense_path: Path, tmp_path: Path) -> Non
     assert not (tmp_path / ".run.partial").exists()
     recipe_saved = json.loads((out / "recipe.json").read_text())
     assert recipe_saved["moon"]["warmup_epochs"] == 1
-    assert recipe_saved["arch_kwargs"] == {"num_classes": 6, "width": 8}
+    # the resolved recipe records what was used, including defaults taken from the data
+    assert recipe_saved["arch_kwargs"] == {"num_classes": 6, "width": 8, "in_channels": 1}
 
 
 BAD_INPUTS = {

@@ -38,6 +38,12 @@ def test_demo_outputs_and_report_contract(demo_run) -> None:
             assert set(metrics) == {"auroc", "fpr95", "aupr_in", "aupr_out"}
     assert report["models"]["compressed"]["accuracy"] > 0.9
     assert abs(report["acceptance"]["id_val_accepted"] - 0.95) < 0.02
+    for model in ("dense", "compressed"):
+        cal = report["calibration"][model]
+        assert {"ece_before", "ece_after", "nll_before", "nll_after", "auroc_before",
+                "auroc_after", "temperature"} <= set(cal)  # fmt: skip
+        if cal["temperature"] == 1.0:
+            assert cal["ece_after"] == cal["ece_before"] and not cal["auroc_changed"]
 
 
 def test_verify_matches_the_demo_report(demo_run, tmp_path: Path) -> None:
