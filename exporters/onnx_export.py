@@ -175,6 +175,15 @@ def export_onnx(
     and a row of inf are added to it so the rejection of non-finite input is checked
     too. With ``bake_preprocessing`` the graph takes raw pixels and ``preprocessing``
     (``scale``, ``mean``, ``std``) is applied inside it.
+
+    Example::
+
+        >>> import moonprune
+        >>> model = moonprune.models.demo_cnn(num_classes=3, width=4)
+        >>> report = moonprune.export_onnx(model, "m.onnx", num_known=3, input_shape=(1, 8, 8),
+        ...                                threshold=0.5)
+        >>> report.labels_agree, report.parity_max_abs_diff < 1e-4
+        (True, True)
     """
     import onnx
 

@@ -34,6 +34,17 @@ class RejectingClassifier(nn.Module):
 
     ``normalization`` = ``(scale, mean, std)`` bakes preprocessing into the graph: the
     input is then raw pixels and becomes ``(x * scale - mean[c]) / std[c]`` first.
+
+    Example::
+
+        >>> import torch
+        >>> from moonprune import RejectingClassifier
+        >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))  # K = 2 + unknown
+        >>> rejector = RejectingClassifier(net, num_known=2, threshold=0.5).eval()
+        >>> x = torch.tensor([[[[1.0, 2.0], [3.0, float("nan")]]]])
+        >>> logits, probabilities, confidence, label, is_unknown = rejector(x)
+        >>> int(label), bool(is_unknown)
+        (-1, True)
     """
 
     threshold: torch.Tensor

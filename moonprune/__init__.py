@@ -1,7 +1,83 @@
-"""moonprune: sparse models that still know when they do not know (MOON), shipped as ONNX."""
+"""moonprune: sparse models that still know when they do not know (MOON), shipped as ONNX.
+
+The public API is what ``__all__`` lists; every other module is internal and may
+change. A researcher's loop needs four pieces::
+
+    >>> import torch, moonprune
+    >>> model = moonprune.models.demo_cnn(num_classes=3, width=4)
+    >>> layer = moonprune.add_unknown_output_(model, torch.randn(2, 1, 8, 8))
+    >>> masker = moonprune.MASKERS.create("rigl", moonprune.MaskerConfig(sparsity=0.9))
+    >>> schedule = moonprune.MoonSchedule(moonprune.MoonScheduleConfig(total_epochs=10))
+    >>> averaging = moonprune.WeightAveraging(start_epoch=8)
+
+and ``moonprune.assess`` / ``moonprune.export_onnx`` at the end (see
+``examples/foreign_loop.py``). ``moonprune.compress`` runs the whole pipeline.
+"""
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+from moonprune import models
+from moonprune.assessment import Assessment, assess
+from moonprune.averaging import WeightAveraging
+from moonprune.calibration import fit_temperature
+from moonprune.checkpoints import ArchSpec, load_checkpoint, load_dense, save_checkpoint
+from moonprune.config import (
+    CompressConfig,
+    Gates,
+    MoonConfig,
+    SparsityConfig,
+    TrainConfig,
+    build_config,
+)
+from moonprune.data import load_ood, load_splits
+from moonprune.exporters import RejectingClassifier, export_onnx
+from moonprune.heads import add_unknown_output_, find_classifier
+from moonprune.objectives import (
+    MoonSchedule,
+    MoonScheduleConfig,
+    threshold_statistic,
+    unknown_aware_loss,
+)
+from moonprune.pipeline import compress
+from moonprune.sparsity import MASKERS, Masker, MaskerConfig, TopologySchedule
+from moonprune.training import Trainer, train
+from moonprune.verification import verify
+
+__all__ = [
+    "MASKERS",
+    "ArchSpec",
+    "Assessment",
+    "CompressConfig",
+    "Gates",
+    "Masker",
+    "MaskerConfig",
+    "MoonConfig",
+    "MoonSchedule",
+    "MoonScheduleConfig",
+    "RejectingClassifier",
+    "SparsityConfig",
+    "TopologySchedule",
+    "TrainConfig",
+    "Trainer",
+    "WeightAveraging",
+    "__version__",
+    "add_unknown_output_",
+    "assess",
+    "build_config",
+    "compress",
+    "export_onnx",
+    "find_classifier",
+    "fit_temperature",
+    "load_checkpoint",
+    "load_dense",
+    "load_ood",
+    "load_splits",
+    "models",
+    "save_checkpoint",
+    "threshold_statistic",
+    "train",
+    "unknown_aware_loss",
+    "verify",
+]

@@ -21,7 +21,18 @@ from torch.optim.swa_utils import AveragedModel, update_bn
 
 
 class WeightAveraging:
-    """Policy on top of ``AveragedModel``: when to update, when to recompute BN."""
+    """Policy on top of ``AveragedModel``: when to update, when to recompute BN.
+
+    Example::
+
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 2)
+        >>> averaging = WeightAveraging(start_epoch=1)
+        >>> averaging.maybe_update(model, epoch=0, step_in_epoch=0, steps_per_epoch=10)
+        False
+        >>> averaging.maybe_update(model, epoch=1, step_in_epoch=0, steps_per_epoch=10)
+        True
+    """
 
     def __init__(self, start_epoch: int, update_fraction: float = 0.1) -> None:
         self.start_epoch = start_epoch

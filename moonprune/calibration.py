@@ -37,7 +37,16 @@ def nll_at(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> fl
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, tol: float = 1e-4) -> float:
-    """The T in ``T_BOUNDS`` minimising validation NLL; ``logits`` (N, C), ``labels`` (N,)."""
+    """The T in ``T_BOUNDS`` minimising validation NLL; ``logits`` (N, C), ``labels`` (N,).
+
+    Example::
+
+        >>> import torch
+        >>> labels = torch.tensor([0, 1, 0, 1])
+        >>> logits = torch.tensor([[4.0, 0.0], [0.0, 4.0], [0.0, 4.0], [4.0, 0.0]])  # 50% right
+        >>> fit_temperature(logits, labels) > 10   # so confident and so wrong: soften a lot
+        True
+    """
     if logits.ndim != 2 or len(logits) != len(labels) or len(labels) == 0:
         raise DataError(
             f"temperature fitting needs (N, C) logits and N labels, got {tuple(logits.shape)} "

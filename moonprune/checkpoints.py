@@ -46,7 +46,14 @@ def _version() -> str:
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """How to build the network: ``package.module:factory`` or ``path/file.py:factory``."""
+    """How to build the network: ``package.module:factory`` or ``path/file.py:factory``.
+
+    Example::
+
+        >>> spec = ArchSpec("moonprune.models:demo_cnn", {"num_classes": 3, "width": 4})
+        >>> spec.build().classifier.out_features
+        3
+    """
 
     factory: str
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -195,7 +202,16 @@ class DenseModel:
 
 def load_dense(path: str | Path, arch: ArchSpec | None = None, trust: bool = False) -> DenseModel:
     """Load a state_dict (+ ``arch``), a nested state_dict, a moonprune checkpoint,
-    ``.safetensors`` (+ ``arch``), or with ``trust`` a whole pickled module."""
+    ``.safetensors`` (+ ``arch``), or with ``trust`` a whole pickled module.
+
+    Example::
+
+        >>> import torch, moonprune
+        >>> torch.save(moonprune.models.demo_cnn(num_classes=3).state_dict(), "dense.pt")
+        >>> spec = moonprune.ArchSpec("moonprune.models:demo_cnn", {"num_classes": 3})
+        >>> moonprune.load_dense("dense.pt", spec).model.classifier.out_features
+        3
+    """
     p = Path(path)
     if p.suffix == ".safetensors":
         state = _load_safetensors(p)
@@ -321,7 +337,23 @@ def checkpoint_from_dict(obj: Mapping[str, Any], source: str) -> MoonpruneCheckp
 
 
 def save_checkpoint(ckpt: MoonpruneCheckpoint, path: str | Path) -> Path:
-    """Write ``ckpt`` atomically (temporary name, then rename)."""
+    """Write ``ckpt`` atomically (temporary name, then rename).
+
+    Example::
+
+        >>> import moonprune
+        >>> from moonprune.checkpoints import MoonpruneCheckpoint
+        >>> from moonprune.data import Preprocessing
+        >>> ckpt = MoonpruneCheckpoint(
+        ...     model=moonprune.models.demo_cnn(num_classes=2, width=4),
+        ...     arch=moonprune.ArchSpec("moonprune.models:demo_cnn",
+        ...                             {"num_classes": 2, "width": 4}),
+        ...     classes=("a", "b"), preprocessing=Preprocessing(1, 8, 8, 1.0, (0.0,), (1.0,)))
+        >>> moonprune.save_checkpoint(ckpt, "saved.pt").name
+        'saved.pt'
+        >>> moonprune.load_checkpoint("saved.pt").classes
+        ('a', 'b')
+    """
     p = Path(path)
     tmp = p.with_name(f".{p.name}.tmp")
     torch.save(ckpt.to_dict(), tmp)
@@ -330,7 +362,22 @@ def save_checkpoint(ckpt: MoonpruneCheckpoint, path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> MoonpruneCheckpoint:
-    """Load a moonprune checkpoint (``model.pt`` from ``compress``), safely."""
+    """Load a moonprune checkpoint (``model.pt`` from ``compress``), safely.
+
+    Example::
+
+        >>> import moonprune
+        >>> result = moonprune.compress(moonprune.build_config({
+        ...     "checkpoint": "", "data": "digits:0-2", "out": "ckpt-run", "export": False,
+        ...     "train": {"epochs": 1}, "moon": {"warmup_epochs": 0}}),
+        ...     dense=moonprune.checkpoints.DenseModel(
+        ...         moonprune.models.demo_cnn(num_classes=3, width=4),
+        ...         moonprune.ArchSpec("moonprune.models:demo_cnn",
+        ...                            {"num_classes": 3, "width": 4})))
+        >>> ckpt = moonprune.load_checkpoint("ckpt-run/model.pt")
+        >>> ckpt.num_known, ckpt.has_unknown
+        (3, True)
+    """
     p = Path(path)
     obj = _torch_load(p, trust=False)
     if not (isinstance(obj, Mapping) and obj.get("format") == FORMAT):

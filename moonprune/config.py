@@ -28,6 +28,14 @@ class TrainConfig:
     0.08, then held at the floor while averaging). Deviation: the base lr defaults to
     0.05, not 0.1, and the epoch count to 30, not 100, because moonprune fine-tunes a
     *pretrained* dense model instead of training from scratch.
+
+    Example::
+
+        >>> TrainConfig(epochs=10).lr
+        0.05
+        >>> TrainConfig(epochs=0)
+        Traceback (most recent call last):
+        moonprune.errors.ConfigError: epochs must be >= 1, got 0; e.g. --epochs 30
     """
 
     epochs: int = 30
@@ -66,6 +74,13 @@ class MoonConfig:
     ``average_epochs=None`` averages over the last 20% of epochs (reference: 20 of
     100); the average is updated during the first ``average_fraction`` of each epoch's
     steps (reference: 10%).
+
+    Example::
+
+        >>> MoonConfig().resolved_average_epochs(30)
+        6
+        >>> MoonConfig(enabled=False).resolved_average_epochs(30)
+        0
     """
 
     enabled: bool = True
@@ -102,7 +117,13 @@ class MoonConfig:
 
 @dataclass(frozen=True)
 class SparsityConfig:
-    """Which sparse method, how sparse, and how layer densities are distributed."""
+    """Which sparse method, how sparse, and how layer densities are distributed.
+
+    Example::
+
+        >>> SparsityConfig(method="set", sparsity=0.95).masker_config(seed=1).density
+        0.05...
+    """
 
     method: str = "rigl"
     sparsity: float = 0.9
@@ -126,7 +147,14 @@ class SparsityConfig:
 
 @dataclass(frozen=True)
 class Gates:
-    """Bounds a model must meet; ``None`` = not checked. Fractions, not percent."""
+    """Bounds a model must meet; ``None`` = not checked. Fractions, not percent.
+
+    Example::
+
+        >>> gates = Gates(min_auroc=0.9, max_accuracy_drop=0.01)
+        >>> gates.needs_baseline
+        True
+    """
 
     min_auroc: float | None = None
     max_fpr95: float | None = None
@@ -155,7 +183,14 @@ class Gates:
 
 @dataclass(frozen=True)
 class CompressConfig:
-    """Everything ``moonprune compress`` needs; :func:`load_recipe` builds it."""
+    """Everything ``moonprune compress`` needs; :func:`load_recipe` builds it.
+
+    Example::
+
+        >>> cfg = CompressConfig(checkpoint="dense.pt", data="digits:0-5", out="run")
+        >>> cfg.sparsity.method, cfg.train.epochs, cfg.moon.enabled
+        ('rigl', 30, True)
+    """
 
     checkpoint: str
     data: str
@@ -231,7 +266,15 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
 
 
 def build_config(values: dict[str, Any]) -> CompressConfig:
-    """A :class:`CompressConfig` from a nested dict (recipe shape), validated."""
+    """A :class:`CompressConfig` from a nested dict (recipe shape), validated.
+
+    Example::
+
+        >>> cfg = build_config({"checkpoint": "d.pt", "data": "digits", "out": "o",
+        ...                     "sparsity": {"method": "gmp", "sparsity": 0.8}})
+        >>> cfg.sparsity.method, cfg.sparsity.sparsity
+        ('gmp', 0.8)
+    """
     top = {k: v for k, v in values.items() if k not in _SECTIONS}
     if "ood" in top:
         top["ood"] = tuple(top["ood"])

@@ -279,6 +279,13 @@ def load_splits(
 
     With ``preprocessing`` (a saved model's), images are converted to its input and
     normalised with its statistics instead of the training split's.
+
+    Example::
+
+        >>> import moonprune
+        >>> splits = moonprune.load_splits("digits:0-5", seed=0)
+        >>> splits.num_classes, len(splits.train), len(splits.val), len(splits.test)
+        (6, 650, 216, 217)
     """
     options = options or ReadOptions()
     given = _predefined_splits(spec, options)
@@ -348,6 +355,13 @@ def load_ood(
     Built-in sets and image folders are converted to the model's input (they are
     images of their own size). An ``.npz`` array must already have the model's
     shape: silently resizing a tensor could hide a mistake.
+
+    Example::
+
+        >>> import moonprune
+        >>> splits = moonprune.load_splits("digits:0-5")
+        >>> moonprune.load_ood("digits:6-9", splits.preprocessing).x.shape
+        torch.Size([714, 1, 8, 8])
     """
     if spec == "noise":
         rng = np.random.default_rng(seed + 7919)

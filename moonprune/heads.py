@@ -41,6 +41,13 @@ def find_classifier(model: nn.Module, example_input: torch.Tensor) -> str:
     Runs one forward pass with hooks on every linear layer and picks the last one
     whose output equals the model's output, so a classifier nested in an
     ``nn.Sequential`` (or followed by a no-op such as ``Identity``) is found too.
+
+    Example::
+
+        >>> import torch, moonprune
+        >>> net = moonprune.models.resnet8(num_classes=3)
+        >>> moonprune.find_classifier(net, torch.randn(2, 3, 8, 8))
+        'fc'
     """
     outputs: list[tuple[str, torch.Tensor]] = []
     hooks = [
@@ -95,6 +102,18 @@ def add_unknown_output_(
     Give ``layer`` (the module name) or ``example_input`` (one batch, to find it).
     Returns the layer's name, which a checkpoint records so the surgery can be
     replayed on a freshly built model before loading K+1 weights.
+
+    Example::
+
+        >>> import torch, moonprune
+        >>> model = moonprune.models.demo_cnn(num_classes=4, width=4).eval()
+        >>> x = torch.randn(3, 1, 8, 8)
+        >>> before = model(x)
+        >>> moonprune.add_unknown_output_(model, x)
+        'classifier'
+        >>> after = model(x)
+        >>> after.shape, torch.equal(after[:, :4], before)
+        (torch.Size([3, 5]), True)
     """
     if layer is None:
         if example_input is None:

@@ -5,6 +5,13 @@ and so a user can see which shapes of model moonprune handles (plain CNN,
 CIFAR-style ResNet with residual connections, MobileNet-style depthwise network,
 a classifier inside ``nn.Sequential``, a bias-free classifier). Every factory
 takes ``num_classes`` and ``in_channels`` keyword arguments.
+
+Example::
+
+    >>> import torch
+    >>> from moonprune import models
+    >>> models.resnet20(num_classes=10, in_channels=3)(torch.randn(2, 3, 32, 32)).shape
+    torch.Size([2, 10])
 """
 
 from __future__ import annotations

@@ -36,7 +36,17 @@ def unknown_probability(logits: torch.Tensor) -> torch.Tensor:
 
 
 def unknown_aware_loss(logits: torch.Tensor, target: torch.Tensor, a: float) -> torch.Tensor:
-    """MOON's loss ``mean(h * w)`` for ``(N, K+1)`` logits and ``(N,)`` labels < K."""
+    """MOON's loss ``mean(h * w)`` for ``(N, K+1)`` logits and ``(N,)`` labels < K.
+
+    Example::
+
+        >>> import torch
+        >>> logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])   # K = 2, unknown last
+        >>> target = torch.tensor([0, 0])                              # row 2 is misclassified
+        >>> weighted = unknown_aware_loss(logits, target, a=1.0)
+        >>> bool(weighted > unknown_aware_loss(logits, target, a=0.0))
+        True
+    """
     h = F.cross_entropy(logits, target, reduction="none")
     with torch.no_grad():
         p_u = unknown_probability(logits)
@@ -46,7 +56,14 @@ def unknown_aware_loss(logits: torch.Tensor, target: torch.Tensor, a: float) -> 
 
 
 def threshold_statistic(logits: torch.Tensor, target: torch.Tensor) -> float:
-    """``t = mean((1 - p_u) * h)`` over the batch, without gradient."""
+    """``t = mean((1 - p_u) * h)`` over the batch, without gradient.
+
+    Example::
+
+        >>> import torch
+        >>> round(threshold_statistic(torch.zeros(2, 3), torch.tensor([0, 1])), 4)   # (2/3)*ln 3
+        0.7324
+    """
     with torch.no_grad():
         h = F.cross_entropy(logits, target, reduction="none")
         return float(((1.0 - unknown_probability(logits)) * h).mean())
@@ -54,7 +71,13 @@ def threshold_statistic(logits: torch.Tensor, target: torch.Tensor) -> float:
 
 @dataclass(frozen=True)
 class MoonScheduleConfig:
-    """Reference settings: 5 warm-up epochs, init factor 64, ``a`` ramps to 1.0."""
+    """Reference settings: 5 warm-up epochs, init factor 64, ``a`` ramps to 1.0.
+
+    Example::
+
+        >>> MoonScheduleConfig(total_epochs=100).init_factor
+        64.0
+    """
 
     total_epochs: int
     warmup_epochs: int = 5
@@ -83,6 +106,18 @@ class MoonSchedule:
       ``a_final - step``), as in the reference. ``total_epochs - e0 >= 1`` whenever a
       post-warm-up step exists, so there is no division by zero; when
       ``total_epochs <= warmup_epochs`` the loss simply stays cross-entropy.
+
+    Example::
+
+        >>> import torch
+        >>> schedule = MoonSchedule(MoonScheduleConfig(total_epochs=3, warmup_epochs=1))
+        >>> logits, target = torch.zeros(4, 3), torch.tensor([0, 1, 0, 1])
+        >>> loss = schedule.loss(logits, target, epoch=0)   # warm-up: cross-entropy
+        >>> schedule.a is None
+        True
+        >>> loss = schedule.loss(logits, target, epoch=1)   # a = ewma / 64
+        >>> round(schedule.a * 64 / schedule.ewma, 6)
+        1.0
     """
 
     def __init__(self, config: MoonScheduleConfig) -> None:

@@ -159,7 +159,23 @@ def compress(
     force: bool = False,
     dense: DenseModel | None = None,
 ) -> CompressResult:
-    """Run the whole pipeline for ``cfg``; see the module docstring."""
+    """Run the whole pipeline for ``cfg``; see the module docstring.
+
+    Example::
+
+        >>> import torch, moonprune
+        >>> torch.save(moonprune.models.demo_cnn(num_classes=3, width=4).state_dict(), "d.pt")
+        >>> cfg = moonprune.build_config({
+        ...     "checkpoint": "d.pt", "arch": "moonprune.models:demo_cnn",
+        ...     "arch_kwargs": {"width": 4}, "data": "digits:0-2", "ood": ["noise"],
+        ...     "out": "run", "export": False, "train": {"epochs": 2},
+        ...     "moon": {"warmup_epochs": 1}})
+        >>> result = moonprune.compress(cfg)
+        >>> sorted(p.name for p in result.out.iterdir())
+        ['model.pt', 'recipe.json', 'report.html', 'report.json']
+        >>> abs(result.report["sparsity"] - 0.9) < 0.005
+        True
+    """
     t_start = time.perf_counter()
     out = OutputDir(cfg.out, force=force, resume=resume)
     device = resolve_device(cfg.device)

@@ -68,7 +68,7 @@ def _figures(
         ax.set(xlabel="OOD accepted (FPR)", ylabel="ID accepted (TPR)", title=f"ROC vs {name}")
         ax.legend(loc="lower right")
         figures.append((f"ROC vs {name}", _png(fig)))
-    for label, a in models.items():
+    for label, a in models.items() if ood_names else ():
         fig, axes = plt.subplots(
             1, len(ood_names), figsize=(4.5 * len(ood_names), 3.2), squeeze=False
         )

@@ -115,7 +115,22 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 
 class Trainer:
-    """Runs sparse fine-tuning of ``model`` (already K+1 when MOON is on) on ``train``."""
+    """Runs sparse fine-tuning of ``model`` (already K+1 when MOON is on) on ``train``.
+
+    Example::
+
+        >>> import moonprune
+        >>> splits = moonprune.load_splits("digits:0-2")
+        >>> model = moonprune.models.demo_cnn(num_classes=3, width=4)
+        >>> _ = moonprune.add_unknown_output_(model, splits.train.x[:2])
+        >>> masker = moonprune.MASKERS.create("rigl", moonprune.MaskerConfig(sparsity=0.8))
+        >>> trainer = moonprune.Trainer(
+        ...     model, masker, splits.train, moonprune.TrainConfig(epochs=2),
+        ...     moonprune.MoonConfig(warmup_epochs=1, average_epochs=1))
+        >>> result = trainer.run()
+        >>> round(result.history[-1].density, 2)
+        0.2
+    """
 
     def __init__(
         self,
@@ -318,7 +333,19 @@ def train(
     resume: bool = False,
     callback: TrainCallback | None = None,
 ) -> TrainResult:
-    """One-call training: build a :class:`Trainer`, resume if asked, run to the end."""
+    """One-call training: build a :class:`Trainer`, resume if asked, run to the end.
+
+    Example::
+
+        >>> import moonprune
+        >>> splits = moonprune.load_splits("digits:0-2")
+        >>> model = moonprune.models.demo_cnn(num_classes=3, width=4)
+        >>> masker = moonprune.MASKERS.create("magnitude", moonprune.MaskerConfig(sparsity=0.5))
+        >>> result = moonprune.train(model, masker, splits.train, moonprune.TrainConfig(epochs=1),
+        ...                          moonprune.MoonConfig(enabled=False))
+        >>> len(result.history)
+        1
+    """
     trainer = Trainer(
         model,
         masker,

@@ -122,6 +122,19 @@ def verify(
     recalibrated on the validation split with that score and TPR, after the
     temperature (default: the checkpoint's; ``"auto"`` refits it on validation data).
     The dense baseline gets its own temperature the same way the checkpoint's was set.
+
+    Example::
+
+        >>> import torch, moonprune
+        >>> torch.save(moonprune.models.demo_cnn(num_classes=3, width=4).state_dict(), "d.pt")
+        >>> _ = moonprune.compress(moonprune.build_config({
+        ...     "checkpoint": "d.pt", "arch": "moonprune.models:demo_cnn",
+        ...     "arch_kwargs": {"width": 4},
+        ...     "data": "digits:0-2", "ood": ["noise"], "out": "run", "export": False,
+        ...     "train": {"epochs": 1}, "moon": {"warmup_epochs": 0}}))
+        >>> result = moonprune.verify("run/model.pt", gates=moonprune.Gates(min_auroc=1.01))
+        >>> result.passed, [c.gate for c in result.checks]
+        (False, ['min_auroc'])
     """
     gates = gates or Gates()
     ckpt = load_checkpoint(model_path)

@@ -36,6 +36,11 @@ class TopologySchedule:
     ``end_step`` is the first step at which the topology is frozen: the trainer sets
     it to ``min(update_end * total_steps, first averaging step)`` so that weight
     averaging always sees a fixed set of zeros.
+
+    Example::
+
+        >>> TopologySchedule(total_steps=100, end_step=75, steps_per_epoch=10).end_step
+        75
     """
 
     total_steps: int
@@ -59,6 +64,11 @@ class MaskerConfig:
     """Settings shared by all maskers; a method ignores what it does not use.
 
     ``update_interval`` and ``drop_fraction`` are ``None`` for the method's default.
+
+    Example::
+
+        >>> MaskerConfig(sparsity=0.9).density
+        0.09999...
     """
 
     sparsity: float = 0.9
@@ -102,6 +112,18 @@ class Masker(abc.ABC):
     Subclasses set ``name`` and ``description`` (one line, shown by the registry),
     implement :meth:`initial_masks`, and, when the topology changes during training,
     :meth:`update_due` and :meth:`update`.
+
+    Example::
+
+        >>> import torch
+        >>> from moonprune import MASKERS, MaskerConfig, TopologySchedule
+        >>> model = torch.nn.Sequential(torch.nn.Linear(20, 20), torch.nn.Linear(20, 4))
+        >>> masker = MASKERS.create("magnitude", MaskerConfig(sparsity=0.5, distribution="uniform"))
+        >>> masker.prepare(model, TopologySchedule(total_steps=10, end_step=7, steps_per_epoch=5))
+        >>> masker.stats()["density"]
+        0.5
+        >>> int((model[0].weight == 0).sum())
+        200
     """
 
     name: ClassVar[str]

@@ -12,7 +12,16 @@ M = TypeVar("M", bound=type[Masker])
 
 
 class MaskerRegistry:
-    """Holds masker classes by ``name``; :meth:`register` works as a decorator."""
+    """Holds masker classes by ``name``; :meth:`register` works as a decorator.
+
+    Example::
+
+        >>> from moonprune import MASKERS, MaskerConfig
+        >>> MASKERS.names()
+        ['gmp', 'magnitude', 'rigl', 'set']
+        >>> type(MASKERS.create("set", MaskerConfig(sparsity=0.8))).__name__
+        'SETMasker'
+    """
 
     def __init__(self) -> None:
         self._classes: dict[str, type[Masker]] = {}
