@@ -256,6 +256,23 @@ def register(app: typer.Typer) -> None:
         _show(result)
 
     @app.command()
+    def methods() -> None:
+        """List the sparse methods (built-in and plug-ins) with their origin."""
+        from moonprune.cli.app import console
+        from rich.table import Table
+
+        from moonprune.sparsity import MASKERS
+
+        table = Table(title="sparse methods (--method)")
+        for col in ("name", "description", "origin"):
+            table.add_column(col)
+        for name, description in MASKERS.describe().items():
+            table.add_row(name, description, MASKERS.origin(name))
+        console.print(table)
+        for name, error in MASKERS.plugin_errors.items():
+            console.print(f"[yellow]plug-in {name!r} failed to load:[/] {error}")
+
+    @app.command()
     def demo(
         out: Annotated[Path, typer.Option(help="Where to write the demo's outputs.")] = Path(
             "moonprune-demo"

@@ -169,3 +169,11 @@ def test_compress_applies_gates_to_its_own_result(dense_path: Path, tmp_path: Pa
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] is False
     assert [g["gate"] for g in report["gates"]] == ["min_auroc"]
+
+
+def test_methods_lists_builtins_and_plugins_with_origin() -> None:
+    proc = _run(["methods"])
+    assert proc.returncode == 0, proc.stderr
+    for name in ("rigl", "set", "gmp", "magnitude", "random"):
+        assert name in proc.stdout
+    assert "moonprune-random-masker" in proc.stdout

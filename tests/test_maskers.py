@@ -212,7 +212,15 @@ def test_erk_totals_dense_capping_and_uniform() -> None:
 def test_registry_names_the_closest_valid_method() -> None:
     with pytest.raises(ConfigError, match="did you mean 'rigl'"):
         MASKERS.create("rigel", MaskerConfig())
-    assert set(MASKERS.describe()) == {"gmp", "magnitude", "rigl", "set"}
+    assert {"gmp", "magnitude", "rigl", "set"} <= set(MASKERS.describe())
+
+
+def test_plugin_found_through_its_entry_point() -> None:
+    """tests/conftest.py installed tests/plugins/random-masker before collection."""
+    assert "random" in MASKERS.names()
+    assert MASKERS.origin("random") == "moonprune-random-masker 0.1.0"
+    assert MASKERS.origin("rigl") == "moonprune"
+    assert not MASKERS.plugin_errors
 
 
 @pytest.mark.parametrize("bad", [1.5, 0.0, 1.0, -0.1])

@@ -1,8 +1,8 @@
 """Sparse-training methods behind one base class and a registry.
 
 >>> from moonprune.sparsity import MASKERS, MaskerConfig
->>> MASKERS.names()
-['gmp', 'magnitude', 'rigl', 'set']
+>>> [n for n in MASKERS.names() if MASKERS.origin(n) == "moonprune"]
+['gmp', 'magnitude', 'rigl', 'set', 'torch-ao']
 >>> masker = MASKERS.create("rigl", MaskerConfig(sparsity=0.9))
 """
 
@@ -16,10 +16,11 @@ from moonprune.sparsity.maskers import (
     RigLMasker,
     SETMasker,
 )
-from moonprune.sparsity.registry import MaskerRegistry
+from moonprune.sparsity.registry import ENTRY_POINT_GROUP, MaskerRegistry
+from moonprune.sparsity.torch_ao import TorchAOMasker
 
-MASKERS = MaskerRegistry()
-for _cls in (MagnitudeMasker, GradualMagnitudeMasker, SETMasker, RigLMasker):
+MASKERS = MaskerRegistry(entry_point_group=ENTRY_POINT_GROUP)
+for _cls in (MagnitudeMasker, GradualMagnitudeMasker, SETMasker, RigLMasker, TorchAOMasker):
     MASKERS.register(_cls)
 
 
@@ -38,6 +39,7 @@ __all__ = [
     "RigLMasker",
     "SETMasker",
     "TopologySchedule",
+    "TorchAOMasker",
     "create_masker",
     "keep_counts",
     "layer_densities",

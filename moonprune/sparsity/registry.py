@@ -1,14 +1,29 @@
-"""The masker registry: names -> classes, as an object (like timm's optimizer factory)."""
+"""The masker registry: names -> classes, as an object (like timm's optimizer factory).
+
+Third-party packages add maskers through the ``moonprune.maskers`` entry-point
+group; each entry point names a :class:`~moonprune.sparsity.Masker` subclass::
+
+    # the plug-in's pyproject.toml
+    [project.entry-points."moonprune.maskers"]
+    snip = "my_package.maskers:SnipMasker"
+
+They are loaded the first time a name is looked up or listed, so importing
+moonprune never imports a plug-in. A plug-in that fails to load, or is not a
+Masker, is reported with its entry point's name instead of breaking the others.
+"""
 
 from __future__ import annotations
 
 import difflib
+import logging
 from typing import TypeVar
 
 from moonprune.errors import ConfigError
 from moonprune.sparsity.base import Masker, MaskerConfig
 
 M = TypeVar("M", bound=type[Masker])
+logger = logging.getLogger(__name__)
+ENTRY_POINT_GROUP = "moonprune.maskers"
 
 
 class MaskerRegistry:
@@ -17,15 +32,42 @@ class MaskerRegistry:
     Example::
 
         >>> from moonprune import MASKERS, MaskerConfig
-        >>> MASKERS.names()
-        ['gmp', 'magnitude', 'rigl', 'set']
+        >>> [n for n in MASKERS.names() if MASKERS.origin(n) == "moonprune"]
+        ['gmp', 'magnitude', 'rigl', 'set', 'torch-ao']
         >>> type(MASKERS.create("set", MaskerConfig(sparsity=0.8))).__name__
         'SETMasker'
     """
 
-    def __init__(self) -> None:
+    def __init__(self, entry_point_group: str | None = None) -> None:
         self._classes: dict[str, type[Masker]] = {}
         self._origins: dict[str, str] = {}
+        self._group = entry_point_group
+        self._plugins_loaded = entry_point_group is None
+        self.plugin_errors: dict[str, str] = {}
+
+    def refresh(self) -> None:
+        """Scan the entry points again (after installing a plug-in in this process)."""
+        self._plugins_loaded = self._group is None
+        self.plugin_errors = {}
+
+    def _load_plugins(self) -> None:
+        if self._plugins_loaded:
+            return
+        self._plugins_loaded = True
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group=self._group or ""):
+            origin = f"{ep.dist.name} {ep.dist.version}" if ep.dist else ep.value
+            try:
+                cls = ep.load()
+                if not (isinstance(cls, type) and issubclass(cls, Masker)):
+                    raise TypeError(f"{ep.value} is not a moonprune Masker subclass")
+                if cls.name != ep.name:
+                    raise ValueError(f"entry point {ep.name!r} names a masker called {cls.name!r}")
+                self.register(cls, origin=origin)
+            except Exception as exc:
+                self.plugin_errors[ep.name] = f"{origin}: {exc}"
+                logger.warning("masker plug-in %r could not be loaded: %s", ep.name, exc)
 
     def register(self, cls: M, origin: str = "moonprune") -> M:
         """Add ``cls`` under ``cls.name``; a second class with the same name is an error."""
@@ -37,6 +79,7 @@ class MaskerRegistry:
         return cls
 
     def names(self) -> list[str]:
+        self._load_plugins()
         return sorted(self._classes)
 
     def describe(self) -> dict[str, str]:
@@ -44,9 +87,12 @@ class MaskerRegistry:
         return {n: self._classes[n].description for n in self.names()}
 
     def origin(self, name: str) -> str:
+        """Where a masker comes from: ``moonprune`` or the plug-in distribution."""
+        self._load_plugins()
         return self._origins[name]
 
     def get(self, name: str) -> type[Masker]:
+        self._load_plugins()
         try:
             return self._classes[name]
         except KeyError:
@@ -61,4 +107,5 @@ class MaskerRegistry:
         return self.get(name)(config)
 
     def __contains__(self, name: object) -> bool:
+        self._load_plugins()
         return name in self._classes
