@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
-if ! python -c "import moonprune, pytest, ruff, mlxtend" >/dev/null 2>&1 \
+if ! python -c "import moonprune, pytest, ruff, mlxtend, pdoc" >/dev/null 2>&1 \
    || [ pyproject.toml -nt .venv/.moonprune-installed ]; then
   python -m pip install --quiet --upgrade pip
   # torch pinned to the CPU build (a looser spec may pull a multi-GB CUDA build)
@@ -21,4 +21,8 @@ fi
 ruff check moonprune cli exporters tests benchmarks examples
 ruff format --check moonprune cli exporters tests benchmarks examples
 mypy
+# API reference from the docstrings; any warning fails the build
+docs_dir=$(mktemp -d)
+python -W error::UserWarning -m pdoc -o "$docs_dir" moonprune
+rm -rf "$docs_dir"
 python -m pytest -q "$@"
