@@ -9,7 +9,7 @@ import pytest
 import torch
 from moonprune.exporters import RejectingClassifier, export_onnx, run_onnx
 
-from moonprune.calibration import fit_temperature, resolve_temperature
+from moonprune.calibration import fit_temperature, resolve_temperature, saturated_fraction
 from moonprune.errors import ConfigError
 from moonprune.models import demo_cnn
 from moonprune.reliability import expected_calibration_error
@@ -47,6 +47,19 @@ def test_separable_validation_data_falls_back_to_one() -> None:
     labels = torch.arange(6)
     logits = 10.0 * torch.eye(6)  # every prediction right: NLL falls as T -> 0
     assert fit_temperature(logits, labels) < 0.06
+    assert resolve_temperature("auto", logits, labels) == 1.0
+
+
+def test_sharpening_that_saturates_the_softmax_is_refused() -> None:
+    """Separable but for one near-tie: NLL has an interior minimum (T ~ 0.36, far from the
+    bound) where float32 confidences of half the inputs become exactly 1.0."""
+    labels = torch.randint(0, 4, (300,), generator=torch.Generator().manual_seed(0))
+    logits = 6.0 * torch.nn.functional.one_hot(labels, 4).float()
+    logits[0] = 0.0
+    logits[0, (labels[0] + 1) % 4] = 0.001  # one input wrong by a hair
+    t = fit_temperature(logits, labels)
+    assert 0.2 < t < 0.5
+    assert saturated_fraction(logits, t) > 0.3 and saturated_fraction(logits, 1.0) == 0.0
     assert resolve_temperature("auto", logits, labels) == 1.0
 
 
