@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -69,12 +67,6 @@ def enforce_gates(checks: list[Any], note: str = "") -> None:
             )
 
     run_guarded(gate)
-
-
-def _write_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _write_html(result: Any, path: Path) -> None:
@@ -148,6 +140,7 @@ def register(app: typer.Typer) -> None:
         from moonprune.cli.compress_cmd import parse_temperature
 
         from moonprune.config import Gates
+        from moonprune.outputs import write_json
         from moonprune.verification import verify as run_verify
 
         def go() -> Any:
@@ -164,7 +157,7 @@ def register(app: typer.Typer) -> None:
         if result.checks:
             console.print(gate_table(result))
         if json_path is not None:
-            _write_json(result.report, json_path)
+            write_json(result.report, json_path)
             console.print(f"wrote {json_path}")
         if html_path is not None:
             run_guarded(lambda: _write_html(result, html_path))

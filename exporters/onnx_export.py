@@ -12,7 +12,6 @@ import gzip
 import io
 import json
 import logging
-import os
 import time
 import warnings
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from moonprune.exporters.rejector import RejectingClassifier
 from torch import nn
 
 from moonprune.errors import ExportError
+from moonprune.outputs import atomic_path
 
 OUTPUT_NAMES = ("logits", "probabilities", "confidence", "label", "is_unknown")
 DEFAULT_OPSET = 18
@@ -203,43 +203,40 @@ def export_onnx(
         device_model, num_known, threshold, score, temperature, normalization
     ).eval()
     x = _parity_inputs(example_inputs, input_shape, preprocessing if bake_preprocessing else None)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with quiet_exporter():
-            torch.onnx.export(
-                wrapper,
-                (x[:2],),
-                str(tmp),
-                input_names=["input"],
-                output_names=list(OUTPUT_NAMES),
-                dynamic_shapes=({0: torch.export.Dim("N")},),
-                opset_version=opset,
-                dynamo=True,
-                external_data=False,
-                verbose=False,
-            )
-        proto = onnx.load(str(tmp))
-        strip_debug_info(proto)
-        set_metadata(proto, metadata(
-            threshold=threshold, tpr=tpr, score=score, classes=list(classes or []),
-            preprocessing={**preprocessing, "baked": bake_preprocessing}, sparsity=sparsity,
-            temperature=temperature, extra=extra_metadata,
-        ))  # fmt: skip
-        onnx.checker.check_model(proto)
-        onnx.save(proto, str(tmp))
-        diff, agree = parity(wrapper, tmp, x)
-        if not agree or not diff <= LOGIT_TOLERANCE:
-            raise ExportError(
-                f"ONNX parity check failed: max |logit diff| {diff:.2e} (limit "
-                f"{LOGIT_TOLERANCE:.0e}), labels agree: {agree}; the model may use an "
-                "operator the exporter translates differently; try another --opset"
-            )
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            with quiet_exporter():
+                torch.onnx.export(
+                    wrapper,
+                    (x[:2],),
+                    str(tmp),
+                    input_names=["input"],
+                    output_names=list(OUTPUT_NAMES),
+                    dynamic_shapes=({0: torch.export.Dim("N")},),
+                    opset_version=opset,
+                    dynamo=True,
+                    external_data=False,
+                    verbose=False,
+                )
+            proto = onnx.load(str(tmp))
+            strip_debug_info(proto)
+            set_metadata(proto, metadata(
+                threshold=threshold, tpr=tpr, score=score, classes=list(classes or []),
+                preprocessing={**preprocessing, "baked": bake_preprocessing}, sparsity=sparsity,
+                temperature=temperature, extra=extra_metadata,
+            ))  # fmt: skip
+            onnx.checker.check_model(proto)
+            onnx.save(proto, str(tmp))
+            diff, agree = parity(wrapper, tmp, x)
+            if not agree or not diff <= LOGIT_TOLERANCE:
+                raise ExportError(
+                    f"ONNX parity check failed: max |logit diff| {diff:.2e} (limit "
+                    f"{LOGIT_TOLERANCE:.0e}), labels agree: {agree}; the model may use an "
+                    "operator the exporter translates differently; try another --opset"
+                )
     except ExportError:
-        tmp.unlink(missing_ok=True)
         raise
     except Exception as exc:
-        tmp.unlink(missing_ok=True)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"ONNX export failed: {first}") from exc
     return ExportReport(

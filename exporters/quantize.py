@@ -14,7 +14,6 @@ into the graph (the ``threshold`` initializer) and the metadata.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import numpy as np
 from moonprune.exporters.onnx_export import run_onnx, set_metadata, strip_debug_info
 
 from moonprune.errors import ExportError
+from moonprune.outputs import atomic_path
 from moonprune.reliability.metrics import calibrate_threshold
 
 THRESHOLD_INITIALIZER = "threshold"
@@ -47,31 +47,29 @@ def quantize_int8(float_path: str | Path, out_path: str | Path, calibration: np.
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     out_path = Path(out_path)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # onnxruntime advises pre-processing via the root logger
     try:
-        quantize_static(
-            str(float_path),
-            str(tmp),
-            _Reader(calibration),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            weight_type=QuantType.QInt8,
-            activation_type=QuantType.QInt8,
-            op_types_to_quantize=QUANTIZED_OPS,
-            extra_options={"QuantizeBias": False},
-        )
-        source = onnx.load(str(float_path))
-        model = onnx.load(str(tmp))
-        set_metadata(model, {p.key: p.value for p in source.metadata_props})
-        strip_debug_info(model)
-        set_metadata(model, {"moonprune.quantization": "int8-static-per-channel"})
-        onnx.save(model, str(tmp))
-        os.replace(tmp, out_path)
+        with atomic_path(out_path) as tmp:
+            quantize_static(
+                str(float_path),
+                str(tmp),
+                _Reader(calibration),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+                activation_type=QuantType.QInt8,
+                op_types_to_quantize=QUANTIZED_OPS,
+                extra_options={"QuantizeBias": False},
+            )
+            source = onnx.load(str(float_path))
+            model = onnx.load(str(tmp))
+            set_metadata(model, {p.key: p.value for p in source.metadata_props})
+            strip_debug_info(model)
+            set_metadata(model, {"moonprune.quantization": "int8-static-per-channel"})
+            onnx.save(model, str(tmp))
     except Exception as exc:
-        tmp.unlink(missing_ok=True)
         raise ExportError(f"int8 quantization failed: {exc}") from exc
     finally:
         root.setLevel(level)
@@ -92,9 +90,8 @@ def set_threshold(path: str | Path, threshold: float) -> None:
     else:
         raise ExportError(f"{path} has no '{THRESHOLD_INITIALIZER}' initializer to recalibrate")
     set_metadata(model, {"moonprune.threshold": repr(float(np.float32(threshold)))})
-    tmp = path.with_name(f".{path.name}.tmp")
-    onnx.save(model, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        onnx.save(model, str(tmp))
 
 
 def recalibrate_threshold(path: str | Path, id_val: np.ndarray, tpr: float) -> dict[str, Any]:

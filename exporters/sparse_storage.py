@@ -10,7 +10,6 @@ checked against the original in onnxruntime before it replaces anything.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import numpy as np
 from moonprune.exporters.onnx_export import run_onnx
 
 from moonprune.errors import ExportError
+from moonprune.outputs import atomic_path
 
 
 def to_sparse_storage(
@@ -49,19 +49,16 @@ def to_sparse_storage(
         converted.append(init.name)
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
-    tmp = path.with_name(f".{path.name}.sparse.tmp")
     try:
         onnx.checker.check_model(model)
-        onnx.save(model, str(tmp))
-        ref, got = run_onnx(path, check_inputs), run_onnx(tmp, check_inputs)
-        if not all(np.array_equal(ref[k], got[k], equal_nan=True) for k in ref):
-            raise ExportError("sparse storage changed the model's outputs; export without it")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            onnx.save(model, str(tmp))
+            ref, got = run_onnx(path, check_inputs), run_onnx(tmp, check_inputs)
+            if not all(np.array_equal(ref[k], got[k], equal_nan=True) for k in ref):
+                raise ExportError("sparse storage changed the model's outputs; export without it")
     except ExportError:
-        tmp.unlink(missing_ok=True)
         raise
     except Exception as exc:
-        tmp.unlink(missing_ok=True)
         raise ExportError(f"onnxruntime cannot load the sparse-storage file: {exc}") from exc
     return {"sparse_initializers": converted, "bytes_before": before,
             "bytes": path.stat().st_size}  # fmt: skip

@@ -17,7 +17,6 @@ import importlib
 import importlib.util
 import inspect
 import math
-import os
 import pickle
 import sys
 import zipfile
@@ -32,6 +31,7 @@ from torch import nn
 from moonprune.data import Preprocessing
 from moonprune.errors import CheckpointError
 from moonprune.heads import add_unknown_output_
+from moonprune.outputs import atomic_path
 
 FORMAT = "moonprune-checkpoint"
 FORMAT_VERSION = 1
@@ -355,9 +355,8 @@ def save_checkpoint(ckpt: MoonpruneCheckpoint, path: str | Path) -> Path:
         ('a', 'b')
     """
     p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp")
-    torch.save(ckpt.to_dict(), tmp)
-    os.replace(tmp, p)
+    with atomic_path(p) as tmp:
+        torch.save(ckpt.to_dict(), tmp)
     return p
 
 

@@ -7,9 +7,13 @@ an interruption it is kept, holding the training state, so ``--resume`` continue
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from moonprune.errors import ConfigError
 
@@ -60,3 +64,22 @@ class OutputDir:
     def discard(self) -> None:
         """Remove the partial directory (after an error that resuming cannot fix)."""
         shutil.rmtree(self.work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a hidden temporary sibling of ``path`` to write; when the block succeeds it
+    replaces ``path`` in one rename, when it raises the temporary file is removed."""
+    final = Path(path)
+    tmp = final.with_name(f".{final.name}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(obj: Any, path: str | Path) -> None:
+    """``obj`` as indented JSON at ``path``, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")

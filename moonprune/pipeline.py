@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +32,7 @@ from moonprune.config import CompressConfig
 from moonprune.data import ImageSet, ReadOptions, Splits, load_ood, load_splits
 from moonprune.errors import CheckpointError, ConfigError
 from moonprune.heads import add_unknown_output_, output_width
-from moonprune.outputs import OutputDir
+from moonprune.outputs import OutputDir, write_json
 from moonprune.reliability.scores import get_score
 from moonprune.reporting import layer_sparsity, write_html_report
 from moonprune.sparsity import MASKERS
@@ -143,12 +141,6 @@ def _assess(model: nn.Module, inputs: Inputs, cfg: CompressConfig) -> Calibrated
     after = assess_logits(logits, inputs.splits, temperature=t, **kwargs)
     before = after if t == 1.0 else assess_logits(logits, inputs.splits, **kwargs)
     return Calibrated(after, before)
-
-
-def _write_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
 
 
 def compress(
@@ -281,14 +273,14 @@ def compress(
         files["model.onnx"], report["export"] = _export(ckpt, inputs, work / "model.onnx", sparsity)
         report["timing"]["export_s"] = time.perf_counter() - t0
     report["timing"]["total_s"] = time.perf_counter() - t_start
-    _write_json(report, work / "report.json")
+    write_json(report, work / "report.json")
     write_html_report(
         work / "report.html",
         report,
         {"dense": dense_assessment, "compressed": assessment},
         {"dense": layer_sparsity(dense_model), "compressed": layer_sparsity(compressed)},
     )
-    _write_json(cfg.as_dict(), work / "recipe.json")
+    write_json(cfg.as_dict(), work / "recipe.json")
     final = out.commit()
     files = {name: final / name for name in [*files, "report.json", "report.html", "recipe.json"]}
     return CompressResult(final, report, ckpt, files, checks)

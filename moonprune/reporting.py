@@ -11,7 +11,6 @@ import base64
 import html
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from torch import nn
 
 from moonprune.assessment import Assessment
 from moonprune.conventions import prunable_weights
+from moonprune.outputs import atomic_path
 
 
 def roc_curve(id_scores: np.ndarray, ood_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -161,7 +161,6 @@ threshold {float(report.get("threshold", 0)):.4f} at TPR {report.get("tpr")}</p>
 <h2>report.json</h2><pre>{html.escape(json.dumps(report, indent=2))}</pre>
 </body></html>
 """
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(page)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(page)
     return path

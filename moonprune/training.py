@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from moonprune.config import MoonConfig, TrainConfig
 from moonprune.data import ImageSet
 from moonprune.errors import CheckpointError, ConfigError
 from moonprune.objectives import MoonSchedule, MoonScheduleConfig
+from moonprune.outputs import atomic_path
 from moonprune.sparsity.base import Masker, TopologySchedule
 
 logger = logging.getLogger(__name__)
@@ -106,12 +106,6 @@ def iterate_batches(
     for start in range(0, len(data), batch_size):
         idx = order[start : start + batch_size]
         yield data.x[idx].to(device), data.y[idx].to(device)
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 class Trainer:
@@ -250,7 +244,8 @@ class Trainer:
             self._run_epoch(epoch)
             self.start_epoch = epoch + 1
             if self.state_path is not None:
-                _atomic_save(self.state_dict(), self.state_path)
+                with atomic_path(self.state_path) as tmp:
+                    torch.save(self.state_dict(), tmp)
             if stop_after_epoch is not None and epoch >= stop_after_epoch:
                 raise StopTraining(f"stopped after epoch {epoch}")
         masks = self.masker.finalize()
