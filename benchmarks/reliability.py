@@ -75,7 +75,7 @@ FULL = Grid(
     sparsities=(0.8, 0.9, 0.95),
     seeds=(0, 1, 2),
     epochs=10,
-    dense_epochs=6,
+    dense_epochs=15,
 )
 
 

@@ -18,12 +18,14 @@ from torch import nn
 from moonprune.checkpoints import ArchSpec, DenseModel
 from moonprune.config import CompressConfig, MoonConfig, SparsityConfig, TrainConfig
 from moonprune.data import Splits, load_splits
+from moonprune.outputs import OutputDir
 from moonprune.pipeline import CompressResult, compress
 from moonprune.training import TrainCallback, iterate_batches
 
 DEMO_DATA = "digits:0-5"
 DEMO_OOD = ("digits:6-9", "noise")
 DEMO_ARCH = "moonprune.models:demo_cnn"
+DEMO_FILES = {"dense.pt", "model.pt", "model.onnx", "report.json", "report.html", "recipe.json"}
 
 
 def train_dense(model: nn.Module, splits: Splits, epochs: int = 15, seed: int = 0) -> nn.Module:
@@ -73,7 +75,15 @@ def run_demo(
     export: bool = True,
     callback: TrainCallback | None = None,
 ) -> CompressResult:
-    """Train the dense model, save it as ``dense.pt``, compress it into ``out``."""
+    """Train the dense model, save it as ``dense.pt``, compress it into ``out``.
+
+    A directory holding only an earlier demo's files is replaced without ``force``, so
+    running the demo twice just works; anything else in ``out`` is protected.
+    """
+    previous = Path(out)
+    if previous.is_dir() and {p.name for p in previous.iterdir()} <= DEMO_FILES:
+        force = True
+    OutputDir(out, force=force)  # refuse a foreign --out before spending time on training
     cfg = demo_config(out, seed=seed, epochs=epochs)
     if not export:
         cfg = CompressConfig(**{**vars(cfg), "export": False})
