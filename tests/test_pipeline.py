@@ -149,3 +149,15 @@ def test_interrupted_compress_resumes_to_the_same_weights(demo_run, tmp_path: Pa
     b = load_checkpoint(resumed.out / "model.pt").model.state_dict()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("score", ["energy", "max_logit", "unknown"])
+def test_verify_with_each_score(demo_run, score: str, tmp_path: Path) -> None:
+    out = tmp_path / "v.json"
+    result = runner.invoke(app, ["verify", str(demo_run.out / "model.pt"), "--score", score,
+                                 "--json", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["score"] == score
+    assert abs(report["acceptance"]["id_val_accepted"] - 0.95) < 0.02
+    assert 0.0 <= report["models"]["compressed"]["ood"]["noise"]["auroc"] <= 1.0
