@@ -102,3 +102,30 @@ def test_html_report_is_self_contained_and_images_decode(tmp_path: Path) -> None
         with Image.open(io.BytesIO(base64.b64decode(b64))) as img:
             img.load()
             assert img.width > 100 and img.height > 100
+
+
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--hide-scrollbars", "--window-size=1200,1600",
+]  # fmt: skip
+
+
+def test_demo_report_renders_in_a_headless_browser(demo_run, tmp_path: Path) -> None:
+    """Chromium (when installed, as on CI's machine) renders report.html to a picture."""
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium on this machine; the PNG-decoding test above still runs")
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
+         f"--screenshot={shot}", (demo_run.out / "report.html").resolve().as_uri()],
+        capture_output=True, timeout=120, check=True,
+    )  # fmt: skip
+    with Image.open(shot) as img:
+        pixels = np.asarray(img.convert("L"))
+    assert pixels.shape == (1600, 1200)
+    assert pixels.std() > 20  # not a blank page: text and plots were drawn
