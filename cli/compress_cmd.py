@@ -8,7 +8,11 @@ from typing import Annotated, Any
 import typer
 from moonprune.cli.render import RichProgress, comparison_table, summary_lines
 
-METHOD_HELP = "Sparse method: rigl, set, gmp (gradual magnitude), magnitude (one-shot)."
+METHOD_HELP = (
+    "Sparse method: rigl, set, gmp (gradual magnitude), magnitude (one-shot), torch-ao, "
+    "channel (structured: removes whole channels, faster on CPU), or a plug-in "
+    "(see `moonprune methods`)."
+)
 
 
 def parse_json_object(text: str | None, flag: str) -> dict[str, Any] | None:
@@ -122,6 +126,18 @@ def register(app: typer.Typer) -> None:
         epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs. Default 30.")] = None,
         lr: Annotated[float | None, typer.Option(help="Base learning rate. Default 0.05.")] = None,
         batch_size: Annotated[int | None, typer.Option(help="Batch size. Default 64.")] = None,
+        macs_target: Annotated[
+            float | None,
+            typer.Option(
+                help="channel: keep this fraction of the dense MACs (instead of --sparsity)."
+            ),
+        ] = None,
+        prune_steps: Annotated[
+            int | None, typer.Option(help="channel: pruning steps, each followed by fine-tuning.")
+        ] = None,
+        importance: Annotated[
+            str | None, typer.Option(help="channel: magnitude (default) or taylor importance.")
+        ] = None,
         distribution: Annotated[
             str | None, typer.Option(help="Layer densities: erk (default) or uniform.")
         ] = None,
@@ -222,6 +238,9 @@ def register(app: typer.Typer) -> None:
                 "sparsity.method": method,
                 "sparsity.sparsity": sparsity,
                 "sparsity.distribution": distribution,
+                "sparsity.macs_target": macs_target,
+                "sparsity.steps": prune_steps,
+                "sparsity.importance": importance,
                 "train.epochs": epochs,
                 "train.lr": lr,
                 "train.batch_size": batch_size,

@@ -124,6 +124,17 @@ def register(app: typer.Typer) -> None:
                       f"{100 * info['prunable_sparsity']:.1f}", style="bold")  # fmt: skip
         console.print(table)
         console.print(f"file {_kb(info['bytes'])}, gzip {_kb(info['gzip_bytes'])}")
+        structure = info.get("structure")
+        if structure:
+            console.print(
+                f"channel-pruned: MACs {structure['dense_macs']:,} -> {structure['macs']:,} "
+                f"({100 * structure['macs'] / structure['dense_macs']:.1f}%), parameters "
+                f"{structure['dense_params']:,} -> {structure['params']:,}"
+            )
+            for name, change in structure["changed_layers"].items():
+                b, a = change["before"], change["after"]
+                diff = ", ".join(f"{k} {b[k]}->{a[k]}" for k in b if b[k] != a[k])
+                console.print(f"  {name}: {diff}", highlight=False)
         for key, value in info["metadata"].items():
             console.print(f"  {key}: {value}", highlight=False)
 

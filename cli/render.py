@@ -70,10 +70,18 @@ def _delta(a: float, b: float, higher_is_better: bool, pct: bool = False) -> str
 def comparison_table(report: dict[str, Any]) -> Table:
     """Dense vs compressed: accuracy, ECE, NLL, and AUROC/FPR95 per OOD set."""
     dense, comp = report["models"]["dense"], report["models"]["compressed"]
-    title = (
-        f"{report['method']} {'+ MOON' if report.get('moon') else '(plain)'} at "
-        f"{100 * report['sparsity']:.1f}% sparsity (target {100 * report['target_sparsity']:.0f}%)"
-    )
+    variant = "+ MOON" if report.get("moon") else "(plain)"
+    structure = report.get("structure")
+    if structure:
+        title = (
+            f"{report['method']} {variant}: {100 * structure['macs_fraction']:.1f}% of the dense "
+            f"MACs, {100 * structure['params_fraction']:.1f}% of its parameters"
+        )
+    else:
+        title = (
+            f"{report['method']} {variant} at {100 * report['sparsity']:.1f}% sparsity "
+            f"(target {100 * report['target_sparsity']:.0f}%)"
+        )
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("dense", justify="right")

@@ -77,7 +77,9 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     ckpt = load_checkpoint(path)
     named = [(n, w.detach().cpu().numpy()) for n, w in prunable_weights(ckpt.model)]
+    structure = _structure_view(ckpt) if ckpt.structure else None
     return {
+        "structure": structure,
         "path": str(path),
         "format": "moonprune-checkpoint",
         "bytes": path.stat().st_size,
@@ -95,6 +97,29 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         },
         **_layer_rows(named),
     }
+
+
+def _structure_view(ckpt: Any) -> dict[str, Any]:
+    """Channels per layer and MACs, dense factory vs the channel-pruned model."""
+    import torch
+
+    from moonprune.heads import add_unknown_output_
+    from moonprune.structured import count_macs_params, module_structure
+
+    dense = ckpt.arch.build().eval()
+    if ckpt.head_layer is not None:
+        add_unknown_output_(dense, layer=ckpt.head_layer)
+    x = torch.zeros(1, *ckpt.preprocessing.input_shape)
+    before, after = module_structure(dense), ckpt.structure
+    layers = {
+        name: {"before": attrs, "after": after.get(name, attrs)}
+        for name, attrs in before.items()
+        if after.get(name, attrs) != attrs
+    }
+    dense_macs, dense_params = count_macs_params(dense, x)
+    macs, params = count_macs_params(ckpt.model, x)
+    return {"changed_layers": layers, "dense_macs": dense_macs, "macs": macs,
+            "dense_params": dense_params, "params": params}  # fmt: skip
 
 
 def bench_onnx(

@@ -273,6 +273,7 @@ class MoonpruneCheckpoint:
     config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     version: str = ""
+    structure: dict[str, dict[str, int]] | None = None
 
     @property
     def num_known(self) -> int:
@@ -301,6 +302,7 @@ class MoonpruneCheckpoint:
             "score": self.score,
             "config": self.config,
             "metrics": self.metrics,
+            "structure": self.structure,
         }
 
 
@@ -312,6 +314,10 @@ def checkpoint_from_dict(obj: Mapping[str, Any], source: str) -> MoonpruneCheckp
         if obj["head_layer"] is not None:
             add_unknown_output_(model, layer=obj["head_layer"])
         state = obj["state_dict"]
+        if obj.get("structure"):  # channel-pruned: rebuild the slimmer shapes first
+            from moonprune.structured import apply_structure_
+
+            apply_structure_(model, obj["structure"], state)
         check_finite(state, source)
         load_weights_(model, state, source)
         model.eval()
@@ -329,6 +335,7 @@ def checkpoint_from_dict(obj: Mapping[str, Any], source: str) -> MoonpruneCheckp
             config=dict(obj["config"]),
             metrics=dict(obj["metrics"]),
             version=str(obj["moonprune_version"]),
+            structure=obj.get("structure"),
         )
     except KeyError as exc:
         raise CheckpointError(

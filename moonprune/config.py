@@ -119,6 +119,10 @@ class MoonConfig:
 class SparsityConfig:
     """Which sparse method, how sparse, and how layer densities are distributed.
 
+    For ``method = "channel"``, ``sparsity`` is the fraction of parameters removed
+    (or ``macs_target`` the fraction of dense MACs kept), in ``steps`` pruning steps
+    ranked by ``importance`` (``magnitude`` or ``taylor``).
+
     Example::
 
         >>> SparsityConfig(method="set", sparsity=0.95).masker_config(seed=1).density
@@ -130,9 +134,18 @@ class SparsityConfig:
     distribution: str = "erk"
     update_interval: int | None = None
     drop_fraction: float | None = None
+    macs_target: float | None = None
+    steps: int = 4
+    importance: str = "magnitude"
 
     def __post_init__(self) -> None:
         self.masker_config(seed=0)  # validates the shared fields in one place
+        if self.macs_target is not None and not 0 < self.macs_target < 1:
+            raise ConfigError(
+                f"macs_target must be in (0, 1), got {self.macs_target}; e.g. 0.5 keeps half"
+            )
+        if self.importance not in ("magnitude", "taylor"):
+            raise ConfigError(f"importance must be magnitude or taylor, got {self.importance!r}")
 
     def masker_config(self, seed: int) -> MaskerConfig:
         """The masker's settings for a run seeded with ``seed``."""

@@ -20,6 +20,7 @@ from torch import nn
 
 from moonprune.assessment import Assessment, assess_logits, collect
 from moonprune.calibration import resolve_temperature
+from moonprune.channel_training import check_channel_config, train_channel_pruned
 from moonprune.checkpoints import (
     ArchSpec,
     DenseModel,
@@ -31,15 +32,17 @@ from moonprune.checkpoints import (
 from moonprune.config import CompressConfig
 from moonprune.data import ImageSet, ReadOptions, Splits, load_ood, load_splits
 from moonprune.errors import CheckpointError, ConfigError
-from moonprune.heads import add_unknown_output_, output_width
+from moonprune.heads import add_unknown_output_, find_classifier, output_width
 from moonprune.outputs import OutputDir, write_json
 from moonprune.reliability.scores import get_score
 from moonprune.reporting import layer_sparsity, write_html_report
 from moonprune.sparsity import MASKERS
+from moonprune.structured import module_structure
 from moonprune.training import TrainCallback, train
 from moonprune.verification import GateCheck, check_gates
 
 logger = logging.getLogger(__name__)
+CHANNEL = "channel"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -107,7 +110,8 @@ def prepare_inputs(cfg: CompressConfig, dense: DenseModel | None = None) -> Inpu
             "also pass --arch package.module:factory"
         )
     get_score(cfg.score)
-    MASKERS.create(cfg.sparsity.method, cfg.sparsity.masker_config(cfg.train.seed))
+    if cfg.sparsity.method != CHANNEL:
+        MASKERS.create(cfg.sparsity.method, cfg.sparsity.masker_config(cfg.train.seed))
     return Inputs(dense, splits, ood)
 
 
@@ -188,20 +192,29 @@ def compress(
         head_layer = add_unknown_output_(
             model, inputs.splits.train.x[:2].to(device), cfg.head_layer
         )
-    masker = MASKERS.create(cfg.sparsity.method, cfg.sparsity.masker_config(cfg.train.seed))
+    structure_stats: dict[str, Any] | None = None
+    if cfg.sparsity.method == CHANNEL:
+        check_channel_config(cfg, resume)
     work = out.open()
     try:
         t0 = time.perf_counter()
-        result = train(
-            model,
-            masker,
-            inputs.splits.train,
-            cfg.train,
-            cfg.moon,
-            state_path=out.state_path,
-            resume=resume,
-            callback=callback,
-        )
+        if cfg.sparsity.method == CHANNEL:
+            head = head_layer or find_classifier(model, inputs.splits.train.x[:2].to(device))
+            result, structure_stats = train_channel_pruned(
+                model, inputs.splits.train, head, cfg, callback
+            )
+        else:
+            masker = MASKERS.create(cfg.sparsity.method, cfg.sparsity.masker_config(cfg.train.seed))
+            result = train(
+                model,
+                masker,
+                inputs.splits.train,
+                cfg.train,
+                cfg.moon,
+                state_path=out.state_path,
+                resume=resume,
+                callback=callback,
+            )
         train_s = time.perf_counter() - t0
     except KeyboardInterrupt:
         raise
@@ -217,6 +230,7 @@ def compress(
     sparsity = measured_sparsity(compressed)
     report: dict[str, Any] = {
         "moonprune_version": _version(),
+        "structure": structure_stats,
         "method": cfg.sparsity.method,
         "moon": cfg.moon.enabled,
         "target_sparsity": cfg.sparsity.sparsity,
@@ -262,6 +276,7 @@ def compress(
         masks=result.masks,
         threshold=assessment.threshold,
         temperature=assessment.temperature,
+        structure=module_structure(compressed) if structure_stats else None,
         tpr=cfg.tpr,
         score=cfg.score,
         config=cfg.as_dict(),

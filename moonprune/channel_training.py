@@ -1,0 +1,84 @@
+"""``--method channel``: iterative channel pruning interleaved with MOON fine-tuning.
+
+The run's epochs are split over ``steps`` stages; each stage prunes one step
+(:class:`~moonprune.structured.ChannelPruner`) and fine-tunes the slimmer network with
+the same loss and averaging as every other method. Pruning replaces parameters, so
+each stage gets a fresh optimizer. The MOON warm-up happens in the first stage only,
+weight averaging in the last stage only (the architecture must not change while a
+running average is kept); the schedule of ``a`` restarts per stage, reaching
+``a_final`` at the end of each one. A channel-pruning run cannot be resumed
+mid-way: the shapes in a saved state would not match a fresh model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from torch import nn
+
+from moonprune.config import CompressConfig
+from moonprune.data import ImageSet
+from moonprune.errors import ConfigError
+from moonprune.structured import ChannelPruner, KeepAllMasker, require_torch_pruning
+from moonprune.training import EpochInfo, TrainCallback, Trainer, TrainResult
+
+
+def stage_epochs(epochs: int, steps: int) -> list[int]:
+    """Epochs per stage: as equal as possible, at least one each."""
+    if epochs < steps:
+        raise ConfigError(
+            f"--method channel prunes in {steps} steps and fine-tunes after each: it needs "
+            f"at least {steps} epochs, got {epochs}"
+        )
+    base, extra = divmod(epochs, steps)
+    return [base + (1 if i >= steps - extra else 0) for i in range(steps)]
+
+
+def train_channel_pruned(
+    model: nn.Module,
+    train_set: ImageSet,
+    head_layer: str,
+    cfg: CompressConfig,
+    callback: TrainCallback | None = None,
+) -> tuple[TrainResult, dict[str, Any]]:
+    """Prune ``model`` in place to the configured target while fine-tuning it."""
+    sp = cfg.sparsity
+    keep, measure = (sp.macs_target, "macs") if sp.macs_target else (1 - sp.sparsity, "params")
+    example = train_set.x[:2].to(next(model.parameters()).device)
+    pruner = ChannelPruner(model, example, head_layer, keep=keep, measure=measure,
+                           steps=sp.steps, importance=sp.importance)  # fmt: skip
+    plan = stage_epochs(cfg.train.epochs, sp.steps)
+    average = min(cfg.moon.resolved_average_epochs(cfg.train.epochs), plan[-1] - 1)
+    history: list[EpochInfo] = []
+    final: nn.Module = model
+    for stage, epochs in enumerate(plan):
+        batch = (train_set.x[:64].to(example.device), train_set.y[:64].to(example.device))
+        pruner.step(batch)
+        moon = dataclasses.replace(
+            cfg.moon,
+            warmup_epochs=cfg.moon.warmup_epochs if stage == 0 else 0,
+            average_epochs=average if stage == len(plan) - 1 else 0,
+        )
+        train_cfg = dataclasses.replace(cfg.train, epochs=epochs, seed=cfg.train.seed + stage)
+        result = Trainer(model, KeepAllMasker(), train_set, train_cfg, moon,
+                         callback=callback).run()  # fmt: skip
+        history += [
+            dataclasses.replace(h, epoch=h.epoch + sum(plan[:stage])) for h in result.history
+        ]
+        final = result.model
+    final.eval()
+    stats: dict[str, Any] = dict(pruner.stats())
+    stats.update({"ratio": pruner.ratio, "steps": sp.steps, "importance": sp.importance,
+                  "target": keep, "measure": measure})  # fmt: skip
+    return TrainResult(final, {}, history), stats
+
+
+def check_channel_config(cfg: CompressConfig, resume: bool) -> None:
+    """Fail early on options that cannot work with channel pruning."""
+    if resume:
+        raise ConfigError("--resume is not supported for --method channel; rerun from the start")
+    if cfg.sparsity.steps < 1:
+        raise ConfigError(f"steps must be >= 1, got {cfg.sparsity.steps}")
+    stage_epochs(cfg.train.epochs, cfg.sparsity.steps)
+    require_torch_pruning()

@@ -1,0 +1,78 @@
+"""Channel pruning: targets reached, unknown output kept, shapes rebuilt, ONNX parity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from moonprune.cli.app import app
+from moonprune.exporters import export_onnx
+from typer.testing import CliRunner
+
+from moonprune import models
+from moonprune.heads import add_unknown_output_
+from moonprune.structured import ChannelPruner, apply_structure_, module_structure
+
+pytest.importorskip("torch_pruning")
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("factory", [models.resnet8, models.mobilenet_tiny])
+@pytest.mark.parametrize(("measure", "keep"), [("macs", 0.5), ("params", 0.4)])
+def test_prunes_to_target_and_keeps_the_unknown_output(
+    factory, measure: str, keep: float, tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    model = factory(num_classes=5, in_channels=3).eval()
+    x = torch.randn(4, 3, 16, 16)
+    head = add_unknown_output_(model, x)
+    pruner = ChannelPruner(model, x, head, keep=keep, measure=measure, steps=3)
+    for _ in range(3):
+        pruner.step()
+    stats = pruner.stats()
+    assert abs(stats[f"{measure}_fraction"] - keep) < 0.03
+    out = model(x)
+    assert out.shape == (4, 6)  # K + 1 columns survive
+    assert model.get_submodule(head).out_features == 6
+
+    fresh = factory(num_classes=5, in_channels=3).eval()
+    add_unknown_output_(fresh, layer=head)
+    apply_structure_(fresh, module_structure(model), model.state_dict())
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(fresh(x), out)
+
+    report = export_onnx(model, tmp_path / "m.onnx", num_known=5, input_shape=(3, 16, 16),
+                         threshold=0.5, example_inputs=x)  # fmt: skip
+    assert report.labels_agree and report.parity_max_abs_diff < 1e-4
+
+
+def test_compress_channel_end_to_end(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    torch.save(models.resnet8(num_classes=6, in_channels=1).state_dict(), tmp_path / "r8.pt")
+    out = tmp_path / "run"
+    result = runner.invoke(app, [
+        "compress", str(tmp_path / "r8.pt"), "--arch", "moonprune.models:resnet8",
+        "--data", "digits:0-5", "--ood", "noise", "--method", "channel",
+        "--macs-target", "0.5", "--prune-steps", "2", "--epochs", "4", "--out", str(out),
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert abs(report["structure"]["macs_fraction"] - 0.5) < 0.03
+    inspected = runner.invoke(app, ["inspect", str(out / "model.pt"), "--json"])
+    info = json.loads(inspected.output)
+    assert info["structure"]["macs"] < 0.53 * info["structure"]["dense_macs"]
+    assert info["structure"]["changed_layers"]
+    assert (out / "model.onnx").is_file()
+
+
+def test_channel_needs_an_epoch_per_step(tmp_path: Path) -> None:
+    torch.save(models.resnet8(num_classes=6, in_channels=1).state_dict(), tmp_path / "r8.pt")
+    result = runner.invoke(app, [
+        "compress", str(tmp_path / "r8.pt"), "--arch", "moonprune.models:resnet8",
+        "--data", "digits:0-5", "--method", "channel", "--epochs", "2", "--out",
+        str(tmp_path / "out"), "--no-export",
+    ])  # fmt: skip
+    assert result.exit_code == 2 and "at least 4 epochs" in result.output
+    assert not (tmp_path / "out").exists()
