@@ -204,9 +204,22 @@ def take_classes(raw: RawImages, subset: list[int] | None, spec: str) -> RawImag
 
 
 def load_raw(spec: str, options: ReadOptions | None = None) -> RawImages:
-    """Read ``spec`` (built-in, folder or .npz) and apply its class subset."""
+    """Read ``spec`` (built-in, folder or .npz) and apply its class subset.
+
+    A built-in set is converted to ``options.size`` / ``options.channels`` when given
+    (e.g. digits as 3x32x32 for a CIFAR-style network); folders are converted while
+    they are read.
+    """
+    options = options or ReadOptions()
     name, subset = parse_spec(spec)
-    return take_classes(_read_source(name, options or ReadOptions()), subset, spec)
+    raw = _read_source(name, options)
+    if name in BUILTIN_SOURCES and (options.size or options.channels):
+        _, c, h, w = raw.images.shape
+        target = (options.channels or c, options.size or (h, w))
+        if target != (c, (h, w)):
+            raw = RawImages(sources.conform(raw.images, *target), raw.labels, raw.classes,
+                            raw.pixel_scale)  # fmt: skip
+    return take_classes(raw, subset, spec)
 
 
 def stratified_split(
