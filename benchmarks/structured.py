@@ -117,12 +117,10 @@ def reliability(seeds: tuple[int, ...], epochs: int = 12) -> list[str]:
     dense = [r["dense"] for r in rows["plain"]]
     for name, ms_rows in (("dense", dense), ("channel 50% MACs, plain", rows["plain"]),
                           ("channel 50% MACs, MOON", rows["MOON"])):  # fmt: skip
-        lines.append(
-            f"| {name} | {ms([m['accuracy'] for m in ms_rows])} | {ms([m['ece'] for m in ms_rows])} "
-            f"| {ms([mean_auroc(m) for m in ms_rows])} | "
-            + " | ".join(ms([m["ood"][o]["auroc"] for m in ms_rows]) for o in OOD)
-            + " |"
-        )
+        cells = [ms([m[k] for m in ms_rows]) for k in ("accuracy", "ece")]
+        cells.append(ms([mean_auroc(m) for m in ms_rows]))
+        cells += [ms([m["ood"][o]["auroc"] for m in ms_rows]) for o in OOD]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     diff = statistics.mean(mean_auroc(m) for m in rows["MOON"]) - statistics.mean(
         mean_auroc(m) for m in rows["plain"]
     )
