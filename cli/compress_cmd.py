@@ -212,8 +212,10 @@ def register(app: typer.Typer) -> None:
         --data digits:0-5 --ood digits:6-9 --ood noise --out run1
         """
         from moonprune.cli.app import console, run_guarded
+        from rich.console import Console
 
         from moonprune.config import build_config, merge, read_recipe
+        from moonprune.distributed import is_main_process
         from moonprune.pipeline import compress as run_compress
 
         def build() -> Any:
@@ -265,14 +267,17 @@ def register(app: typer.Typer) -> None:
             return build_config(merged)
 
         cfg = run_guarded(build)
+        main_rank = is_main_process()  # under torchrun only rank 0 prints
         try:
-            with RichProgress(console, cfg.train.epochs) as progress:
+            with RichProgress(console if main_rank else Console(quiet=True),
+                              cfg.train.epochs) as progress:  # fmt: skip
                 result = run_guarded(
                     lambda: run_compress(cfg, callback=progress, resume=resume, force=force)
                 )
         except KeyboardInterrupt:
             _interrupted(Path(cfg.out))
-        _show(result)
+        if main_rank:
+            _show(result)
 
     @app.command()
     def methods() -> None:

@@ -18,6 +18,7 @@ The weights ``w`` are treated as constants (no gradient flows through ``p_u`` in
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,8 +121,11 @@ class MoonSchedule:
         1.0
     """
 
-    def __init__(self, config: MoonScheduleConfig) -> None:
+    def __init__(
+        self, config: MoonScheduleConfig, reduce: Callable[[float], float] | None = None
+    ) -> None:
         self.config = config
+        self._reduce = reduce
         self.ewma: float | None = None
         self.a: float | None = None
         self.a_step = 0.0
@@ -129,6 +133,8 @@ class MoonSchedule:
     def observe(self, logits: torch.Tensor, target: torch.Tensor) -> None:
         """Update the EWMA threshold statistic with one batch."""
         t = threshold_statistic(logits, target)
+        if self._reduce is not None:  # data-parallel: the mean over all ranks' batches
+            t = self._reduce(t)
         self.ewma = t if self.ewma is None else EWMA_MOMENTUM * t + (1 - EWMA_MOMENTUM) * self.ewma
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor, epoch: int) -> torch.Tensor:

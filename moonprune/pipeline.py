@@ -31,6 +31,7 @@ from moonprune.checkpoints import (
 )
 from moonprune.config import CompressConfig
 from moonprune.data import ImageSet, ReadOptions, Splits, load_ood, load_splits
+from moonprune.distributed import DistContext, from_env
 from moonprune.errors import CheckpointError, ConfigError
 from moonprune.heads import add_unknown_output_, find_classifier, output_width
 from moonprune.outputs import OutputDir, write_json
@@ -45,10 +46,17 @@ logger = logging.getLogger(__name__)
 CHANNEL = "channel"
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an error."""
+def resolve_device(name: str, dist: DistContext | None = None) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an error.
+
+    Under ``torchrun`` with CUDA each process takes the GPU of its ``LOCAL_RANK``.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        if dist is not None and dist.enabled:
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cuda")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda was given but no CUDA GPU is available; use --device cpu")
     return torch.device(name)
@@ -173,8 +181,9 @@ def compress(
         True
     """
     t_start = time.perf_counter()
+    dist = from_env()
     out = OutputDir(cfg.out, force=force, resume=resume)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, dist)
     torch.manual_seed(cfg.train.seed)
     inputs = prepare_inputs(cfg, dense)
     if cfg.arch and inputs.dense.arch is not None:  # record the kwargs actually used
@@ -195,7 +204,7 @@ def compress(
     structure_stats: dict[str, Any] | None = None
     if cfg.sparsity.method == CHANNEL:
         check_channel_config(cfg, resume)
-    work = out.open()
+    work = out.open() if dist.is_main else out.work
     try:
         t0 = time.perf_counter()
         if cfg.sparsity.method == CHANNEL:
@@ -213,13 +222,14 @@ def compress(
                 cfg.moon,
                 state_path=out.state_path,
                 resume=resume,
-                callback=callback,
+                callback=callback if dist.is_main else None,
+                dist=dist,
             )
         train_s = time.perf_counter() - t0
     except KeyboardInterrupt:
         raise
     except Exception:
-        if not out.state_path.exists():
+        if dist.is_main and not out.state_path.exists():
             out.discard()
         raise
     compressed = result.model.eval()
@@ -282,6 +292,8 @@ def compress(
         config=cfg.as_dict(),
         metrics={"dense": dense_metrics, "compressed": compressed_metrics},
     )
+    if not dist.is_main:  # data-parallel: rank 0 writes the outputs
+        return CompressResult(out.final, report, ckpt, {}, checks)
     files = {"model.pt": save_checkpoint(ckpt, work / "model.pt")}
     if cfg.export:
         t0 = time.perf_counter()

@@ -31,6 +31,7 @@ from torch import nn
 from moonprune.averaging import WeightAveraging
 from moonprune.config import MoonConfig, TrainConfig
 from moonprune.data import ImageSet
+from moonprune.distributed import DistContext
 from moonprune.errors import CheckpointError, ConfigError
 from moonprune.objectives import MoonSchedule, MoonScheduleConfig
 from moonprune.outputs import atomic_path
@@ -136,8 +137,15 @@ class Trainer:
         *,
         state_path: Path | None = None,
         callback: TrainCallback | None = None,
+        dist: DistContext | None = None,
     ) -> None:
+        self.dist = dist or DistContext()
         self.model = model
+        self.forward: nn.Module = model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.forward = DistributedDataParallel(model)
         self.masker = masker
         self.data = train
         self.cfg = train_config
@@ -159,7 +167,8 @@ class Trainer:
                     moon_config.warmup_epochs,
                     moon_config.init_factor,
                     moon_config.a_final,
-                )
+                ),
+                reduce=self.dist.mean,
             )
             if moon_config.enabled
             else None
@@ -243,7 +252,7 @@ class Trainer:
         for epoch in range(self.start_epoch, self.cfg.epochs):
             self._run_epoch(epoch)
             self.start_epoch = epoch + 1
-            if self.state_path is not None:
+            if self.state_path is not None and self.dist.is_main:
                 with atomic_path(self.state_path) as tmp:
                     torch.save(self.state_dict(), tmp)
             if stop_after_epoch is not None and epoch >= stop_after_epoch:
@@ -271,7 +280,8 @@ class Trainer:
             )
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            logits = self.model(x)
+            x, y = self.dist.shard(x), self.dist.shard(y)
+            logits = self.forward(x)
             loss = self._loss(logits, y, epoch)
             if not torch.isfinite(loss):
                 raise ConfigError(
@@ -327,6 +337,7 @@ def train(
     state_path: Path | None = None,
     resume: bool = False,
     callback: TrainCallback | None = None,
+    dist: DistContext | None = None,
 ) -> TrainResult:
     """One-call training: build a :class:`Trainer`, resume if asked, run to the end.
 
@@ -349,6 +360,7 @@ def train(
         moon_config,
         state_path=state_path,
         callback=callback,
+        dist=dist,
     )
     if resume:
         if state_path is None or not state_path.is_file():

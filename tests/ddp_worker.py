@@ -1,0 +1,46 @@
+"""Run by tests/test_distributed.py under torchrun (or alone): train, dump per-rank state.
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/ddp_worker.py \
+        OUT_DIR full|interrupt|resume
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from moonprune.config import MoonConfig, TrainConfig
+from moonprune.data import load_splits
+from moonprune.distributed import from_env
+from moonprune.heads import add_unknown_output_
+from moonprune.models import mlp_biasfree
+from moonprune.sparsity import MASKERS, MaskerConfig
+from moonprune.training import StopTraining, Trainer
+
+
+def main(out: Path, mode: str) -> None:
+    dist = from_env()
+    splits = load_splits("digits:0-5", seed=0)
+    torch.manual_seed(0)
+    model = mlp_biasfree(num_classes=6)
+    add_unknown_output_(model, splits.train.x[:2])
+    masker = MASKERS.create("set", MaskerConfig(sparsity=0.8, update_interval=3, seed=5))
+    trainer = Trainer(model, masker, splits.train, TrainConfig(epochs=4, batch_size=64),
+                      MoonConfig(warmup_epochs=1, average_epochs=1),
+                      state_path=out / "state.pt", dist=dist)  # fmt: skip
+    if mode == "resume":
+        trainer.load_state(out / "state.pt")
+    try:
+        result = trainer.run(stop_after_epoch=1 if mode == "interrupt" else None)
+    except StopTraining:
+        return
+    torch.save(
+        {"masks": result.masks, "state": result.model.state_dict(), "updates": masker.updates},
+        out / f"{mode}-rank{dist.rank}.pt",
+    )
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2])

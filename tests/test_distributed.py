@@ -1,0 +1,81 @@
+"""Data-parallel compression: 2 CPU processes (gloo) agree with each other and with 1."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow  # process launches; CI runs the slow tests too
+WORKER = Path(__file__).with_name("ddp_worker.py")
+ROOT = Path(__file__).parents[1]
+
+
+def _torchrun(*args: str, nproc: int = 2) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone",
+         f"--nproc-per-node={nproc}", *args],
+        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+def test_ranks_agree_and_match_a_single_process(tmp_path: Path) -> None:
+    _torchrun(str(WORKER), str(tmp_path), "full")
+    single = tmp_path / "single"
+    single.mkdir()
+    subprocess.run([sys.executable, str(WORKER), str(single), "full"], check=True, cwd=ROOT)
+    r0, r1 = _load(tmp_path / "full-rank0.pt"), _load(tmp_path / "full-rank1.pt")
+    one = _load(single / "full-rank0.pt")
+    assert r0["updates"] >= 3  # several SET topology updates happened
+    for name in r0["masks"]:
+        assert torch.equal(r0["masks"][name], r1["masks"][name])  # ranks agree
+        assert torch.equal(r0["masks"][name], one["masks"][name])  # and match 1 process
+    for key, value in r0["state"].items():
+        assert torch.equal(value, r1["state"][key]), key
+        # stated tolerance: float summation order differs between 1 and 2 processes
+        assert torch.allclose(value, one["state"][key], atol=1e-5), key
+
+
+def test_resume_under_ddp_matches_uninterrupted(tmp_path: Path) -> None:
+    _torchrun(str(WORKER), str(tmp_path), "interrupt")
+    assert (tmp_path / "state.pt").is_file()
+    _torchrun(str(WORKER), str(tmp_path), "resume")
+    full_dir = tmp_path / "uninterrupted"
+    full_dir.mkdir()
+    _torchrun(str(WORKER), str(full_dir), "full")
+    resumed, full = _load(tmp_path / "resume-rank0.pt"), _load(full_dir / "full-rank0.pt")
+    for key, value in full["state"].items():
+        assert torch.equal(value, resumed["state"][key]), key
+
+
+def test_compress_under_torchrun_writes_one_set_of_outputs(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    from moonprune.models import mlp_biasfree
+
+    torch.save(mlp_biasfree(num_classes=6).state_dict(), tmp_path / "mlp.pt")
+    args = ["-m", "moonprune", "compress", str(tmp_path / "mlp.pt"), "--arch",
+            "moonprune.models:mlp_biasfree", "--data", "digits:0-5", "--ood", "noise",
+            "--epochs", "3", "--no-export"]  # fmt: skip
+    _torchrun(*args, "--out", str(tmp_path / "ddp"))
+    subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], check=True,
+                   capture_output=True, cwd=ROOT)  # fmt: skip
+    outputs = sorted(p.name for p in tmp_path.iterdir())
+    assert outputs == ["ddp", "mlp.pt", "one"]  # no per-rank leftovers, no partial dirs
+    ddp = json.loads((tmp_path / "ddp" / "report.json").read_text())
+    one = json.loads((tmp_path / "one" / "report.json").read_text())
+    assert ddp["data"]["n_test"] == one["data"]["n_test"] == 217  # the full test set
+    assert (
+        abs(ddp["models"]["compressed"]["accuracy"] - one["models"]["compressed"]["accuracy"])
+        < 0.01
+    )
