@@ -194,10 +194,16 @@ def load_weights_(model: nn.Module, state: Mapping[str, torch.Tensor], source: s
 
 @dataclass
 class DenseModel:
-    """The model a user brings; ``arch`` is None for a trusted pickled module."""
+    """The model a user brings; ``arch`` is None for a trusted pickled module.
+
+    Starting from a moonprune checkpoint (e.g. a channel-pruned one, to sparsify it
+    further), ``head_layer`` names its unknown output and ``structure`` its shapes.
+    """
 
     model: nn.Module
     arch: ArchSpec | None
+    head_layer: str | None = None
+    structure: dict[str, dict[str, int]] | None = None
 
 
 def load_dense(path: str | Path, arch: ArchSpec | None = None, trust: bool = False) -> DenseModel:
@@ -222,7 +228,7 @@ def load_dense(path: str | Path, arch: ArchSpec | None = None, trust: bool = Fal
             return DenseModel(obj, arch)
         if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
             ckpt = checkpoint_from_dict(obj, str(p))
-            return DenseModel(ckpt.model, ckpt.arch)
+            return DenseModel(ckpt.model, ckpt.arch, ckpt.head_layer, ckpt.structure)
         found = _find_state_dict(obj)
         if found is None:
             raise CheckpointError(

@@ -106,7 +106,13 @@ def prepare_inputs(cfg: CompressConfig, dense: DenseModel | None = None) -> Inpu
             f"{tuple(splits.train.x.shape[1:])}: {str(exc).splitlines()[0]}; check --arch and "
             "the data"
         ) from None
-    if width != splits.num_classes:
+    expected = splits.num_classes + (1 if dense.head_layer else 0)
+    if dense.head_layer and not cfg.moon.enabled:
+        raise ConfigError(
+            "the starting model already has the unknown output (a moonprune checkpoint); "
+            "continue with MOON (drop --no-moon) or start from the dense model"
+        )
+    if width != expected:
         raise CheckpointError(
             f"the model has {width} outputs but the data {cfg.data!r} has "
             f"{splits.num_classes} classes; pick a matching class subset (e.g. "
@@ -197,7 +203,9 @@ def compress(
 
     model = copy.deepcopy(dense_model)
     head_layer = None
-    if cfg.moon.enabled:
+    if inputs.dense.head_layer:  # continuing from a moonprune checkpoint: already K+1
+        head_layer = inputs.dense.head_layer
+    elif cfg.moon.enabled:
         head_layer = add_unknown_output_(
             model, inputs.splits.train.x[:2].to(device), cfg.head_layer
         )
@@ -286,7 +294,9 @@ def compress(
         masks=result.masks,
         threshold=assessment.threshold,
         temperature=assessment.temperature,
-        structure=module_structure(compressed) if structure_stats else None,
+        structure=(
+            module_structure(compressed) if structure_stats or inputs.dense.structure else None
+        ),
         tpr=cfg.tpr,
         score=cfg.score,
         config=cfg.as_dict(),

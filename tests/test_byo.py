@@ -94,8 +94,8 @@ def test_arch_from_a_python_file(tmp_path: Path, digits06) -> None:
 @pytest.mark.parametrize("recipe", sorted(p.name for p in EXAMPLES.glob("*.toml")))
 def test_example_recipes_parse(recipe: str) -> None:
     cfg = build_config(read_recipe(EXAMPLES / recipe))
-    assert cfg.sparsity.method == recipe.removesuffix(".toml")
-    assert cfg.sparsity.sparsity == 0.9
+    assert recipe.removesuffix(".toml").endswith(cfg.sparsity.method)
+    assert cfg.out.startswith("runs/")
 
 
 def test_unknown_recipe_key_is_named(tmp_path: Path) -> None:

@@ -66,6 +66,19 @@ def test_compress_channel_end_to_end(tmp_path: Path) -> None:
     assert info["structure"]["changed_layers"]
     assert (out / "model.onnx").is_file()
 
+    # stage 2: RigL on the slimmer network, starting from stage 1's checkpoint
+    result = runner.invoke(app, [
+        "compress", str(out / "model.pt"), "--data", "digits:0-5", "--ood", "noise",
+        "--method", "rigl", "--sparsity", "0.8", "--epochs", "2", "--out",
+        str(tmp_path / "stage2"), "--no-export",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    stage2 = json.loads((tmp_path / "stage2" / "report.json").read_text())
+    assert abs(stage2["sparsity"] - 0.8) < 0.005
+    info2 = json.loads(runner.invoke(app, ["inspect", str(tmp_path / "stage2" / "model.pt"),
+                                           "--json"]).output)  # fmt: skip
+    assert info2["structure"]["macs"] == info["structure"]["macs"]  # slim shapes kept
+
 
 def test_channel_needs_an_epoch_per_step(tmp_path: Path) -> None:
     torch.save(models.resnet8(num_classes=6, in_channels=1).state_dict(), tmp_path / "r8.pt")
