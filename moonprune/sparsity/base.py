@@ -1,19 +1,22 @@
 """The masker lifecycle: one small base class for every sparse-training method.
 
 A masker owns one boolean mask per prunable weight (conv and linear, see
-:func:`moonprune.conventions.prunable_weights`). The training loop drives it::
+:func:`moonprune.conventions.prunable_weights`), keyed by parameter name
+(``"features.0.weight"``). The training loop drives it::
 
     masker.prepare(model, TopologySchedule(total_steps, end_step, steps_per_epoch), optimizer)
     for each batch:
+        optimizer.zero_grad()
         loss.backward()          # weight.grad is the *dense* gradient: masks are applied to the
         optimizer.step()         # weights, not as a parametrization, so backward sees every entry
-        masker.step()            # maybe update the topology, then zero the pruned weights
+        masker.step()            # before the next zero_grad: RigL reads .grad here
     masks = masker.finalize()    # bake the masks into the weights, detach from the model
 
 Masks live in the masker (not in the model), so copies of the model (weight
 averaging, export) carry only plain weights with exact zeros. When an optimizer is
-given, its per-weight state (momentum, Adam moments) is zeroed where the mask is
-off, so a weight that is grown later starts from zero momentum.
+given, its per-weight state (momentum, Adam moments: every state tensor with the
+weight's shape) is zeroed where the mask is off, so a weight that is grown later
+starts from zero value *and* zero momentum.
 """
 
 from __future__ import annotations
@@ -29,13 +32,19 @@ from moonprune.errors import ConfigError
 from moonprune.sparsity.distributions import keep_counts, layer_densities
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class TopologySchedule:
     """When a masker may change its masks, in optimizer steps.
 
-    ``end_step`` is the first step at which the topology is frozen: the trainer sets
-    it to ``min(update_end * total_steps, first averaging step)`` so that weight
-    averaging always sees a fixed set of zeros.
+    Steps are counted from 1 (the first ``masker.step()`` is step 1). Updates happen
+    only at steps ``t < end_step``: ``end_step`` is the first step at which the
+    topology is frozen. The trainer sets it to
+    ``min(update_end * total_steps, first averaging step)`` so that weight averaging
+    always sees a fixed set of zeros.
 
     Example::
 
@@ -48,6 +57,11 @@ class TopologySchedule:
     steps_per_epoch: int
 
     def __post_init__(self) -> None:
+        for field in ("total_steps", "end_step", "steps_per_epoch"):
+            if not _is_int(getattr(self, field)):
+                raise ConfigError(
+                    f"{field} must be an integer number of steps, got {getattr(self, field)!r}"
+                )
         if self.total_steps < 1 or self.steps_per_epoch < 1:
             raise ConfigError(
                 f"a training run needs at least one step (total_steps={self.total_steps}, "
@@ -63,7 +77,8 @@ class TopologySchedule:
 class MaskerConfig:
     """Settings shared by all maskers; a method ignores what it does not use.
 
-    ``update_interval`` and ``drop_fraction`` are ``None`` for the method's default.
+    ``update_interval`` (steps between topology updates) and ``drop_fraction`` (``r_0``
+    of SET/RigL) are ``None`` for the method's default.
 
     Example::
 
@@ -78,19 +93,35 @@ class MaskerConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.sparsity, float | int) and 0.0 < self.sparsity < 1.0):
+        if isinstance(self.sparsity, bool) or not (
+            isinstance(self.sparsity, float | int) and 0.0 < self.sparsity < 1.0
+        ):
             raise ConfigError(
-                f"sparsity must be in (0, 1), got {self.sparsity}; e.g. --sparsity 0.9 "
+                f"sparsity must be in (0, 1), got {self.sparsity!r}; e.g. --sparsity 0.9 "
                 "keeps 10% of the weights"
             )
         if self.distribution not in ("erk", "uniform"):
             raise ConfigError(
                 f"unknown layer-density distribution {self.distribution!r}; use 'erk' or 'uniform'"
             )
-        if self.update_interval is not None and self.update_interval < 1:
-            raise ConfigError(f"update_interval must be >= 1 step, got {self.update_interval}")
-        if self.drop_fraction is not None and not 0.0 < self.drop_fraction < 1.0:
-            raise ConfigError(f"drop_fraction must be in (0, 1), got {self.drop_fraction}")
+        if self.update_interval is not None and not (
+            _is_int(self.update_interval) and self.update_interval >= 1
+        ):
+            raise ConfigError(
+                f"update_interval must be a whole number of steps >= 1, got "
+                f"{self.update_interval!r}; leave it unset for the method's default"
+            )
+        if self.drop_fraction is not None and (
+            isinstance(self.drop_fraction, bool)
+            or not isinstance(self.drop_fraction, float | int)
+            or not 0.0 < self.drop_fraction < 1.0
+        ):
+            raise ConfigError(
+                f"drop_fraction must be in (0, 1), got {self.drop_fraction!r}; "
+                "e.g. 0.3 (RigL) or 0.5 (SET)"
+            )
+        if not _is_int(self.seed):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
 
     @property
     def density(self) -> float:
@@ -99,7 +130,10 @@ class MaskerConfig:
 
 
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the ``k`` largest entries of ``scores`` (ties broken by index)."""
+    """Boolean mask (shape of ``scores``) of its ``k`` largest entries.
+
+    Ties are broken by ``torch.topk``: deterministic on one device, not specified.
+    """
     mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     if k > 0:
         mask[torch.topk(scores.flatten(), k, sorted=False).indices] = True
@@ -111,7 +145,9 @@ class Masker(abc.ABC):
 
     Subclasses set ``name`` and ``description`` (one line, shown by the registry),
     implement :meth:`initial_masks`, and, when the topology changes during training,
-    :meth:`update_due` and :meth:`update`.
+    :meth:`update_due` and :meth:`update`. The base class does everything else:
+    applying masks to weights and optimizer state, counting steps and updates,
+    stopping updates at ``end_step``, ``stats``, ``state_dict`` and ``finalize``.
 
     Example::
 
@@ -130,6 +166,11 @@ class Masker(abc.ABC):
     description: ClassVar[str]
 
     def __init__(self, config: MaskerConfig) -> None:
+        if not isinstance(config, MaskerConfig):
+            raise ConfigError(
+                f"{type(self).__name__} needs a MaskerConfig, got {type(config).__name__}; "
+                "build one with MaskerConfig(sparsity=...)"
+            )
         self.config = config
         self.masks: dict[str, torch.Tensor] = {}
         self.step_count = 0
@@ -141,15 +182,22 @@ class Masker(abc.ABC):
     # -- what subclasses provide --------------------------------------------------
     @abc.abstractmethod
     def initial_masks(self) -> dict[str, torch.Tensor]:
-        """Masks at the start of training, from the dense weights."""
+        """Masks at the start of training, from the dense weights (called by prepare)."""
 
     def update_due(self, step: int) -> bool:
-        """Whether the topology changes after optimizer step ``step`` (1-based)."""
+        """Whether the topology changes after optimizer step ``step`` (1-based).
+
+        Only asked for ``step < schedule.end_step``.
+        """
         del step
         return False
 
     def update(self) -> None:
-        """Change ``self.masks`` (called when :meth:`update_due`)."""
+        """Change ``self.masks`` in place of the old ones (called when :meth:`update_due`).
+
+        When it runs, every weight outside the old masks is already exactly 0 with zero
+        optimizer state, so a newly grown weight needs no reset.
+        """
         raise NotImplementedError(f"{type(self).__name__} has a fixed topology")
 
     def extra_state(self) -> dict[str, Any]:
@@ -176,10 +224,10 @@ class Masker(abc.ABC):
         """Kept weights per layer at the target density (ERK or uniform)."""
         shapes = {n: p.shape for n, p in self._params.items()}
         densities = layer_densities(shapes, self.config.density, self.config.distribution)
-        return keep_counts(shapes, densities, self.config.density)
+        return keep_counts(shapes, densities)
 
     def magnitude_masks(self, counts: dict[str, int]) -> dict[str, torch.Tensor]:
-        """Per layer, keep the ``counts[name]`` weights of largest magnitude."""
+        """Per layer, keep the ``counts[name]`` weights of largest ``|w|``."""
         return {n: top_k_mask(p.detach().abs(), counts[n]) for n, p in self._params.items()}
 
     def prepare(
@@ -188,53 +236,79 @@ class Masker(abc.ABC):
         schedule: TopologySchedule,
         optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
-        """Attach to ``model``: compute the initial masks and zero the pruned weights."""
+        """Attach to ``model``: compute the initial masks and zero the pruned weights.
+
+        ``optimizer`` (optional) is the one that steps ``model``: its per-weight state is
+        zeroed at pruned positions after every step.
+        """
         self._params = dict(prunable_weights(model))
         if not self._params:
-            raise ConfigError("the model has no conv or linear layer to prune")
+            raise ConfigError(
+                f"{type(model).__name__} has no conv or linear layer to prune; "
+                "sparse methods need nn.Conv*d or nn.Linear weights"
+            )
         self._schedule = schedule
         self._optimizer = optimizer
         self.step_count = 0
         self.updates = 0
-        self.masks = self.initial_masks()
+        with torch.no_grad():
+            self.masks = self.initial_masks()
         self.apply_masks_()
 
     def step(self) -> None:
-        """Called after every ``optimizer.step()``: maybe update masks, then apply them."""
+        """Call after every ``optimizer.step()`` (and before the next ``zero_grad``).
+
+        Zeroes what the optimizer step moved outside the masks; then, if an update is
+        due at this step and ``step < end_step``, changes the topology and applies the
+        new masks.
+        """
         self.step_count += 1
-        if self.step_count < self.schedule.end_step and self.update_due(self.step_count):
-            self.update()
-            self.updates += 1
         self.apply_masks_()
+        if self.step_count < self.schedule.end_step and self.update_due(self.step_count):
+            with torch.no_grad():
+                self.update()
+            self.updates += 1
+            self.apply_masks_()
 
     def apply_masks_(self) -> None:
-        """Zero pruned weights (and their optimizer state)."""
+        """Set pruned weights (and their optimizer state) to exactly ``+0.0``."""
         with torch.no_grad():
             for name, param in self._params.items():
-                mask = self.masks[name]
-                param.mul_(mask)
-                if self._optimizer is not None:
-                    for value in self._optimizer.state.get(param, {}).values():
-                        if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                            value.mul_(mask)
+                pruned = ~self.masks[name]
+                param.masked_fill_(pruned, 0.0)
+                if self._optimizer is None:
+                    continue
+                for value in self._optimizer.state.get(param, {}).values():
+                    if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                        value.masked_fill_(pruned, 0.0)
 
     def finalize(self) -> dict[str, torch.Tensor]:
-        """Apply the masks one last time, detach, and return them (name -> bool tensor)."""
+        """Apply the masks one last time, let go of the optimizer, return the masks.
+
+        Returns name -> bool tensor on the CPU (copies: later changes do not leak).
+        """
         self.apply_masks_()
-        masks = {n: m.detach().cpu().clone() for n, m in self.masks.items()}
         self._optimizer = None
-        return masks
+        return {n: m.detach().cpu().clone() for n, m in self.masks.items()}
 
     # -- introspection ------------------------------------------------------------
     def stats(self) -> dict[str, float]:
-        """``density`` (kept / total over masked weights) and ``updates`` so far."""
+        """``density`` (kept / total over the masked weights), ``updates`` and ``step``."""
         kept = sum(int(m.sum()) for m in self.masks.values())
         total = sum(m.numel() for m in self.masks.values())
-        return {"density": kept / total if total else 1.0, "updates": float(self.updates)}
+        return {
+            "density": kept / total if total else 1.0,
+            "updates": float(self.updates),
+            "step": float(self.step_count),
+        }
 
     # -- resume -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly: masks, counters, method state."""
+        """Everything needed to continue exactly: masks, counters, method state.
+
+        Only tensors, numbers, strings and dicts, so ``torch.load(weights_only=True)``
+        reads it.
+        """
         return {
             "masks": {n: m.detach().cpu().clone() for n, m in self.masks.items()},
             "step_count": self.step_count,
@@ -243,10 +317,21 @@ class Masker(abc.ABC):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` after :meth:`prepare` on the same model."""
-        if set(state["masks"]) != set(self._params):
-            raise ConfigError("masker state does not match the model's prunable layers")
-        self.masks = {n: m.to(self._params[n].device).bool() for n, m in state["masks"].items()}
+        """Restore :meth:`state_dict` after :meth:`prepare` on the same architecture."""
+        masks = state["masks"]
+        if set(masks) != set(self._params):
+            raise ConfigError(
+                "masker state does not match the model's prunable layers: "
+                f"saved {sorted(masks)}, model {sorted(self._params)}; "
+                "resume with the same model and method"
+            )
+        for name, mask in masks.items():
+            if mask.shape != self._params[name].shape:
+                raise ConfigError(
+                    f"saved mask for {name!r} has shape {tuple(mask.shape)}, the weight "
+                    f"{tuple(self._params[name].shape)}; resume with the same model"
+                )
+        self.masks = {n: m.to(self._params[n].device).bool() for n, m in masks.items()}
         self.step_count = int(state["step_count"])
         self.updates = int(state["updates"])
         self.load_extra_state(state["extra"])

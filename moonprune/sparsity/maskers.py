@@ -1,22 +1,33 @@
 """The built-in sparse methods: one-shot and gradual magnitude pruning, SET and RigL.
 
-Masks always start from the dense weights' magnitudes (moonprune fine-tunes a
-pretrained model), except GMP, which starts dense and prunes on a cubic schedule.
+Masks start from the dense weights' magnitudes (moonprune fine-tunes a pretrained
+model), except GMP, which starts dense and prunes on a cubic schedule. Per-layer
+targets come from the ERK or uniform distribution (:mod:`.distributions`).
+
+Defaults (``MaskerConfig.update_interval`` / ``drop_fraction`` left ``None``):
+
+========  ===================================  ===============
+method    steps between updates                ``r_0``
+========  ===================================  ===============
+gmp       ``max(1, end_step // 20)``            --
+set       ``steps_per_epoch`` (epoch end)       0.5
+rigl      ``min(100, max(1, end_step // 10))``  0.3
+========  ===================================  ===============
 """
 
 from __future__ import annotations
 
 import abc
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from moonprune.sparsity.base import Masker, top_k_mask
+from moonprune.sparsity.base import Masker, MaskerConfig, top_k_mask
 
 
 class MagnitudeMasker(Masker):
-    """One-shot magnitude pruning: keep the largest weights per layer, then fixed."""
+    """One-shot magnitude pruning: keep each layer's largest ``|w|``, then fixed."""
 
     name = "magnitude"
     description = "one-shot magnitude pruning at the start, masks fixed while fine-tuning"
@@ -26,50 +37,80 @@ class MagnitudeMasker(Masker):
 
 
 class GradualMagnitudeMasker(Masker):
-    """Gradual magnitude pruning (Zhu & Gupta 2017), cubic schedule.
+    """Gradual magnitude pruning (Zhu & Gupta 2017) from dense, cubic schedule.
 
-    Sparsity at step ``t`` of the window ``[0, end_step]``:
-    ``s_t = s_f * (1 - (1 - t / end_step) ** 3)`` (``s_i = 0``), applied per layer as
-    the same fraction of that layer's final sparsity (ERK or uniform), pruning the
-    smallest-magnitude weights among those still kept; a pruned weight stays pruned.
-    Updates every ``update_interval`` steps (default ``max(1, end_step // 20)``, about
-    20 pruning steps) and once more at ``end_step``, where the target is reached.
+    With ``T = end_step - 1`` (the last step at which the topology may change) the
+    sparsity at step ``t`` is, from ``s_i = 0``,
+
+        s_t = s_f + (s_i - s_f) * (1 - t / T) ** 3 = s_f * (1 - (1 - t / T) ** 3)
+
+    applied per layer as that share of the layer's final sparsity (ERK or uniform):
+    layer ``l`` with ``n_l`` weights and ``k_l`` final kept weights keeps
+    ``round(n_l - f_t * (n_l - k_l))`` where ``f_t = 1 - (1 - t / T) ** 3``. Each
+    pruning step removes the smallest ``|w|`` among the weights still kept, so a
+    pruned weight stays pruned. Pruning happens every ``update_interval`` steps
+    (default ``max(1, end_step // 20)``: about 20 pruning steps, each followed by
+    some training to recover) and at ``T``, where ``f_T = 1``: the final sparsity is
+    exact from step ``T`` on. With ``end_step <= 1`` there is no step to prune at,
+    so the final masks are applied at ``prepare`` (one-shot).
     """
 
     name = "gmp"
     description = "gradual magnitude pruning from dense, cubic schedule (Zhu & Gupta 2017)"
 
-    def initial_masks(self) -> dict[str, torch.Tensor]:
-        self._final = self.target_counts()
-        if self.schedule.end_step == 0:
-            return self.magnitude_masks(self._final)
-        return {n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()}
+    def __init__(self, config: MaskerConfig) -> None:
+        super().__init__(config)
+        self._final: dict[str, int] = {}
+
+    @property
+    def last_step(self) -> int:
+        """``T``: the step at which the final sparsity is reached."""
+        return self.schedule.end_step - 1
 
     @property
     def interval(self) -> int:
+        """Steps between pruning steps."""
         return self.config.update_interval or max(1, self.schedule.end_step // 20)
 
     def fraction(self, step: int) -> float:
-        """Share of the final sparsity reached at ``step``: ``1 - (1 - t/T)^3``."""
-        t = min(step, self.schedule.end_step) / max(self.schedule.end_step, 1)
+        """``f_t = 1 - (1 - t / T) ** 3``: the share of the final sparsity at ``step``."""
+        if self.last_step < 1:
+            return 1.0
+        t = min(max(step, 0), self.last_step) / self.last_step
         return 1.0 - (1.0 - t) ** 3
 
+    def scheduled_counts(self, step: int) -> dict[str, int]:
+        """Kept weights per layer that the cubic schedule asks for at ``step``."""
+        frac = self.fraction(step)
+        return {
+            n: round(p.numel() - frac * (p.numel() - self._final[n]))
+            for n, p in self.params.items()
+        }
+
+    def initial_masks(self) -> dict[str, torch.Tensor]:
+        self._final = self.target_counts()
+        if self.last_step < 1:
+            return self.magnitude_masks(self._final)
+        return {n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()}
+
     def update_due(self, step: int) -> bool:
-        return step % self.interval == 0 or step == self.schedule.end_step - 1
+        return 1 <= step <= self.last_step and (step % self.interval == 0 or step == self.last_step)
 
     def update(self) -> None:
-        step = (
-            self.step_count + 1
-            if self.step_count == self.schedule.end_step - 1
-            else self.step_count
-        )
-        frac = self.fraction(step)
-        for name, param in self.params.items():
-            n = param.numel()
-            keep = round(n - frac * (n - self._final[name]))
-            keep = max(self._final[name], min(keep, int(self.masks[name].sum())))
-            scores = param.detach().abs().masked_fill(~self.masks[name], -1.0)
+        for name, count in self.scheduled_counts(self.step_count).items():
+            mask = self.masks[name]
+            keep = max(self._final[name], min(count, int(mask.sum())))
+            # pruned weights score below every kept one: once pruned, always pruned
+            scores = self.params[name].detach().abs().masked_fill(~mask, -1.0)
             self.masks[name] = top_k_mask(scores, keep)
+
+    def stats(self) -> dict[str, float]:
+        """Adds ``target_density``: the global density the schedule asks for now."""
+        if self._schedule is None:
+            return super().stats()
+        counts = self.scheduled_counts(self.step_count)
+        total = sum(p.numel() for p in self.params.values())
+        return {**super().stats(), "target_density": sum(counts.values()) / total}
 
     def extra_state(self) -> dict[str, Any]:
         return {"final": dict(self._final)}
@@ -79,19 +120,26 @@ class GradualMagnitudeMasker(Masker):
 
 
 class DynamicMasker(Masker):
-    """Drop-and-grow at constant density (shared by SET and RigL).
+    """Drop-and-grow at constant density, shared by SET and RigL.
 
-    At each update, per layer: drop the ``k = floor(r_t * active)`` active weights of
-    smallest magnitude, then grow ``k`` weights among those not kept (a weight dropped
-    in this update may be regrown, as in RigL) by :meth:`grow_scores`; grown weights
-    start at exactly 0. ``r_t = r_0 / 2 * (1 + cos(pi * t / end_step))`` decays to 0
-    over the update window (the real window, unlike the reference's horizon bug).
+    At an update at step ``t``, per layer with ``a`` active weights:
+
+    1. ``k = floor(r_t * a)`` with ``r_t = r_0 / 2 * (1 + cos(pi * t / end_step))``
+       (cosine decay to 0 over the update window; no updates from ``end_step`` on);
+    2. drop the ``k`` active weights of smallest ``|w|``;
+    3. grow the ``k`` weights of highest :meth:`grow_scores` among all weights not
+       kept in step 2 -- including those just dropped, as in RigL's Algorithm 1 and
+       its reference code (``ArgTopK`` over ``i not in theta \\ I_drop``). A weight
+       dropped and grown in the same update is simply kept, with its value.
+
+    Newly grown weights start at exactly 0 with zero optimizer state (the base class
+    zeroes everything outside the old masks before :meth:`update`). The number of
+    nonzeros per layer is conserved.
     """
 
-    default_drop_fraction = 0.3
+    default_drop_fraction: ClassVar[float]
 
     def initial_masks(self) -> dict[str, torch.Tensor]:
-        self._last_drop_fraction = self.drop_fraction(0)
         return self.magnitude_masks(self.target_counts())
 
     @property
@@ -99,58 +147,63 @@ class DynamicMasker(Masker):
     def interval(self) -> int:
         """Steps between topology updates."""
 
+    @property
+    def initial_drop_fraction(self) -> float:
+        """``r_0``: ``config.drop_fraction`` or the method's default."""
+        return self.config.drop_fraction or self.default_drop_fraction
+
     def drop_fraction(self, step: int) -> float:
-        r0 = self.config.drop_fraction or self.default_drop_fraction
-        end = max(self.schedule.end_step, 1)
-        return r0 / 2 * (1 + math.cos(math.pi * min(step, end) / end))
+        """``r_t = r_0 / 2 * (1 + cos(pi * t / end_step))``, and 0 from ``end_step`` on."""
+        end = self.schedule.end_step
+        if step >= end:
+            return 0.0
+        return self.initial_drop_fraction / 2 * (1 + math.cos(math.pi * max(step, 0) / end))
 
     def update_due(self, step: int) -> bool:
         return step % self.interval == 0
 
     @abc.abstractmethod
     def grow_scores(self, name: str, param: torch.Tensor) -> torch.Tensor:
-        """Higher = grow first; only entries outside the kept set are considered."""
+        """Scores with ``param``'s shape: higher = grown first."""
 
     def update(self) -> None:
         r = self.drop_fraction(self.step_count)
-        self._last_drop_fraction = r
-        with torch.no_grad():
-            for name, param in self.params.items():
-                mask = self.masks[name]
-                active = int(mask.sum())
-                k = math.floor(r * active)
-                if k == 0:
-                    continue
-                magnitude = param.detach().abs().masked_fill(~mask, math.inf)
-                drop = top_k_mask(-magnitude, k)
-                kept = mask & ~drop
-                scores = self.grow_scores(name, param).masked_fill(kept, -math.inf)
-                grow = top_k_mask(scores, k)
-                param[grow] = 0.0
-                self.masks[name] = kept | grow
+        for name, param in self.params.items():
+            mask = self.masks[name]
+            k = math.floor(r * int(mask.sum()))
+            if k == 0:
+                continue
+            magnitude = param.detach().abs().masked_fill(~mask, math.inf)
+            kept = mask & ~top_k_mask(-magnitude, k)
+            scores = self.grow_scores(name, param).masked_fill(kept, -math.inf)
+            self.masks[name] = kept | top_k_mask(scores, k)
 
     def stats(self) -> dict[str, float]:
-        return {**super().stats(), "drop_fraction": self._last_drop_fraction}
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"drop_fraction": self._last_drop_fraction}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self._last_drop_fraction = float(state["drop_fraction"])
+        """Adds ``drop_fraction``: ``r_t`` at the current step (0 once frozen)."""
+        if self._schedule is None:
+            return super().stats()
+        return {**super().stats(), "drop_fraction": self.drop_fraction(self.step_count)}
 
 
 class SETMasker(DynamicMasker):
-    """SET (Mocanu et al. 2018): drop smallest magnitudes, grow at random.
+    """SET (Mocanu et al. 2018): drop the smallest ``|w|``, grow at random.
 
-    Reference settings: ``r_0 = 0.5`` with cosine decay, one update per epoch.
+    Growth draws uniform scores from a ``torch.Generator`` seeded with
+    ``config.seed`` (on the CPU, so the result does not depend on the device); its
+    state is part of :meth:`state_dict`. Reference settings: ``r_0 = 0.5`` with cosine
+    decay, one update per epoch (default interval ``steps_per_epoch``).
     """
 
     name = "set"
     description = "SET: drop smallest weights, regrow at random (once per epoch, r=0.5)"
     default_drop_fraction = 0.5
 
+    def __init__(self, config: MaskerConfig) -> None:
+        super().__init__(config)
+        self._generator = torch.Generator()
+
     def initial_masks(self) -> dict[str, torch.Tensor]:
-        self._generator = torch.Generator().manual_seed(self.config.seed)
+        self._generator.manual_seed(self.config.seed)
         return super().initial_masks()
 
     @property
@@ -162,22 +215,24 @@ class SETMasker(DynamicMasker):
         return torch.rand(param.shape, generator=self._generator).to(param.device)
 
     def extra_state(self) -> dict[str, Any]:
-        return {**super().extra_state(), "rng": self._generator.get_state()}
+        return {"rng": self._generator.get_state()}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        super().load_extra_state(state)
         self._generator.set_state(state["rng"])
 
 
 class RigLMasker(DynamicMasker):
-    """RigL (Evci et al. 2020): drop smallest magnitudes, grow where |dense grad| is largest.
+    """RigL (Evci et al. 2020): drop the smallest ``|w|``, grow where ``|dL/dw|`` is largest.
 
-    The gradient is ``param.grad`` from the last backward pass: masks are applied to
+    The gradient is ``param.grad`` from the last backward pass. Masks are applied to
     the weights after each optimizer step (not as a parametrization), so that
-    gradient is the dense one, including at pruned positions. Reference settings:
-    ``r_0 = 0.3`` with cosine decay, every 100 steps. Default interval
-    ``min(100, max(1, end_step // 10))``: a short fine-tuning run would otherwise see
-    only one or two updates.
+    gradient is the dense one, nonzero at pruned positions too; ``masker.step()``
+    must run before the next ``zero_grad()``.
+
+    Reference settings: ``r_0 = 0.3`` with cosine decay, an update every 80-100 steps
+    over long runs. Default interval ``min(100, max(1, end_step // 10))``: at least
+    about 10 updates, since a short fine-tuning run with a fixed 100-step interval
+    would see only one or two, or none.
     """
 
     name = "rigl"
@@ -191,7 +246,7 @@ class RigLMasker(DynamicMasker):
     def grow_scores(self, name: str, param: torch.Tensor) -> torch.Tensor:
         if param.grad is None:
             raise RuntimeError(
-                f"RigL needs the dense gradient of {name!r}; call masker.step() after "
-                "loss.backward() and optimizer.step(), before zero_grad()"
+                f"RigL needs the dense gradient of {name!r} but its .grad is None; call "
+                "masker.step() after loss.backward() and optimizer.step(), before zero_grad()"
             )
         return param.grad.detach().abs()

@@ -69,16 +69,37 @@ class MaskerRegistry:
                 self.plugin_errors[ep.name] = f"{origin}: {exc}"
                 logger.warning("masker plug-in %r could not be loaded: %s", ep.name, exc)
 
-    def register(self, cls: M, origin: str = "moonprune") -> M:
-        """Add ``cls`` under ``cls.name``; a second class with the same name is an error."""
-        name = cls.name
+    def register(self, cls: M, origin: str | None = None) -> M:
+        """Add ``cls`` under ``cls.name`` and return it, so it works as a decorator::
+
+            @MASKERS.register
+            class SnipMasker(Masker):
+                name = "snip"
+                description = "SNIP: prune by |w * grad| once, at the start"
+                ...
+
+        ``origin`` (shown by :meth:`origin`) defaults to the top-level package of the
+        class's module. A second class with the same name is an error.
+        """
+        if not (isinstance(cls, type) and issubclass(cls, Masker)):
+            raise TypeError(f"{cls!r} is not a subclass of moonprune.sparsity.Masker")
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{cls.__name__} needs a class attribute name = '...' to register")
+        if not isinstance(getattr(cls, "description", None), str):
+            raise ConfigError(f"{cls.__name__} needs a one-line class attribute description")
         if name in self._classes and self._classes[name] is not cls:
-            raise ConfigError(f"a masker named {name!r} is already registered")
+            raise ConfigError(
+                f"a masker named {name!r} is already registered "
+                f"({self._classes[name].__qualname__} from {self._origins[name]}); "
+                "pick another name"
+            )
         self._classes[name] = cls
-        self._origins[name] = origin
+        self._origins[name] = origin or cls.__module__.split(".")[0]
         return cls
 
     def names(self) -> list[str]:
+        """Registered masker names, sorted."""
         self._load_plugins()
         return sorted(self._classes)
 
@@ -87,16 +108,17 @@ class MaskerRegistry:
         return {n: self._classes[n].description for n in self.names()}
 
     def origin(self, name: str) -> str:
-        """Where a masker comes from: ``moonprune`` or the plug-in distribution."""
-        self._load_plugins()
+        """Where a masker comes from: ``moonprune``, a plug-in distribution, or a package."""
+        self.get(name)
         return self._origins[name]
 
     def get(self, name: str) -> type[Masker]:
+        """The class registered as ``name``; an unknown name is a ConfigError with hints."""
         self._load_plugins()
         try:
             return self._classes[name]
-        except KeyError:
-            close = difflib.get_close_matches(name, self.names(), n=1)
+        except (KeyError, TypeError):
+            close = difflib.get_close_matches(str(name), self.names(), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(
                 f"unknown sparse method {name!r}{hint}; choose one of: {', '.join(self.names())}"
