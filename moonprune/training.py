@@ -302,6 +302,7 @@ class Trainer:
                 self.callback.on_step(
                     StepInfo(epoch, i, self.steps_per_epoch, loss.item(), lr, self._a(), density)
                 )
+        a_used = self._a()  # the value this epoch trained with, before the ramp moves on
         if self.schedule is not None:
             self.schedule.end_epoch(epoch)
         if self.averaging is not None:
@@ -313,7 +314,7 @@ class Trainer:
             epoch,
             total_loss / max(n_seen, 1),
             lr,
-            self._a(),
+            a_used,
             stats["density"],
             time.perf_counter() - start,
             self.averaging is not None and self.averaging.is_active(epoch),

@@ -24,9 +24,10 @@ LOGITS = torch.tensor(
         [2.0, 0.0, 0.0],  # label 0: correct
         [0.0, 1.0, 0.0],  # label 0: misclassified (argmax 1)
         [0.0, 0.0, 30.0],  # label 1: misclassified, p_u = 1 in float32 -> clamped
+        [1.0, 0.0, 3.0],  # label 0: right among the K known, but the unknown column wins
     ]
 )
-TARGET = torch.tensor([0, 0, 1])
+TARGET = torch.tensor([0, 0, 1, 0])
 
 
 def _softmax(row: list[float]) -> list[float]:
@@ -42,7 +43,7 @@ def _expected_loss(a: float) -> float:
         p_u = min(p[2], 1 - 1e-7)
         correct = max(range(3), key=lambda j: row[j]) == y
         total += h * (1.0 if correct else 1 + a / (1 + a * p_u))
-    return total / 3
+    return total / len(TARGET)
 
 
 @pytest.mark.parametrize("a", [0.0, 0.01, 0.5, 1.0, 3.0])
@@ -72,7 +73,7 @@ def test_weight_is_not_differentiated() -> None:
     # gradient equals that of sum(w * h)/N with w treated as constants
     p = torch.softmax(LOGITS, 1)
     p_u = p[:, 2].clamp(max=1 - 1e-7)
-    w = torch.tensor([1.0, 1 + 1 / (1 + p_u[1].item()), 1 + 1 / (1 + p_u[2].item())])
+    w = torch.tensor([1.0, *(1 + 1 / (1 + p_u[i].item()) for i in (1, 2, 3))])
     ref = LOGITS.clone().requires_grad_(True)
     (F.cross_entropy(ref, TARGET, reduction="none") * w).mean().backward()
     assert ref.grad is not None and logits.grad is not None

@@ -57,20 +57,39 @@ def test_averaging_keeps_zeros_and_topology_freezes_first(digits06) -> None:
     # the average differs from the last iterate (it really averaged)
     last = dict(model.named_parameters())
     assert any(not torch.equal(averaged[k], last[k]) for k in result.masks)
+    # the history records the a each epoch trained with: none in warm-up, then a ramp
+    # by a_step that ends one step short of a_final (a_final is reached as it ends)
+    a = [h.a for h in result.history]
+    schedule_a = trainer.schedule
+    assert schedule_a is not None and a[0] is None
+    assert a[2] - a[1] == pytest.approx(schedule_a.a_step)
+    assert a[-1] + schedule_a.a_step == pytest.approx(schedule_a.config.a_final)
 
 
-def test_resume_gives_identical_final_weights(digits06, tmp_path: Path) -> None:
+# stop after epoch 1 (before averaging) or epoch 3 (the first averaging epoch, so the
+# running average, its count and the recalibrated BatchNorm must survive the resume)
+@pytest.mark.parametrize("stop_after", [1, 3])
+def test_resume_gives_identical_final_weights(digits06, tmp_path: Path, stop_after: int) -> None:
+    moon = MoonConfig(warmup_epochs=1, average_epochs=2, average_fraction=0.3)
+    train = TrainConfig(epochs=5, batch_size=64, lr=0.05, seed=3)
+
+    def trainer(model: torch.nn.Module, state_path: Path | None = None) -> Trainer:
+        masker = MASKERS.create("rigl", MaskerConfig(sparsity=0.8, update_interval=3, seed=1))
+        return Trainer(model, masker, digits06.train, train, moon, state_path=state_path)
+
     base = _model(digits06)
-    full = _trainer(copy.deepcopy(base), digits06).run()
+    full = trainer(copy.deepcopy(base)).run()
 
     state = tmp_path / "state.pt"
-    first = _trainer(copy.deepcopy(base), digits06, state_path=state)
+    first = trainer(copy.deepcopy(base), state)
     with pytest.raises(StopTraining):
-        first.run(stop_after_epoch=1)
+        first.run(stop_after_epoch=stop_after)
     assert state.is_file()
-    second = _trainer(copy.deepcopy(base), digits06, state_path=state)
+    second = trainer(copy.deepcopy(base), state)
     second.load_state(state)
-    assert second.start_epoch == 2
+    assert second.start_epoch == stop_after + 1
+    assert second.averaging is not None
+    assert (second.averaging.averaged is not None) == (stop_after >= 3)
     resumed = second.run()
 
     for (k, a), (_, b) in zip(
