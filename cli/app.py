@@ -14,6 +14,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from moonprune.errors import GateFailed, MoonpruneError
 
@@ -53,12 +54,13 @@ def run_guarded(fn: Callable[[], T]) -> T:
     try:
         return fn()
     except GateFailed as exc:
-        err_console.print(f"[red]gate failed:[/] {exc}", highlight=False)
+        err_console.print(f"[red]gate failed:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(1) from None
     except MoonpruneError as exc:
         if _state["debug"]:
             raise
-        err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # the message quotes user input (paths, specs): print it literally, not as markup
+        err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from moonprune.cli.render import RichProgress, comparison_table, summary_lines
@@ -63,14 +63,24 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
     return values[0], values[1]
 
 
-def _interrupted(out: Path) -> None:
+def _interrupted(out: Path, can_resume: bool = True) -> NoReturn:
+    """Say what Ctrl-C left behind: a resumable state only once an epoch has finished."""
     from moonprune.cli.app import err_console
+    from rich.markup import escape
 
-    err_console.print(
-        f"[yellow]interrupted.[/] The last finished epoch is saved in "
-        f"{out.parent / ('.' + out.name + '.partial')}; rerun the same command with --resume "
-        "to continue."
-    )
+    from moonprune.outputs import STATE_FILE
+
+    partial = out.parent / f".{out.name}.partial"
+    if not (partial / STATE_FILE).is_file():
+        message = " before the first epoch finished; nothing was saved. Rerun the same command."
+    elif can_resume:
+        message = (
+            f". The last finished epoch is saved in {escape(str(partial))}; rerun the same "
+            "command with --resume to continue."
+        )
+    else:
+        message = ". Rerun the same command to start again."
+    err_console.print(f"[yellow]interrupted[/]{message}", highlight=False, soft_wrap=True)
     raise typer.Exit(130)
 
 
@@ -283,6 +293,7 @@ def register(app: typer.Typer) -> None:
     def methods() -> None:
         """List the sparse methods (built-in and plug-ins) with their origin."""
         from moonprune.cli.app import console
+        from rich.markup import escape
         from rich.table import Table
 
         from moonprune.sparsity import MASKERS
@@ -294,7 +305,9 @@ def register(app: typer.Typer) -> None:
             table.add_row(name, description, MASKERS.origin(name))
         console.print(table)
         for name, error in MASKERS.plugin_errors.items():
-            console.print(f"[yellow]plug-in {name!r} failed to load:[/] {error}")
+            console.print(
+                f"[yellow]plug-in {escape(repr(name))} failed to load:[/] {escape(error)}"
+            )
 
     @app.command()
     def demo(
@@ -331,5 +344,5 @@ def register(app: typer.Typer) -> None:
                     )
                 )
         except KeyboardInterrupt:
-            _interrupted(out)
+            _interrupted(out, can_resume=False)
         _show(result)

@@ -18,6 +18,7 @@ import importlib.util
 import inspect
 import math
 import pickle
+import re
 import sys
 import zipfile
 from collections.abc import Callable, Mapping
@@ -30,12 +31,17 @@ from torch import nn
 
 from moonprune.data import Preprocessing
 from moonprune.errors import CheckpointError
-from moonprune.heads import add_unknown_output_
+from moonprune.heads import add_unknown_output_, find_classifier
 from moonprune.outputs import atomic_path
 
 FORMAT = "moonprune-checkpoint"
 FORMAT_VERSION = 1
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
+#: Key prefixes a training wrapper adds: DataParallel/DDP, Lightning, torch.compile.
+_WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
+#: What torch's safe unpickler says when it meets a class it will not build (a pickled
+#: module); other unpickling errors (e.g. "Unsupported operand") mean a damaged file.
+_NAMES_A_GLOBAL = re.compile(r"Unsupported (global|class)")
 
 
 def _version() -> str:
@@ -129,21 +135,28 @@ def _torch_load(path: Path, trust: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as exc:
-        if not trust and "weights_only" in str(exc):
+        # torch's safe unpickler says "weights_only" about garbage bytes too: only a named
+        # class, or a file torch.save wrote (a zip archive), means "a pickled object".
+        if not trust and (_NAMES_A_GLOBAL.search(str(exc)) or zipfile.is_zipfile(path)):
             raise CheckpointError(
                 f"{str(path)!r} holds pickled Python objects (e.g. a whole nn.Module), which "
                 "could run code when loaded; save model.state_dict() and pass --arch, or pass "
                 "--trust-checkpoint if you trust this file"
             ) from None
-        raise CheckpointError(
-            f"{str(path)!r} is not a readable PyTorch checkpoint ({exc})"
-        ) from None
+        raise _corrupt(path, exc) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"{str(path)!r} is corrupt or not a PyTorch checkpoint ({first}); re-save it with "
-            "torch.save(model.state_dict(), path)"
-        ) from None
+        raise _corrupt(path, exc) from None
+
+
+def _corrupt(path: Path, exc: Exception) -> CheckpointError:
+    """One line for an unreadable file, with torch's own reason when it has a short one."""
+    text = str(exc).split("WeightsUnpickler error:")[-1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reason = lines[0] if lines else type(exc).__name__
+    return CheckpointError(
+        f"{str(path)!r} is corrupt or not a PyTorch checkpoint ({reason}); re-save it with "
+        "torch.save(model.state_dict(), path)"
+    )
 
 
 def _find_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
@@ -169,9 +182,75 @@ def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
             )
 
 
-def load_weights_(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Strictly load ``state`` into ``model``; the error names the first mismatched key."""
+class ClassCountMismatch(CheckpointError):
+    """The checkpoint's classifier has another number of outputs than the built model's.
+
+    A separate type because the caller often knows better what to suggest: when the
+    model was built for the data's class count, the fix is the data's class subset.
+    """
+
+    def __init__(self, message: str, checkpoint_classes: int, model_classes: int) -> None:
+        super().__init__(message)
+        self.checkpoint_classes = checkpoint_classes
+        self.model_classes = model_classes
+
+
+def _without_wrapper_prefix(
+    state: Mapping[str, torch.Tensor], own: set[str]
+) -> Mapping[str, torch.Tensor]:
+    """``state`` with the prefix common to all its keys (``module.``, ``model.``, ...)
+    removed, repeatedly, as far as that makes more keys match ``own``."""
+    candidates = [state]
+    while candidates[-1]:
+        keys = list(candidates[-1])
+        prefix = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in keys)), None)
+        if prefix is None:
+            break
+        candidates.append({k[len(prefix) :]: v for k, v in candidates[-1].items()})
+    return max(candidates, key=lambda c: len(own.intersection(c)))  # ties: the least stripped
+
+
+def _check_head(
+    model: nn.Module,
+    key: str,
+    saved: torch.Tensor,
+    built: torch.Tensor,
+    source: str,
+    example_input: torch.Tensor | None,
+) -> None:
+    """Raise :class:`ClassCountMismatch` when ``key`` is the classifier's output dimension."""
+    if example_input is None or saved.shape[1:] != built.shape[1:]:
+        return
+    try:
+        head = find_classifier(model, example_input)
+    except (CheckpointError, RuntimeError):
+        return  # no recognisable head: the plain shape message says enough
+    if key in (f"{head}.weight", f"{head}.bias"):
+        n_saved, n_built = int(saved.shape[0]), int(built.shape[0])
+        raise ClassCountMismatch(
+            f"{source} has {n_saved} classes (its classifier {key!r}) but the model was built "
+            f"for {n_built}; set num_classes = {n_saved} in the arch kwargs or use data with "
+            f"{n_saved} classes",
+            n_saved,
+            n_built,
+        )
+
+
+def load_weights_(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    source: str,
+    example_input: torch.Tensor | None = None,
+) -> None:
+    """Strictly load ``state`` into ``model``; the error names the first mismatched key.
+
+    Keys saved through a wrapper (``module.`` by DataParallel/DDP, ``model.`` by
+    Lightning, ``_orig_mod.`` by torch.compile) are matched without that prefix. With
+    ``example_input`` (to find the classifier) a classifier of another width is
+    reported as a :class:`ClassCountMismatch`, which is what that mismatch means.
+    """
     own = model.state_dict()
+    state = _without_wrapper_prefix(state, set(own))
     for key, tensor in own.items():
         if key not in state:
             raise CheckpointError(
@@ -179,6 +258,7 @@ def load_weights_(model: nn.Module, state: Mapping[str, torch.Tensor], source: s
                 "checkpoint; check --arch and its keyword arguments"
             )
         if state[key].shape != tensor.shape:
+            _check_head(model, key, state[key], tensor, source, example_input)
             raise CheckpointError(
                 f"{source} does not fit the architecture: {key!r} has shape "
                 f"{tuple(state[key].shape)} in the checkpoint but {tuple(tensor.shape)} in the "
@@ -206,9 +286,19 @@ class DenseModel:
     structure: dict[str, dict[str, int]] | None = None
 
 
-def load_dense(path: str | Path, arch: ArchSpec | None = None, trust: bool = False) -> DenseModel:
+def load_dense(
+    path: str | Path,
+    arch: ArchSpec | None = None,
+    trust: bool = False,
+    example_input: torch.Tensor | None = None,
+) -> DenseModel:
     """Load a state_dict (+ ``arch``), a nested state_dict, a moonprune checkpoint,
     ``.safetensors`` (+ ``arch``), or with ``trust`` a whole pickled module.
+
+    A pickled module given with ``arch`` is checked now to load into ``arch.build()``
+    (the saved result is rebuilt from ``arch``, so a mismatch would only show later, in
+    an unloadable ``model.pt``); its weights are then used in the rebuilt network.
+    ``example_input`` lets a classifier-width mismatch be reported as such.
 
     Example::
 
@@ -223,13 +313,13 @@ def load_dense(path: str | Path, arch: ArchSpec | None = None, trust: bool = Fal
         state = _load_safetensors(p)
     else:
         obj = _torch_load(p, trust)
-        if isinstance(obj, nn.Module):
+        if isinstance(obj, nn.Module) and arch is None:
             check_finite(obj.state_dict(), str(p))
             return DenseModel(obj, arch)
         if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
             ckpt = checkpoint_from_dict(obj, str(p))
             return DenseModel(ckpt.model, ckpt.arch, ckpt.head_layer, ckpt.structure)
-        found = _find_state_dict(obj)
+        found = obj.state_dict() if isinstance(obj, nn.Module) else _find_state_dict(obj)
         if found is None:
             raise CheckpointError(
                 f"{str(p)!r} holds no state_dict (a dict of tensors, possibly under "
@@ -243,7 +333,7 @@ def load_dense(path: str | Path, arch: ArchSpec | None = None, trust: bool = Fal
         )
     check_finite(state, str(p))
     model = arch.build()
-    load_weights_(model, state, str(p))
+    load_weights_(model, state, str(p), example_input)
     return DenseModel(model, arch)
 
 

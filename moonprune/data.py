@@ -146,7 +146,11 @@ def parse_spec(spec: str) -> tuple[str, list[int] | None]:
     before it is itself a path that exists.
     """
     name, sep, subset = spec.rpartition(":")
-    if not sep or (Path(spec).exists() and not Path(name).exists()):
+    if not sep:
+        return spec, None
+    with sources.reading(Path(spec)):
+        is_path = Path(spec).exists() and not Path(name).exists()
+    if is_path:
         return spec, None
     classes: list[int] = []
     try:
@@ -163,16 +167,18 @@ def parse_spec(spec: str) -> tuple[str, list[int] | None]:
 
 
 def _read_source(name: str, options: ReadOptions) -> RawImages:
-    path = Path(name)
     if name in BUILTIN_SOURCES:
         return BUILTIN_SOURCES[name][0]()
+    path = Path(name)
+    with sources.reading(path):
+        exists, is_dir = path.exists(), path.is_dir()
     if path.suffix == ".npz":
-        if not path.is_file():
+        if not exists or is_dir:
             raise DataError(f"data file {name!r} does not exist; check the path")
         return sources.read_npz(path)
-    if path.is_dir():
+    if is_dir:
         return sources.read_image_folder(path, options.size, options.channels, options.on_bad_image)
-    if path.exists():
+    if exists:
         raise DataError(f"{name!r} is neither a directory nor an .npz file")
     known = ", ".join([*BUILTIN_SOURCES, "noise"])
     raise DataError(
@@ -248,18 +254,19 @@ def _predefined_splits(spec: str, options: ReadOptions) -> dict[str, RawImages] 
     """``root/train``, ``root/val``, ``root/test`` of an ImageFolder, when present."""
     name, subset = parse_spec(spec)
     root = Path(name)
-    if not (root.is_dir() and (root / "train").is_dir()):
+    with sources.reading(root):
+        present = [p for p in ("train", "val", "test") if root.is_dir() and (root / p).is_dir()]
+    if "train" not in present:
         return None
     parts = {}
-    for part in ("train", "val", "test"):
-        if (root / part).is_dir():
-            parts[part] = take_classes(
-                sources.read_image_folder(
-                    root / part, options.size, options.channels, options.on_bad_image
-                ),
-                subset,
-                f"{spec}/{part}",
-            )
+    for part in present:
+        parts[part] = take_classes(
+            sources.read_image_folder(
+                root / part, options.size, options.channels, options.on_bad_image
+            ),
+            subset,
+            f"{spec}/{part}",
+        )
     train = parts["train"]
     size = options.size or (train.images.shape[2], train.images.shape[3])
     for part, raw in parts.items():

@@ -23,6 +23,7 @@ from moonprune.calibration import resolve_temperature
 from moonprune.channel_training import check_channel_config, train_channel_pruned
 from moonprune.checkpoints import (
     ArchSpec,
+    ClassCountMismatch,
     DenseModel,
     MoonpruneCheckpoint,
     load_dense,
@@ -30,7 +31,7 @@ from moonprune.checkpoints import (
     save_checkpoint,
 )
 from moonprune.config import CompressConfig
-from moonprune.data import ImageSet, ReadOptions, Splits, load_ood, load_splits
+from moonprune.data import ImageSet, ReadOptions, Splits, load_ood, load_splits, parse_spec
 from moonprune.distributed import DistContext, from_env
 from moonprune.errors import CheckpointError, ConfigError
 from moonprune.heads import add_unknown_output_, find_classifier, output_width
@@ -97,7 +98,7 @@ def prepare_inputs(cfg: CompressConfig, dense: DenseModel | None = None) -> Inpu
             arch = ArchSpec(cfg.arch, dict(cfg.arch_kwargs)).with_defaults(
                 num_classes=splits.num_classes, in_channels=pre.channels
             )
-        dense = load_dense(cfg.checkpoint, arch, trust=cfg.trust_checkpoint)
+        dense = _load_for_data(cfg, arch, splits)
     try:
         width = output_width(dense.model, splits.train.x[:2])
     except RuntimeError as exc:
@@ -127,6 +128,22 @@ def prepare_inputs(cfg: CompressConfig, dense: DenseModel | None = None) -> Inpu
     if cfg.sparsity.method != CHANNEL:
         MASKERS.create(cfg.sparsity.method, cfg.sparsity.masker_config(cfg.train.seed))
     return Inputs(dense, splits, ood)
+
+
+def _load_for_data(cfg: CompressConfig, arch: ArchSpec | None, splits: Splits) -> DenseModel:
+    """:func:`load_dense`; when ``num_classes`` was taken from the data (not given by the
+    user), a classifier of another width means the data is the thing to change."""
+    try:
+        return load_dense(cfg.checkpoint, arch, cfg.trust_checkpoint, splits.train.x[:2])
+    except ClassCountMismatch as exc:
+        if "num_classes" in cfg.arch_kwargs or exc.model_classes != splits.num_classes:
+            raise
+        n, name = exc.checkpoint_classes, parse_spec(cfg.data)[0]
+        raise CheckpointError(
+            f"the checkpoint has {n} classes but the data {cfg.data!r} has "
+            f"{splits.num_classes}; pick a class subset such as {name}:0-{n - 1}, or the "
+            "right checkpoint"
+        ) from None
 
 
 @dataclass
@@ -235,6 +252,8 @@ def compress(
             )
         train_s = time.perf_counter() - t0
     except KeyboardInterrupt:
+        if dist.is_main and not out.state_path.exists():  # nothing to resume: leave nothing
+            out.discard()
         raise
     except Exception:
         if dist.is_main and not out.state_path.exists():

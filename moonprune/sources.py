@@ -11,10 +11,12 @@ every image set is later resized to the model's input by :func:`conform`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import importlib.util
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,18 +162,29 @@ def _folder_images(files: list[Path], on_bad_image: str) -> list[np.ndarray | No
     return out
 
 
+@contextlib.contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """Turn an OS error while looking at ``path`` (no permission, a vanished mount) into a
+    :class:`DataError` naming it: the user can fix that, a traceback does not help."""
+    try:
+        yield
+    except OSError as exc:
+        raise DataError(f"cannot read {str(path)!r} ({exc}); check its permissions") from None
+
+
 def list_image_folder(root: Path) -> tuple[list[Path], list[int], tuple[str, ...]]:
     """Files and labels of an ImageFolder ``root/<class>/<image>``, classes sorted."""
-    classes = tuple(
-        sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    )
     files: list[Path] = []
     labels: list[int] = []
-    for index, name in enumerate(classes):
-        for path in sorted((root / name).rglob("*")):
-            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
-                files.append(path)
-                labels.append(index)
+    with reading(root):
+        classes = tuple(
+            sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        )
+        for index, name in enumerate(classes):
+            for path in sorted((root / name).rglob("*")):
+                if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+                    files.append(path)
+                    labels.append(index)
     if not files:
         raise DataError(
             f"no images found in {str(root)!r}; expected root/<class>/<image>.png (or .jpg)"

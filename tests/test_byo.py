@@ -129,7 +129,10 @@ def test_corrupt_checkpoint(tmp_path: Path) -> None:
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"\x00garbage")
     code, output = _compress(tmp_path, bad)
-    assert code == 2 and "corrupt" in output and "Traceback" not in output
+    # "corrupt" alone would match pytest's directory name (test_corrupt_checkpoint0)
+    assert code == 2 and "not a PyTorch checkpoint" in output and "Traceback" not in output
+    assert "--trust-checkpoint" not in output
+    assert len(output.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
 
 
@@ -165,13 +168,34 @@ def test_ctrl_c_leaves_a_resumable_run(tmp_path: Path, monkeypatch) -> None:
 
     monkeypatch.setattr(training.Trainer, "_run_epoch", interrupt_second_epoch)
     code, output = _compress(tmp_path, _dense(tmp_path))
-    assert code == 130 and "--resume" in output
+    assert code == 130 and "--resume" in output and "nothing was saved" not in output
     assert (tmp_path / ".out.partial" / "train-state.pt").is_file()
     monkeypatch.setattr(training.Trainer, "_run_epoch", original)
     code, output = _compress(tmp_path, tmp_path / "dense.pt", "--resume")
     assert code == 0, output
     assert (tmp_path / "out" / "model.pt").is_file()
     assert not (tmp_path / ".out.partial").exists()
+
+
+@pytest.mark.parametrize("when", ["dense evaluation", "first epoch"])
+def test_ctrl_c_before_an_epoch_finished_saves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """No training state yet: no resume hint, and no partial directory left behind."""
+    import moonprune.pipeline as pipeline
+    import moonprune.training as training
+
+    def interrupt(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    if when == "dense evaluation":
+        monkeypatch.setattr(pipeline, "_assess", interrupt)
+    else:
+        monkeypatch.setattr(training.Trainer, "_run_epoch", interrupt)
+    code, output = _compress(tmp_path, _dense(tmp_path))
+    assert code == 130, output
+    assert "nothing was saved" in output and "--resume" not in output
+    assert not (tmp_path / ".out.partial").exists() and not (tmp_path / "out").exists()
 
 
 def test_mnist_missing_names_the_install_line(monkeypatch) -> None:

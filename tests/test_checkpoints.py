@@ -9,6 +9,7 @@ import torch
 
 from moonprune.checkpoints import (
     ArchSpec,
+    ClassCountMismatch,
     MoonpruneCheckpoint,
     load_checkpoint,
     load_dense,
@@ -22,17 +23,28 @@ from moonprune.models import demo_cnn
 ARCH = ArchSpec("moonprune.models:demo_cnn", {"num_classes": 3, "width": 4})
 
 
-def _dense(tmp_path: Path, wrap: str | None = None) -> Path:
+def _dense(tmp_path: Path, wrap: str | None = None, prefix: str = "") -> Path:
     torch.manual_seed(0)
-    state = demo_cnn(num_classes=3, width=4).state_dict()
+    state = {prefix + k: v for k, v in demo_cnn(num_classes=3, width=4).state_dict().items()}
     path = tmp_path / "dense.pt"
     torch.save({wrap: state, "epoch": 7} if wrap else state, path)
     return path
 
 
-@pytest.mark.parametrize("wrap", [None, "state_dict", "model"])
-def test_state_dict_forms_load(tmp_path: Path, wrap: str | None) -> None:
-    loaded = load_dense(_dense(tmp_path, wrap), ARCH)
+@pytest.mark.parametrize(
+    ("wrap", "prefix"),
+    [
+        (None, ""),
+        ("state_dict", ""),
+        ("model", ""),
+        (None, "module."),  # DataParallel / DDP
+        ("state_dict", "model."),  # Lightning
+        (None, "_orig_mod."),  # torch.compile
+        ("state_dict", "model.module."),  # DDP inside Lightning
+    ],
+)
+def test_state_dict_forms_load(tmp_path: Path, wrap: str | None, prefix: str) -> None:
+    loaded = load_dense(_dense(tmp_path, wrap, prefix), ARCH)
     torch.manual_seed(0)
     ref = demo_cnn(num_classes=3, width=4)
     for (k, a), (_, b) in zip(
@@ -49,13 +61,42 @@ def test_pickled_module_needs_trust(tmp_path: Path) -> None:
     assert isinstance(load_dense(path, ARCH, trust=True).model, torch.nn.Module)
 
 
+def test_trusted_pickled_module_must_fit_arch(tmp_path: Path) -> None:
+    """The saved model is rebuilt from ``arch``: a module it cannot hold is refused now."""
+    path = tmp_path / "whole.pt"
+    torch.save(demo_cnn(num_classes=3, width=4), path)
+    wider = ArchSpec(ARCH.factory, {"num_classes": 3, "width": 8})
+    with pytest.raises(CheckpointError, match=r"'features\.0\.0\.weight' has shape"):
+        load_dense(path, wider, trust=True)
+
+
+def test_class_count_mismatch_is_named_as_such(tmp_path: Path) -> None:
+    five = ArchSpec(ARCH.factory, {"num_classes": 5, "width": 4})
+    with pytest.raises(ClassCountMismatch, match=r"has 3 classes .* built for 5") as info:
+        load_dense(_dense(tmp_path, prefix="module."), five, example_input=torch.randn(2, 1, 8, 8))
+    assert (info.value.checkpoint_classes, info.value.model_classes) == (3, 5)
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint at all", b"\x00garbage", b"PK\x03\x04"])
+@pytest.mark.parametrize("trust", [False, True])
+def test_garbage_is_corrupt_not_pickled(tmp_path: Path, content: bytes, trust: bool) -> None:
+    """torch's message for garbage mentions weights_only too; it must not read as a module."""
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(content)
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint") as info:
+        load_dense(bad, ARCH, trust=trust)
+    assert "--trust-checkpoint" not in str(info.value)
+    assert "\n" not in str(info.value)
+
+
 def test_missing_corrupt_and_mismatched(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="does not exist"):
         load_dense(tmp_path / "nope.pt", ARCH)
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CheckpointError, match="corrupt"):
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint") as info:
         load_dense(bad, ARCH)
+    assert "--trust-checkpoint" not in str(info.value)
     with pytest.raises(CheckpointError, match=r"classifier\.weight"):
         load_dense(_dense(tmp_path), ArchSpec(ARCH.factory, {"num_classes": 5, "width": 4}))
     with pytest.raises(CheckpointError, match="--arch"):

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from moonprune.cli.app import app
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from moonprune.models import demo_cnn
 
@@ -45,6 +46,18 @@ def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "moonprune", *args], capture_output=True, text=True, timeout=300
     )
+
+
+def _assert_refused(result: Result, out: Path, needle: str) -> str:
+    """Exit 2, one line naming the problem, no traceback, nothing in --out; the line."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert needle in lines[0], lines[0]
+    assert "Traceback" not in result.output
+    assert not out.exists()
+    assert not (out.parent / f".{out.name}.partial").exists()
+    return lines[0]
 
 
 def test_help_teaches() -> None:
@@ -89,13 +102,7 @@ def test_bad_input_exits_2_with_one_line(case: str, dense_path: Path, tmp_path: 
     ckpt = tmp_path / checkpoint if checkpoint else dense_path
     recipe = _recipe(tmp_path)
     result = runner.invoke(app, [*_args(ckpt, out, "--config", str(recipe)), *extra])
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    text = " ".join(lines)
-    assert needle in text, text
-    assert "Traceback" not in result.output
-    assert not out.exists()
-    assert not (tmp_path / ".out.partial").exists()
+    _assert_refused(result, out, needle)
 
 
 def test_bad_input_as_subprocess(dense_path: Path, tmp_path: Path) -> None:
@@ -123,8 +130,18 @@ def test_pickled_module_without_trust(tmp_path: Path) -> None:
     path = tmp_path / "whole.pt"
     torch.save(demo_cnn(num_classes=6, width=8), path)
     result = runner.invoke(app, _args(path, tmp_path / "out"))
-    assert result.exit_code == 2
-    assert "--trust-checkpoint" in result.output
+    _assert_refused(result, tmp_path / "out", "--trust-checkpoint")
+
+
+def test_trusted_pickled_module_must_fit_arch(tmp_path: Path) -> None:
+    """Otherwise model.pt, rebuilt from --arch, could not be loaded back."""
+    path = tmp_path / "whole.pt"
+    torch.save(demo_cnn(num_classes=6, width=8), path)
+    result = runner.invoke(
+        app,
+        [*_args(path, tmp_path / "out"), "--trust-checkpoint", "--arch-kwargs", '{"width": 16}'],
+    )
+    _assert_refused(result, tmp_path / "out", "'features.0.0.weight' has shape")
 
 
 def test_non_finite_checkpoint(tmp_path: Path) -> None:
@@ -135,8 +152,7 @@ def test_non_finite_checkpoint(tmp_path: Path) -> None:
     result = runner.invoke(
         app, [*_args(path, tmp_path / "out"), "--config", str(_recipe(tmp_path))]
     )
-    assert result.exit_code == 2
-    assert "NaN or infinite" in result.output
+    _assert_refused(result, tmp_path / "out", "NaN or infinite")
 
 
 def test_empty_data_folder(dense_path: Path, tmp_path: Path) -> None:
@@ -144,8 +160,25 @@ def test_empty_data_folder(dense_path: Path, tmp_path: Path) -> None:
     result = runner.invoke(
         app, [*_args(dense_path, tmp_path / "out"), "--data", str(tmp_path / "data")]
     )
-    assert result.exit_code == 2
-    assert "no images" in result.output
+    _assert_refused(result, tmp_path / "out", "no images")
+
+
+def test_unreadable_data_folder(
+    dense_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "data"
+    (data / "a").mkdir(parents=True)
+    real = Path.iterdir
+
+    def denied(self: Path) -> Iterator[Path]:
+        if self == data:  # as after chmod 000, which does not stop root
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", denied)
+    result = runner.invoke(app, [*_args(dense_path, tmp_path / "out"), "--data", str(data)])
+    line = _assert_refused(result, tmp_path / "out", f"cannot read '{data}'")
+    assert "check its permissions" in line
 
 
 def test_ood_npz_of_wrong_shape(dense_path: Path, tmp_path: Path) -> None:
@@ -155,8 +188,25 @@ def test_ood_npz_of_wrong_shape(dense_path: Path, tmp_path: Path) -> None:
         [*_args(dense_path, tmp_path / "out"), "--config", str(_recipe(tmp_path)),
          "--ood", str(tmp_path / "ood.npz")],
     )  # fmt: skip
-    assert result.exit_code == 2
-    assert "shape" in result.output
+    _assert_refused(result, tmp_path / "out", "shape")
+
+
+def test_error_text_is_printed_literally(dense_path: Path, tmp_path: Path) -> None:
+    """A path is not Rich markup: ``[/]`` in it must neither crash nor vanish."""
+    missing = tmp_path / "x[/]y.pt"
+    result = runner.invoke(app, _args(missing, tmp_path / "out"))
+    _assert_refused(result, tmp_path / "out", f"'{missing}' does not exist")
+
+
+def test_class_count_taken_from_the_data_names_the_subset(dense_path: Path, tmp_path: Path) -> None:
+    """num_classes defaults to the data's (4 here); the 6-class checkpoint is the clue."""
+    result = runner.invoke(
+        app, [*_args(dense_path, tmp_path / "out"), "--data", "digits:0-3",
+              "--arch-kwargs", '{"width": 8}'],
+    )  # fmt: skip
+    line = _assert_refused(result, tmp_path / "out", "the checkpoint has 6 classes")
+    assert "'digits:0-3' has 4" in line and "digits:0-5" in line
+    assert "shape" not in line
 
 
 def test_compress_applies_gates_to_its_own_result(dense_path: Path, tmp_path: Path) -> None:

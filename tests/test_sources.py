@@ -61,6 +61,35 @@ def test_empty_folder_is_an_error(tmp_path: Path) -> None:
         load_raw(str(tmp_path / "empty"))
 
 
+def _deny(monkeypatch: pytest.MonkeyPatch, method: str, target: Path) -> None:
+    """Make ``Path.<method>`` raise PermissionError on ``target``, as an unreadable folder
+    does (chmod would not work when the tests run as root)."""
+    real = getattr(Path, method)
+
+    def denied(self: Path, *args: object) -> object:
+        if self == target:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args)
+
+    monkeypatch.setattr(Path, method, denied)
+
+
+@pytest.mark.parametrize(
+    ("method", "spec"),
+    [("iterdir", "data"), ("is_dir", "data"), ("is_dir", "data/train"), ("exists", "x.npz")],
+)
+def test_unreadable_path_is_a_data_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, spec: str
+) -> None:
+    """Listing the folder, probing it, probing its train/ split, or probing a file."""
+    _write_folder(tmp_path / "data", n_per_class=2)
+    target = tmp_path / spec
+    _deny(monkeypatch, method, target)
+    with pytest.raises(DataError, match=r"cannot read .* check its permissions") as info:
+        load_splits(str(target.parent if spec == "data/train" else target), seed=0)
+    assert str(target) in str(info.value)
+
+
 @pytest.mark.parametrize("layout", ["nchw", "nhwc", "nhw"])
 def test_npz_layouts(tmp_path: Path, layout: str) -> None:
     rng = np.random.default_rng(0)
