@@ -109,7 +109,9 @@ def test_reaches_target_density(name: str) -> None:
     assert abs(masker.stats()["density"] - (1 - SPARSITY)) < 0.005
 
 
-@pytest.mark.parametrize("name", BUILTIN)
+# every masker moonprune ships, the torch.ao adapter included (a plug-in may choose
+# another layer distribution; its contract is the global density above)
+@pytest.mark.parametrize("name", [*BUILTIN, "torch-ao"])
 def test_final_layer_counts_follow_erk(name: str) -> None:
     model, masker = _run(name)
     assert _counts(masker) == _erk_counts(model)
