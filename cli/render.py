@@ -101,8 +101,8 @@ def comparison_table(report: dict[str, Any]) -> Table:
     return table
 
 
-def summary_lines(report: dict[str, Any], files: dict[str, Any]) -> list[str]:
-    """A few lines under the table: threshold, acceptance, outputs."""
+def acceptance_lines(report: dict[str, Any]) -> list[str]:
+    """The threshold's ID validation acceptance and each OOD set's rejection."""
     acc = report["acceptance"]
     lines = [
         f"threshold {report['threshold']:.4f} ({report['score']}) accepts "
@@ -111,10 +111,29 @@ def summary_lines(report: dict[str, Any], files: dict[str, Any]) -> list[str]:
     ]
     for name, frac in acc["ood_rejected"].items():
         lines.append(f"  rejects {100 * frac:.1f}% of {name}")
-    cal = report.get("calibration", {}).get("compressed")
-    if cal and cal["temperature"] != 1.0:
+    return lines
+
+
+def _temperature_choice(fit: dict[str, Any]) -> str:
+    used = f"using T = {fit['used']:.3f}"
+    if fit["fitted"] is None:
+        return f"given, {used}"
+    if fit["refused"]:
+        return f"fitted {fit['fitted']:.3f}, refused ({fit['refused']}), {used}"
+    return f"fitted {fit['fitted']:.3f}, {used}"
+
+
+def temperature_lines(report: dict[str, Any]) -> list[str]:
+    """Per model: the fitted T, whether it was used (and why not), and its effect."""
+    lines = []
+    for name, cal in report.get("calibration", {}).items():
+        fit = cal.get("temperature_fit")
+        if fit is not None:
+            lines.append(f"{name} temperature: {_temperature_choice(fit)}")
+        if cal["temperature"] == 1.0 or "ece_before" not in cal:
+            continue
         lines.append(
-            f"temperature T={cal['temperature']:.3f}: ECE {100 * cal['ece_before']:.2f}% -> "
+            f"{name} at T={cal['temperature']:.3f}: ECE {100 * cal['ece_before']:.2f}% -> "
             f"{100 * cal['ece_after']:.2f}%, NLL {cal['nll_before']:.4f} -> {cal['nll_after']:.4f}"
         )
         if cal["auroc_changed"]:
@@ -123,5 +142,11 @@ def summary_lines(report: dict[str, Any], files: dict[str, Any]) -> list[str]:
                 for n, v in cal["auroc_after"].items()
             )
             lines.append(f"  T changes the score's ranking: AUROC {changes}")
+    return lines
+
+
+def summary_lines(report: dict[str, Any], files: dict[str, Any]) -> list[str]:
+    """A few lines under the table: threshold, acceptance, temperature, outputs."""
+    lines = acceptance_lines(report) + temperature_lines(report)
     lines.append("wrote " + ", ".join(str(p) for p in files.values()))
     return lines

@@ -69,15 +69,6 @@ def enforce_gates(checks: list[Any], note: str = "") -> None:
     run_guarded(gate)
 
 
-def _write_html(result: Any, path: Path) -> None:
-    from moonprune.reporting import write_html_report
-
-    models = {"compressed": result.compressed}
-    if result.dense is not None:
-        models = {"dense": result.dense, **models}
-    write_html_report(path, result.report, models, result.layer_sparsity)
-
-
 def register(app: typer.Typer) -> None:
     """Add ``verify`` to ``app``."""
 
@@ -138,12 +129,16 @@ def register(app: typer.Typer) -> None:
         """
         from moonprune.cli.app import console, run_guarded
         from moonprune.cli.compress_cmd import parse_temperature
+        from moonprune.cli.render import acceptance_lines, temperature_lines
 
         from moonprune.config import Gates
-        from moonprune.outputs import write_json
+        from moonprune.verification import check_output_path, save_outputs
         from moonprune.verification import verify as run_verify
 
         def go() -> Any:
+            for option, path in (("--json", json_path), ("--html", html_path)):
+                if path is not None:
+                    check_output_path(path, option)  # before the minutes of evaluation
             gates = Gates(min_auroc, max_fpr95, min_accuracy, max_accuracy_drop, max_ece,
                           max_auroc_drop)  # fmt: skip
             return run_verify(
@@ -154,13 +149,14 @@ def register(app: typer.Typer) -> None:
 
         result = run_guarded(go)
         console.print(metrics_table(result.report))
+        for line in acceptance_lines(result.report) + temperature_lines(result.report):
+            console.print(line, highlight=False)
         if result.checks:
             console.print(gate_table(result))
-        if json_path is not None:
-            write_json(result.report, json_path)
-            console.print(f"wrote {json_path}")
-        if html_path is not None:
-            run_guarded(lambda: _write_html(result, html_path))
-            console.print(f"wrote {html_path}")
+        written = run_guarded(
+            lambda: save_outputs(result, json_path=json_path, html_path=html_path)
+        )
+        if written:
+            console.print("wrote " + ", ".join(str(p) for p in written), highlight=False)
 
         enforce_gates(result.checks)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from moonprune.calibration import resolve_temperature
+from moonprune.calibration import TemperatureChoice, choose_temperature
 from moonprune.data import ImageSet, Splits
 from moonprune.reliability import (
     auroc,
@@ -58,10 +58,13 @@ class Assessment:
     id_confidence: np.ndarray = field(repr=False)
     id_correct: np.ndarray = field(repr=False)
     temperature: float = 1.0
+    temperature_fit: TemperatureChoice | None = None
 
     def as_dict(self) -> dict[str, Any]:
+        fit = None if self.temperature_fit is None else self.temperature_fit.as_dict()
         return {**self.metrics, "threshold": self.threshold, "acceptance": self.acceptance,
-                "ci": self.ci, "temperature": self.temperature}  # fmt: skip
+                "ci": self.ci, "temperature": self.temperature,
+                "temperature_fit": fit}  # fmt: skip
 
 
 @dataclass
@@ -108,9 +111,10 @@ def assess(
         ['aupr_in', 'aupr_out', 'auroc', 'fpr95']
     """
     logits = collect(model, splits, ood)
-    t = resolve_temperature(temperature, logits.val, splits.val.y)
+    choice = choose_temperature(temperature, logits.val, splits.val.y)
     return assess_logits(logits, splits, score=score, tpr=tpr, ece_bins=ece_bins,
-                         n_boot=n_boot, seed=seed, threshold=threshold, temperature=t)  # fmt: skip
+                         n_boot=n_boot, seed=seed, threshold=threshold,
+                         temperature=choice)  # fmt: skip
 
 
 def assess_logits(
@@ -123,16 +127,20 @@ def assess_logits(
     n_boot: int = 200,
     seed: int = 0,
     threshold: float | None = None,
-    temperature: float = 1.0,
+    temperature: float | TemperatureChoice = 1.0,
 ) -> Assessment:
     """Metrics of ``softmax(logits / temperature)``; the threshold (on val) comes after T.
 
     Accuracy never depends on T; ECE and NLL do; an OOD score may (MSP's ranking can
     change when the unknown column is present), so the AUROC is that of the
-    temperature-scaled score, as the exported graph computes it.
+    temperature-scaled score, as the exported graph computes it. A
+    :class:`~moonprune.calibration.TemperatureChoice` is kept on the assessment, so
+    the report can say what was fitted and why it was or was not used.
     """
+    if not isinstance(temperature, TemperatureChoice):
+        temperature = TemperatureChoice(temperature, None, float(temperature))
     k = splits.num_classes
-    t = temperature
+    t = temperature.used
     metrics = evaluate_logits(
         logits.test / t, splits.test.y, {n: v / t for n, v in logits.ood.items()}, k,
         score=score, ece_bins=ece_bins, tpr=tpr,
@@ -172,4 +180,5 @@ def assess_logits(
         id_confidence=known.amax(dim=-1).numpy(),
         id_correct=(known.argmax(dim=-1) == splits.test.y).numpy(),
         temperature=t,
+        temperature_fit=temperature,
     )

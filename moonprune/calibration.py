@@ -13,16 +13,19 @@ search then ends on its lower bound, where float32 softmax saturates at 1.0 and 
 MSP ranking of in- vs out-of-distribution inputs collapses into ties (measured on
 the demo: AUROC 98.6 -> 71.0). The same happens short of the bound when NLL is
 nearly flat (T = 0.077 measured on a GMP run: AUROC vs held-out digits 98.1 -> 81.7).
-``"auto"`` therefore keeps T = 1, and logs why, when the fit lands on a bound or when
-the fitted T makes more validation confidences saturate to exactly 1.0 in float32
-than T = 1 does (by more than 1% of the inputs): a calibrated ECE is not worth a
-detector that can no longer rank its inputs.
+``"auto"`` therefore keeps T = 1 when the fit lands on a bound or when the fitted T
+makes more validation confidences saturate to exactly 1.0 in float32 than T = 1
+does (by more than 1% of the inputs): a calibrated ECE is not worth a detector that
+can no longer rank its inputs. It logs why, and :class:`TemperatureChoice` records
+the fitted T, the T used and the reason, for the report.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -80,27 +83,68 @@ def saturated_fraction(logits: torch.Tensor, temperature: float) -> float:
     return float((probs.amax(dim=-1) == 1.0).float().mean())
 
 
+@dataclass(frozen=True)
+class TemperatureChoice:
+    """The temperature used, and where it came from (the report's ``temperature_fit``).
+
+    ``setting`` is ``"auto"`` or the number given; ``fitted`` the T the fit found
+    (``None`` for a given number); ``used`` the T applied; ``refused`` why a fitted T
+    was not used (``None`` when it was, or when T was given).
+    """
+
+    setting: str | float
+    fitted: float | None
+    used: float
+    refused: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"setting": self.setting, "fitted": self.fitted, "used": self.used,
+                "refused": self.refused}  # fmt: skip
+
+
+def choose_temperature(
+    setting: str | float, logits: torch.Tensor, labels: torch.Tensor
+) -> TemperatureChoice:
+    """``"auto"`` -> :func:`fit_temperature`, refused (T = 1) as the module docstring says;
+    a number -> itself (validated). ``logits`` (N, C), ``labels`` (N,): validation data.
+
+    Example::
+
+        >>> import torch
+        >>> choose_temperature("auto", 10.0 * torch.eye(3), torch.arange(3)).as_dict()["refused"]
+        'ran to its bound (validation NLL has no minimum)'
+    """
+    if setting != "auto":
+        return TemperatureChoice(setting, None, _given(setting))
+    t = fit_temperature(logits, labels)
+    if not T_BOUNDS[0] * 1.01 < t < T_BOUNDS[1] / 1.01:
+        logger.warning(
+            "temperature fit ran to its bound (T=%.3g): validation NLL has no minimum "
+            "(e.g. every validation input is classified correctly); keeping T = 1",
+            t,
+        )
+        return TemperatureChoice(
+            setting, t, 1.0, "ran to its bound (validation NLL has no minimum)"
+        )
+    saturated = saturated_fraction(logits, t)
+    if saturated > saturated_fraction(logits, 1.0) + 0.01:
+        logger.warning(
+            "the fitted temperature T=%.3g saturates the softmax (confidence == 1.0 in "
+            "float32) for %.0f%% of validation inputs, which would erase the OOD ranking; "
+            "keeping T = 1",
+            t,
+            100 * saturated,
+        )
+        return TemperatureChoice(setting, t, 1.0, "saturates the softmax")
+    return TemperatureChoice(setting, t, t)
+
+
 def resolve_temperature(setting: str | float, logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """``"auto"`` -> :func:`fit_temperature`; a number -> itself (validated)."""
-    if setting == "auto":
-        t = fit_temperature(logits, labels)
-        if not T_BOUNDS[0] * 1.01 < t < T_BOUNDS[1] / 1.01:
-            logger.warning(
-                "temperature fit ran to its bound (T=%.3g): validation NLL has no minimum "
-                "(e.g. every validation input is classified correctly); keeping T = 1",
-                t,
-            )
-            return 1.0
-        if saturated_fraction(logits, t) > saturated_fraction(logits, 1.0) + 0.01:
-            logger.warning(
-                "the fitted temperature T=%.3g saturates the softmax (confidence == 1.0 in "
-                "float32) for %.0f%% of validation inputs, which would erase the OOD ranking; "
-                "keeping T = 1",
-                t,
-                100 * saturated_fraction(logits, t),
-            )
-            return 1.0
-        return t
+    """The T :func:`choose_temperature` uses."""
+    return choose_temperature(setting, logits, labels).used
+
+
+def _given(setting: str | float) -> float:
     try:
         value = float(setting)
     except (TypeError, ValueError):

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from moonprune.assessment import Assessment, assess_logits, collect
-from moonprune.calibration import resolve_temperature
+from moonprune.calibration import choose_temperature
 from moonprune.channel_training import check_channel_config, train_channel_pruned
 from moonprune.checkpoints import (
     ArchSpec,
@@ -160,6 +160,7 @@ class Calibrated:
         auroc_a = {n: m["auroc"] for n, m in a["ood"].items()}
         return {
             "temperature": self.after.temperature,
+            "temperature_fit": self.after.as_dict()["temperature_fit"],
             "ece_before": b["ece"], "ece_after": a["ece"],
             "nll_before": b["nll"], "nll_after": a["nll"],
             "auroc_before": auroc_b, "auroc_after": auroc_a,
@@ -170,11 +171,11 @@ class Calibrated:
 def _assess(model: nn.Module, inputs: Inputs, cfg: CompressConfig) -> Calibrated:
     """Assess ``model`` at T = 1 and at its temperature (fitted on val, or given)."""
     logits = collect(model, inputs.splits, inputs.ood)
-    t = resolve_temperature(cfg.temperature, logits.val, inputs.splits.val.y)
+    choice = choose_temperature(cfg.temperature, logits.val, inputs.splits.val.y)
     kwargs: dict[str, Any] = {"score": cfg.score, "tpr": cfg.tpr, "ece_bins": cfg.ece_bins,
                               "seed": cfg.train.seed}  # fmt: skip
-    after = assess_logits(logits, inputs.splits, temperature=t, **kwargs)
-    before = after if t == 1.0 else assess_logits(logits, inputs.splits, **kwargs)
+    after = assess_logits(logits, inputs.splits, temperature=choice, **kwargs)
+    before = after if choice.used == 1.0 else assess_logits(logits, inputs.splits, **kwargs)
     return Calibrated(after, before)
 
 

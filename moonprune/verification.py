@@ -9,6 +9,7 @@ bound lies inside the interval is flagged ``uncertain`` (noise could flip it).
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,8 @@ from moonprune.checkpoints import ArchSpec, load_checkpoint, load_dense, measure
 from moonprune.config import Gates
 from moonprune.data import ImageSet, ReadOptions, load_ood, load_splits
 from moonprune.errors import CheckpointError, ConfigError
-from moonprune.reporting import layer_sparsity
+from moonprune.outputs import write_json
+from moonprune.reporting import layer_sparsity, write_html_report
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,11 @@ def verify(
         "threshold": compressed.threshold,
         "checkpoint_threshold": ckpt.threshold,
         "temperature": compressed.temperature,
+        "calibration": {
+            name: {"temperature": a.temperature, "temperature_fit": a.as_dict()["temperature_fit"]}
+            for name, a in (("dense", dense), ("compressed", compressed))
+            if a is not None
+        },
         "tpr": tpr,
         "score": score,
         "acceptance": compressed.acceptance,
@@ -215,3 +222,60 @@ def _dense_arch(arch: ArchSpec) -> ArchSpec:
     if not arch.factory:
         raise CheckpointError("the checkpoint records no architecture; pass --baseline-arch")
     return arch
+
+
+def check_output_path(path: str | Path, option: str) -> Path:
+    """``path`` if a file can be written there, else a ConfigError naming it and the fix.
+
+    Called before any evaluation, so a typo in ``--json`` costs no time and reads as
+    bad input (exit 2), not as a failed gate.
+    """
+    target = Path(path)
+    folder = target.parent
+    if target.is_dir():
+        raise ConfigError(f"{option} {str(target)!r} is a folder; pass a file path in it")
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise ConfigError(
+            f"{option} {str(target)!r}: the folder {str(folder)!r} {what}; "
+            "create it first or choose another path"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{option} {str(target)!r}: the folder {str(folder)!r} is not writable; "
+            "choose another path"
+        )
+    return target
+
+
+def save_outputs(
+    result: VerifyResult,
+    *,
+    json_path: str | Path | None = None,
+    html_path: str | Path | None = None,
+) -> list[Path]:
+    """Write the JSON report and/or ``report.html``; an OSError becomes a ConfigError."""
+    written: list[Path] = []
+    for option, path in (("--json", json_path), ("--html", html_path)):
+        if path is None:
+            continue
+        target = check_output_path(path, option)
+        try:
+            if option == "--json":
+                write_json(result.report, target)
+            else:
+                _write_html(result, target)
+        except OSError as exc:
+            raise ConfigError(
+                f"{option} {str(target)!r} could not be written ({exc.strerror or exc}); "
+                "choose another path"
+            ) from exc
+        written.append(target)
+    return written
+
+
+def _write_html(result: VerifyResult, path: Path) -> None:
+    models = {"compressed": result.compressed}
+    if result.dense is not None:
+        models = {"dense": result.dense, **models}
+    write_html_report(path, result.report, models, result.layer_sparsity)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,10 +10,22 @@ import pytest
 import torch
 from moonprune.exporters import RejectingClassifier, export_onnx, run_onnx
 
-from moonprune.calibration import fit_temperature, resolve_temperature, saturated_fraction
+from moonprune.assessment import assess_logits, collect
+from moonprune.calibration import (
+    choose_temperature,
+    fit_temperature,
+    resolve_temperature,
+    saturated_fraction,
+)
+from moonprune.data import Splits, load_ood, load_splits
 from moonprune.errors import ConfigError
 from moonprune.models import demo_cnn
-from moonprune.reliability import expected_calibration_error
+from moonprune.reliability import (
+    calibrate_threshold,
+    compute_score,
+    evaluate_logits,
+    expected_calibration_error,
+)
 
 
 def _calibrated_logits(
@@ -70,14 +83,125 @@ def test_explicit_values_are_validated() -> None:
         resolve_temperature(-1.0, logits, labels)
 
 
-def test_t_equal_one_leaves_every_output_unchanged() -> None:
+def test_t_equal_one_leaves_every_output_unchanged(digits06: Splits) -> None:
+    """T = 1 gives what the formulas give without any temperature, output by output."""
     torch.manual_seed(0)
-    model = demo_cnn(num_classes=4, width=4).eval()
-    x = torch.randn(9, 1, 8, 8)
-    plain = RejectingClassifier(model, 3, threshold=0.4).eval()
-    with_t = RejectingClassifier(model, 3, threshold=0.4, temperature=1.0).eval()
-    for a, b in zip(plain(x), with_t(x), strict=True):
-        assert torch.equal(a, b)
+    k = digits06.num_classes
+    model = demo_cnn(num_classes=k + 1, width=4).eval()
+    x = digits06.test.x[:40]
+    with torch.no_grad():
+        logits = model(x)
+        expected = torch.softmax(logits, dim=1)[:, :k]
+        threshold = float(expected.amax(dim=1).median())
+        out = RejectingClassifier(model, k, threshold, temperature=1.0).eval()(x)
+    raw, probabilities, confidence, label, is_unknown = out
+    assert torch.equal(raw, logits)
+    assert torch.equal(probabilities, expected)
+    assert torch.equal(confidence, expected.amax(dim=1))
+    rejected = expected.amax(dim=1) < threshold
+    assert 0 < int(rejected.sum()) < len(x)  # both branches of the label are exercised
+    assert torch.equal(is_unknown, rejected)
+    assert torch.equal(label, torch.where(rejected, -1, expected.argmax(dim=1)))
+
+    noise = {"noise": load_ood("noise", digits06.preprocessing)}
+    collected = collect(model, digits06, noise)
+    at_one = assess_logits(collected, digits06, temperature=1.0, n_boot=5)
+    plain = evaluate_logits(collected.test, digits06.test.y, collected.ood, k).as_dict()
+    assert at_one.metrics == plain
+    for name, values in (("id_val", collected.val), ("noise", collected.ood["noise"])):
+        assert np.array_equal(at_one.scores[name], compute_score(values, k).double().numpy())
+    assert at_one.threshold == calibrate_threshold(compute_score(collected.val, k).double(), 0.95)
+    fit = at_one.temperature_fit
+    assert fit is not None and (fit.fitted, fit.used, fit.refused) == (None, 1.0, None)
+
+
+def test_refused_fits_record_fitted_used_and_reason() -> None:
+    separable = choose_temperature("auto", 10.0 * torch.eye(6), torch.arange(6))
+    assert separable.fitted is not None and separable.fitted < 0.06
+    assert separable.used == 1.0 and "bound" in str(separable.refused)
+    labels = torch.randint(0, 4, (300,), generator=torch.Generator().manual_seed(0))
+    logits = 6.0 * torch.nn.functional.one_hot(labels, 4).float()
+    logits[0] = 0.0
+    logits[0, (labels[0] + 1) % 4] = 0.001
+    saturating = choose_temperature("auto", logits, labels)
+    assert saturating.as_dict() == {"setting": "auto", "fitted": saturating.fitted, "used": 1.0,
+                                    "refused": "saturates the softmax"}  # fmt: skip
+    assert saturating.fitted is not None and 0.2 < saturating.fitted < 0.5
+    over_logits, over_labels = _calibrated_logits()
+    accepted = choose_temperature("auto", 5.0 * over_logits, over_labels)
+    assert accepted.refused is None and accepted.used == accepted.fitted and accepted.used > 4
+    given = choose_temperature(2.5, over_logits, over_labels)
+    assert (given.fitted, given.used, given.refused) == (None, 2.5, None)
+
+
+@pytest.fixture(scope="module")
+def overconfident_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A briefly trained tiny model whose head is scaled by 5, compressed with auto T."""
+    from moonprune.config import build_config
+    from moonprune.demo import train_dense
+    from moonprune.pipeline import compress
+
+    splits = load_splits("digits:0-5", seed=0)
+    torch.manual_seed(0)
+    dense = train_dense(demo_cnn(num_classes=6), splits, epochs=1)
+    with torch.no_grad():
+        dense.classifier.weight.mul_(5.0)
+        dense.classifier.bias.mul_(5.0)
+    root = tmp_path_factory.mktemp("overconfident")
+    torch.save(dense.state_dict(), root / "dense.pt")
+    cfg = build_config({
+        "checkpoint": str(root / "dense.pt"), "arch": "moonprune.models:demo_cnn",
+        "arch_kwargs": {"num_classes": 6}, "data": "digits:0-5", "ood": ["noise"],
+        "out": str(root / "run"), "train": {"epochs": 1, "lr": 0.001},
+        "moon": {"warmup_epochs": 0}, "sparsity": {"method": "magnitude", "sparsity": 0.5},
+    })  # fmt: skip
+    return compress(cfg).out
+
+
+def test_auto_temperature_reaches_checkpoint_and_onnx(overconfident_run: Path) -> None:
+    import onnx
+    from moonprune.exporters import run_onnx
+
+    from moonprune.checkpoints import load_checkpoint
+
+    report = json.loads((overconfident_run / "report.json").read_text())
+    for name in ("dense", "compressed"):
+        cal = report["calibration"][name]
+        assert cal["temperature"] > 1.5  # over-confident: softened
+        assert cal["ece_after"] < cal["ece_before"] and cal["nll_after"] < cal["nll_before"]
+    t = report["calibration"]["compressed"]["temperature"]
+    assert report["temperature"] == t
+    ckpt = load_checkpoint(overconfident_run / "model.pt")
+    assert ckpt.temperature == t
+    graph = onnx.load(str(overconfident_run / "model.onnx"))
+    metadata = {p.key: p.value for p in graph.metadata_props}
+    assert float(metadata["moonprune.temperature"]) == t
+    x = load_splits("digits:0-5", seed=0, preprocessing=ckpt.preprocessing).test.x[:32]
+    with torch.no_grad():
+        expected = torch.softmax(ckpt.model(x) / t, dim=1)[:, :6]
+    out = run_onnx(overconfident_run / "model.onnx", x.numpy())
+    assert np.abs(out["probabilities"] - expected.numpy()).max() < 1e-5
+
+
+def test_verify_report_records_the_temperature_fit(overconfident_run: Path) -> None:
+    from moonprune.verification import verify
+
+    report = verify(overconfident_run / "model.pt", temperature="auto", n_boot=5).report
+    fit = report["calibration"]["compressed"]["temperature_fit"]
+    assert fit["setting"] == "auto" and fit["refused"] is None
+    assert fit["used"] == fit["fitted"] == report["temperature"] > 1.5
+    kept = verify(overconfident_run / "model.pt", n_boot=5).report  # the checkpoint's T
+    fit = kept["calibration"]["compressed"]["temperature_fit"]
+    assert fit["fitted"] is None and fit["refused"] is None
+    assert fit["used"] == report["temperature"]
+
+
+def test_compress_report_records_the_temperature_fit(overconfident_run: Path) -> None:
+    report = json.loads((overconfident_run / "report.json").read_text())
+    for name in ("dense", "compressed"):
+        fit = report["calibration"][name]["temperature_fit"]
+        assert fit["setting"] == "auto" and fit["refused"] is None
+        assert fit["used"] == fit["fitted"] == report["calibration"][name]["temperature"]
 
 
 def test_graph_confidence_uses_the_temperature(tmp_path: Path) -> None:

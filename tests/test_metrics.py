@@ -86,18 +86,20 @@ ID_1_TO_20 = np.arange(1.0, 21.0)
 @pytest.mark.parametrize(
     ("id_scores", "ood_scores", "tpr", "threshold", "fpr"),
     [
-        # 19 of 20 accepted at t = 2; OOD >= 2: {2, 3, 25}
-        (ID_1_TO_20, [0.0, 1.0, 1.5, 2.0, 3.0, 25.0], 0.95, 2.0, 3 / 6),
-        # ceil(0.95 * 10) = 10: all of ID, t = 1; OOD >= 1: {1, 2}
+        # 19 of 20 accepted from 2 down: t halfway to 1; FPR at the ROC point 2: {2, 3, 25}
+        (ID_1_TO_20, [0.0, 1.0, 1.5, 2.0, 3.0, 25.0], 0.95, 1.5, 3 / 6),
+        # ceil(0.95 * 10) = 10: all of ID, nothing lower, t = 1; OOD >= 1: {1, 2}
         (np.arange(1.0, 11.0), [0.5, 1.0, 2.0], 0.95, 1.0, 2 / 3),
-        # 9 of 10 at t = 2; OOD >= 2: {2}
-        (np.arange(1.0, 11.0), [0.5, 1.0, 2.0], 0.9, 2.0, 1 / 3),
-        # ties at the threshold: every ID score is 5, OOD 5 accepted, 4 not
+        # 9 of 10 from 2 down: t = 1.5; OOD >= 2: {2}
+        (np.arange(1.0, 11.0), [0.5, 1.0, 2.0], 0.9, 1.5, 1 / 3),
+        # ties at the boundary: every ID score is 5, OOD 5 accepted, 4 not
         ([5.0, 5.0, 5.0, 5.0], [5.0, 4.0], 0.95, 5.0, 0.5),
-        # tpr = 1 accepts the lowest ID score
+        # tpr = 1 accepts the lowest ID score, nothing lies below it
         ([0.3, 0.9, 0.6], [0.2, 0.3, 0.95], 1.0, 0.3, 2 / 3),
-        # tpr = 0.5 of 4: the 2nd largest
-        ([4.0, 3.0, 2.0, 1.0], [3.0, 2.5, 0.0, 5.0], 0.5, 3.0, 2 / 4),
+        # tpr = 0.5 of 4: the 2nd largest (3), t halfway to 2
+        ([4.0, 3.0, 2.0, 1.0], [3.0, 2.5, 0.0, 5.0], 0.5, 2.5, 2 / 4),
+        # ties below the boundary: halfway to the largest lower score, not the lowest
+        ([4.0, 3.0, 1.0, 1.0], [2.5, 2.0], 0.5, 2.0, 0.0),
     ],
 )
 def test_fpr_at_tpr_known_answers(
@@ -108,8 +110,8 @@ def test_fpr_at_tpr_known_answers(
 
 
 def test_threshold_count_is_exact_in_floating_point() -> None:
-    # 0.07 * 100 = 7.000000000000001: a bare ceil() would demand 8 of 100.
-    assert calibrate_threshold(np.arange(100.0), 0.07) == 93.0
+    # 0.07 * 100 = 7.000000000000001: a bare ceil() would demand 8 of 100 (t = 91.5).
+    assert calibrate_threshold(np.arange(100.0), 0.07) == 92.5
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -117,11 +119,47 @@ def test_threshold_count_is_exact_in_floating_point() -> None:
 def test_calibrate_threshold_accepts_tpr_and_is_tight(seed: int, tpr: float) -> None:
     scores, _ = _random_scores(seed)
     threshold = calibrate_threshold(scores, tpr)
-    assert np.mean(scores >= threshold) >= tpr
-    above = scores[scores > threshold]
-    if above.size:
-        # the next larger candidate already accepts too few
-        assert np.mean(scores >= above.min()) < tpr
+    accepted = scores[scores >= threshold]
+    assert accepted.size / scores.size >= tpr
+    # tight: dropping the lowest accepted value (with its ties) accepts too few
+    assert np.mean(scores > accepted.min()) < tpr
+    below = scores[scores < threshold]
+    if below.size:
+        # a margin on both sides: halfway between the two ID scores around it
+        assert threshold == pytest.approx((accepted.min() + below.max()) / 2, abs=1e-12)
+        assert below.max() < threshold < accepted.min()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_threshold_survives_float32_noise_in_the_scores(seed: int) -> None:
+    """A runtime recomputing the scores in float32 (onnxruntime vs PyTorch) differs by an
+    ulp or so; the validation inputs it accepts must not change (they did when the
+    threshold was itself a validation score)."""
+    rng = np.random.default_rng(seed)
+    scores = rng.random(400).astype(np.float32)
+    threshold = calibrate_threshold(scores.astype(np.float64), 0.95)
+    accepted = scores >= np.float32(threshold)  # the graph holds a float32 threshold
+    assert accepted.mean() >= 0.95
+    for nudge in (-1, 1):
+        noisy = np.nextafter(scores, np.float32(nudge * np.inf))
+        assert np.array_equal(noisy >= np.float32(threshold), accepted)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("tpr", [0.8, 0.95])
+def test_fpr_at_tpr_equals_sklearn_roc_curve(seed: int, tpr: float) -> None:
+    """FPR at the first ROC point (highest threshold) whose TPR reaches ``tpr``."""
+    from sklearn.metrics import roc_curve
+
+    id_scores, ood_scores = _random_scores(seed)
+    if seed % 2:  # continuous scores too, not only the rounded ones with ties
+        rng = np.random.default_rng(seed)
+        id_scores = rng.normal(0.8, 1.0, id_scores.size)
+        ood_scores = rng.normal(0.0, 1.0, ood_scores.size)
+    y, s = _labelled(id_scores, ood_scores)
+    fpr, tprs, _ = roc_curve(y, s, drop_intermediate=False)
+    expected = fpr[np.flatnonzero(tprs >= tpr)[0]]
+    assert fpr_at_tpr(id_scores, ood_scores, tpr) == pytest.approx(expected, abs=1e-12)
 
 
 @pytest.mark.parametrize("tpr", [0.0, -0.1, 1.5, math.nan])

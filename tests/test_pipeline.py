@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from moonprune.cli.app import app
@@ -60,35 +61,95 @@ def test_verify_matches_the_demo_report(demo_run, tmp_path: Path) -> None:
             report["models"]["compressed"]["ood"][name]["auroc"], abs=1e-12
         )
     assert verified["threshold"] == pytest.approx(report["threshold"])
+    printed = " ".join(result.output.split())  # rich may wrap long lines
+    accepted = 100 * verified["acceptance"]["id_val_accepted"]
+    assert f"accepts {accepted:.1f}% of ID validation inputs" in printed
+    for name, rejected in verified["acceptance"]["ood_rejected"].items():
+        assert f"rejects {100 * rejected:.1f}% of {name}" in printed
+
+
+def _forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(chunk) for chunk in x.split(512)])
+
+
+def _ece(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    """Equal-width bins (lo, hi], written out as a plain loop."""
+    total = 0.0
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        inside = (confidence > lo) & (confidence <= hi) if b else confidence <= hi
+        if inside.any():
+            gap = correct[inside].mean() - confidence[inside].mean()
+            total += inside.sum() / confidence.size * abs(gap)
+    return total
 
 
 def test_verify_numbers_recomputed_from_the_model_outputs(demo_run, tmp_path: Path) -> None:
-    """--json's AUROC equals scikit-learn's on the model's own outputs (PyTorch exactly;
-    the exported graph's float32 arithmetic within 2e-3)."""
-    import numpy as np
+    """Every number in --json equals one recomputed with numpy / scikit-learn from the
+    model's logits (PyTorch exactly; the exported graph's float32 arithmetic within 2e-3)."""
     from moonprune.exporters import run_onnx
-    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
     from moonprune.checkpoints import load_checkpoint
     from moonprune.data import load_ood, load_splits
 
     json_path = tmp_path / "v.json"
-    runner.invoke(app, ["verify", str(demo_run.out / "model.pt"), "--json", str(json_path)])
-    verified = json.loads(json_path.read_text())
+    result = runner.invoke(
+        app, ["verify", str(demo_run.out / "model.pt"), "--json", str(json_path)]
+    )
+    assert result.exit_code == 0, result.output
+    verified = json.loads(json_path.read_text())["models"]["compressed"]
     ckpt = load_checkpoint(demo_run.out / "model.pt")
+    t, k = ckpt.temperature, 6
     splits = load_splits("digits:0-5", seed=0, preprocessing=ckpt.preprocessing)
-    noise = load_ood("noise", ckpt.preprocessing, seed=0)
-    id_conf = run_onnx(demo_run.out / "model.onnx", splits.test.x.numpy())["confidence"]
-    ood_conf = run_onnx(demo_run.out / "model.onnx", noise.x.numpy())["confidence"]
-    labels = np.r_[np.ones(len(id_conf)), np.zeros(len(ood_conf))]
-    got = verified["models"]["compressed"]["ood"]["noise"]["auroc"]
-    assert got == pytest.approx(roc_auc_score(labels, np.r_[id_conf, ood_conf]), abs=2e-3)
-    with torch.no_grad():
-        probs = [torch.softmax(ckpt.model(x), dim=1)[:, :6].amax(1).numpy()
-                 for x in (splits.test.x, noise.x)]  # fmt: skip
-    assert got == pytest.approx(roc_auc_score(labels, np.r_[probs[0], probs[1]]), abs=1e-12)
-    accuracy = (ckpt.model(splits.test.x)[:, :6].argmax(1) == splits.test.y).float().mean()
-    assert verified["models"]["compressed"]["accuracy"] == pytest.approx(float(accuracy))
+    y = splits.test.y.numpy()
+    test_logits = _forward(ckpt.model, splits.test.x)
+    probs = torch.softmax(test_logits.double() / t, dim=1).numpy()
+    predicted, confidence = probs[:, :k].argmax(1), probs[:, :k].max(1)
+    assert verified["accuracy"] == pytest.approx(np.mean(predicted == y), abs=1e-12)
+    assert verified["ece"] == pytest.approx(_ece(confidence, predicted == y), abs=1e-9)
+    nll = -np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean()
+    assert verified["nll"] == pytest.approx(nll, abs=1e-9)
+
+    def msp(logits: torch.Tensor) -> np.ndarray:  # float32, as the model and graph score
+        return torch.softmax(logits / t, dim=1)[:, :k].amax(1).double().numpy()
+
+    id_scores = msp(test_logits)
+    for name in ("digits:6-9", "noise"):
+        ood = load_ood(name, ckpt.preprocessing, seed=0)
+        ood_scores = msp(_forward(ckpt.model, ood.x))
+        labels = np.r_[np.ones(len(id_scores)), np.zeros(len(ood_scores))]
+        pooled = np.r_[id_scores, ood_scores]
+        fpr, tpr, _ = roc_curve(labels, pooled, drop_intermediate=False)
+        expected = {
+            "auroc": roc_auc_score(labels, pooled),
+            "fpr95": fpr[np.flatnonzero(tpr >= 0.95)[0]],
+            "aupr_in": average_precision_score(labels, pooled),
+            "aupr_out": average_precision_score(1 - labels, -pooled),
+        }
+        for key, value in expected.items():
+            assert verified["ood"][name][key] == pytest.approx(value, abs=1e-12), (name, key)
+        graph = [run_onnx(demo_run.out / "model.onnx", v.numpy())["confidence"]
+                 for v in (splits.test.x, ood.x)]  # fmt: skip
+        graph_auroc = roc_auc_score(labels, np.r_[graph[0], graph[1]])
+        assert verified["ood"][name]["auroc"] == pytest.approx(graph_auroc, abs=2e-3)
+
+
+def test_onnx_accepts_the_validation_inputs_pytorch_accepts(demo_run) -> None:
+    """The threshold sits between two validation scores, so the graph's float32 scores
+    accept exactly the inputs the report counts (it differed when it equalled one)."""
+    from moonprune.exporters import run_onnx
+
+    from moonprune.checkpoints import load_checkpoint
+    from moonprune.data import load_splits
+
+    report = json.loads((demo_run.out / "report.json").read_text())
+    ckpt = load_checkpoint(demo_run.out / "model.pt")
+    val = load_splits("digits:0-5", seed=0, preprocessing=ckpt.preprocessing).val
+    graph = run_onnx(demo_run.out / "model.onnx", val.x.numpy())
+    assert float(np.mean(~graph["is_unknown"])) == report["acceptance"]["id_val_accepted"]
+    assert abs(report["acceptance"]["id_val_accepted"] - 0.95) < 0.02
 
 
 def test_verify_exit_codes_as_subprocess(demo_run, tmp_path: Path) -> None:
@@ -160,4 +221,42 @@ def test_verify_with_each_score(demo_run, score: str, tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert report["score"] == score
     assert abs(report["acceptance"]["id_val_accepted"] - 0.95) < 0.02
-    assert 0.0 <= report["models"]["compressed"]["ood"]["noise"]["auroc"] <= 1.0
+    # held-out digits are separable by every score; a flipped sign would give < 0.5
+    assert report["models"]["compressed"]["ood"]["digits:6-9"]["auroc"] > 0.5
+
+
+@pytest.mark.parametrize("option", ["--json", "--html"])
+def test_verify_unwritable_output_path_exits_2_before_evaluating(
+    demo_run, tmp_path: Path, option: str
+) -> None:
+    target = tmp_path / "missing" / "out.file"
+    run = _moonprune("verify", str(demo_run.out / "model.pt"), option, str(target))
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(target) in lines[0] and "does not exist" in lines[0]
+    assert "threshold" not in run.stdout  # nothing was evaluated
+
+
+def test_verify_output_path_that_is_a_folder_is_bad_input(demo_run, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["verify", str(demo_run.out / "model.pt"), "--json",
+                                 str(tmp_path)])  # fmt: skip
+    assert result.exit_code == 2
+    assert "is a folder" in " ".join(result.output.split())
+
+
+def test_verify_write_failure_is_bad_input_not_a_failed_gate(
+    demo_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import moonprune.verification
+
+    def full_disk(obj: object, path: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(moonprune.verification, "write_json", full_disk)
+    result = runner.invoke(app, ["verify", str(demo_run.out / "model.pt"), "--json",
+                                 str(tmp_path / "v.json")])  # fmt: skip
+    assert result.exit_code == 2
+    assert "No space left on device" in " ".join(result.output.split())

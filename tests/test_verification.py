@@ -129,3 +129,46 @@ def test_demo_report_renders_in_a_headless_browser(demo_run, tmp_path: Path) -> 
         pixels = np.asarray(img.convert("L"))
     assert pixels.shape == (1600, 1200)
     assert pixels.std() > 20  # not a blank page: text and plots were drawn
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path: Path) -> None:
+    from moonprune.verification import check_output_path
+
+    assert check_output_path(tmp_path / "v.json", "--json") == tmp_path / "v.json"
+    (tmp_path / "file").write_text("")
+    for bad, words in ((tmp_path / "no" / "v.json", "does not exist"),
+                       (tmp_path / "file" / "v.json", "is not a folder"),
+                       (tmp_path, "is a folder")):  # fmt: skip
+        with pytest.raises(ConfigError, match=words) as err:
+            check_output_path(bad, "--html")
+        assert str(bad) in str(err.value) and "--html" in str(err.value)
+
+
+def test_console_lines_say_what_the_temperature_fit_did() -> None:
+    from moonprune.cli.render import acceptance_lines, temperature_lines
+
+    report = {
+        "threshold": 0.9, "score": "msp", "tpr": 0.95,
+        "acceptance": {"id_val_accepted": 0.954, "ood_rejected": {"noise": 0.5}},
+        "calibration": {
+            "dense": {"temperature": 1.0, "temperature_fit": {
+                "setting": "auto", "fitted": 0.4612, "used": 1.0,
+                "refused": "saturates the softmax"}},
+            "compressed": {"temperature": 2.0, "temperature_fit": {
+                "setting": "auto", "fitted": 2.0, "used": 2.0, "refused": None},
+                "ece_before": 0.1, "ece_after": 0.05, "nll_before": 0.5, "nll_after": 0.4,
+                "auroc_before": {"noise": 0.9}, "auroc_after": {"noise": 0.9},
+                "auroc_changed": False},
+        },
+    }  # fmt: skip
+    assert acceptance_lines(report) == [
+        "threshold 0.9000 (msp) accepts 95.4% of ID validation inputs (target 95%)",
+        "  rejects 50.0% of noise",
+    ]
+    lines = temperature_lines(report)
+    assert (
+        lines[0]
+        == "dense temperature: fitted 0.461, refused (saturates the softmax), using T = 1.000"
+    )
+    assert lines[1] == "compressed temperature: fitted 2.000, using T = 2.000"
+    assert lines[2].startswith("compressed at T=2.000: ECE 10.00% -> 5.00%")

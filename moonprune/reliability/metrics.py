@@ -3,8 +3,9 @@
 OOD detection is a binary problem: the ID test set is the positive class, an OOD
 set the negative one, and a score is "higher = more in-distribution"
 (:mod:`moonprune.conventions`). The rejector accepts an input as in-distribution
-when ``score >= threshold``; :func:`calibrate_threshold` and :func:`fpr_at_tpr`
-share that rule, so the reported FPR is the one the exported model has.
+when ``score >= threshold``. :func:`fpr_at_tpr` is the standard FPR at TPR of the
+ROC curve; :func:`calibrate_threshold` deploys a threshold accepting the same ID
+inputs with a margin from every validation score (see there).
 
 ``auroc``, ``aupr_in`` and ``aupr_out`` equal scikit-learn's ``roc_auc_score`` and
 ``average_precision_score`` (ties included) without importing it. Every function
@@ -118,7 +119,7 @@ def aupr_out(id_scores: ArrayLike, ood_scores: ArrayLike) -> float:
     return _average_precision(pos, -_scores(id_scores, "id_scores"))
 
 
-def _threshold(id_sorted_desc: Scores, tpr: float) -> float:
+def _boundary(id_sorted_desc: Scores, tpr: float) -> float:
     """The k-th largest ID score, k the smallest count with ``k / n >= tpr``.
 
     ``k`` is found in floating point exactly as the acceptance fraction is measured
@@ -134,26 +135,45 @@ def _threshold(id_sorted_desc: Scores, tpr: float) -> float:
 
 
 def calibrate_threshold(id_scores: ArrayLike, tpr: float = 0.95) -> float:
-    """Largest ``t`` with ``mean(id_scores >= t) >= tpr``: accept when ``score >= t``.
+    """The threshold to deploy: accept when ``score >= t``, ``mean(id_scores >= t) >= tpr``.
 
-    ``t`` is one of the scores (the ``ceil(tpr * n)``-th largest), so the accepted
-    fraction is at least ``tpr``, and any larger threshold accepts less than ``tpr``.
-    With ties at ``t`` the accepted fraction exceeds ``tpr`` by the tied count.
+    With ``s`` the smallest ID score that must be accepted (the ``k``-th largest, ``k``
+    the smallest count with ``k / n >= tpr``) and ``s'`` the largest ID score below
+    ``s``, ``t = (s + s') / 2``: it accepts exactly the scores ``>= s`` (so at least
+    ``tpr``, and no threshold accepting fewer inputs does), yet no validation score
+    lies on it. A threshold equal to a score flips that input on the smallest
+    arithmetic difference -- onnxruntime's float32 softmax vs PyTorch's moved the
+    demo's ID acceptance from 95.4% to 94.9% -- while the midpoint keeps half the gap
+    as a margin on both sides. When no ID score lies below ``s`` (e.g. ``tpr = 1``),
+    ``t = s``. With ties at ``s`` the accepted fraction exceeds ``tpr`` by the tied count.
+    For float32 scores (a model's), ``float32(t)`` -- what the exported graph holds --
+    still lies strictly between ``s'`` and ``s`` whenever a float32 value does.
     """
     _check_tpr(tpr)
     scores = _scores(id_scores, "id_scores")
-    return _threshold(np.sort(scores)[::-1], tpr)
+    boundary = _boundary(np.sort(scores)[::-1], tpr)
+    below = scores[scores < boundary]
+    if below.size == 0:
+        return boundary
+    midpoint = 0.5 * boundary + 0.5 * float(below.max())
+    # Two adjacent doubles have no midpoint; rounding must not accept the lower one.
+    return midpoint if midpoint > below.max() else boundary
 
 
 def fpr_at_tpr(id_scores: ArrayLike, ood_scores: ArrayLike, tpr: float = 0.95) -> float:
-    """Fraction of OOD accepted at the threshold that accepts ``tpr`` of ID.
+    """FPR at TPR (FPR95 for ``tpr=0.95``): the ROC curve's FPR at its first point with
+    TPR >= ``tpr``, as read off ``sklearn.metrics.roc_curve``. Lower is better.
 
-    ``t = calibrate_threshold(id_scores, tpr)`` (the largest ``t`` with
-    ``mean(id >= t) >= tpr``), then ``FPR = mean(ood >= t)``. Lower is better.
+    That point's threshold is ``s``, the ``k``-th largest ID score
+    (:func:`calibrate_threshold`), so ``FPR = mean(ood_scores >= s)``. The deployed
+    threshold lies just below ``s`` (halfway to the next ID score), so it may also
+    accept OOD scores in that gap; the report's per-OOD rejection at the threshold
+    is measured with the deployed threshold itself.
     """
-    threshold = calibrate_threshold(id_scores, tpr)
+    _check_tpr(tpr)
+    boundary = _boundary(np.sort(_scores(id_scores, "id_scores"))[::-1], tpr)
     neg = _scores(ood_scores, "ood_scores")
-    return float(np.mean(neg >= threshold))
+    return float(np.mean(neg >= boundary))
 
 
 def expected_calibration_error(
