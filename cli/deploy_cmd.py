@@ -28,7 +28,9 @@ def register(app: typer.Typer) -> None:
         score: Annotated[
             str | None, typer.Option(help="OOD score: msp, energy, max_logit, unknown.")
         ] = None,
-        opset: Annotated[int | None, typer.Option(help="ONNX opset (default 18).")] = None,
+        opset: Annotated[
+            int | None, typer.Option(help="ONNX opset (default 18); an unsupported one is refused.")
+        ] = None,
         temperature: Annotated[
             str | None, typer.Option(help="auto (refit), a number, or the model's (default).")
         ] = None,
@@ -69,6 +71,7 @@ def register(app: typer.Typer) -> None:
             table.add_column("float32", justify="right")
             table.add_column("int8", justify="right")
             fm, qm = report["float_metrics"], report["metrics"]
+            table.add_row("opset", "", str(report["opset"]))
             table.add_row("size", _kb(report["float_bytes"]), _kb(report["bytes"]))
             table.add_row("gzip size", _kb(report["float_gzip_bytes"]), _kb(report["gzip_bytes"]))
             table.add_row(
@@ -85,6 +88,7 @@ def register(app: typer.Typer) -> None:
         else:
             table.add_column("value", justify="right")
             m = report["metrics"]
+            table.add_row("opset", str(report["opset"]))
             table.add_row("size", _kb(report["bytes"]))
             if "dense_storage_bytes" in report:
                 table.add_row("size, dense storage", _kb(report["dense_storage_bytes"]))

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 from moonprune.exporters.onnx_export import export_onnx, gzip_size, run_onnx
+from moonprune.exporters.opsets import check_opset, written_opset
 from moonprune.exporters.quantize import quantize_int8, recalibrate_threshold
 from moonprune.exporters.sparse_storage import to_sparse_storage
 
@@ -53,6 +54,8 @@ def export_checkpoint(
     temperature: str | float | None = None,
 ) -> dict[str, Any]:
     """Export ``model_path`` to ``out``; returns a report of sizes, thresholds, metrics."""
+    import onnx
+
     from moonprune.assessment import assess
     from moonprune.checkpoints import load_checkpoint, measured_sparsity
     from moonprune.data import load_ood, load_splits
@@ -63,6 +66,8 @@ def export_checkpoint(
         raise ConfigError("--sparse-storage applies to float weights; drop it or --quantize")
     if tpr is not None and not 0 < tpr < 1:
         raise ConfigError(f"--tpr must be in (0, 1), got {tpr}")
+    if opset is not None:
+        check_opset(opset)
     ckpt = load_checkpoint(model_path)
     cfg = ckpt.config
     if not cfg.get("data"):
@@ -118,6 +123,7 @@ def export_checkpoint(
     int8_metrics = evaluate_onnx(out, **arrays)
     return {
         "path": str(out),
+        "opset": written_opset(onnx.load(str(out))),
         "bytes": out.stat().st_size,
         "gzip_bytes": gzip_size(out),
         "float_bytes": float_report["bytes"],

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 from moonprune.exporters.onnx_export import gzip_size
+from moonprune.exporters.opsets import written_opset
 
 from moonprune.errors import ExportError
 
@@ -35,9 +36,13 @@ def _layer_rows(named: list[tuple[str, np.ndarray]]) -> dict[str, Any]:
 
 
 def inspect_onnx(path: str | Path) -> dict[str, Any]:
-    """Per-initializer shape, parameters, nonzeros, sparsity; totals; sizes; metadata."""
+    """Per-weight shape, parameters, nonzeros, sparsity; totals; sizes; metadata.
+
+    Weights stored as ``sparse_initializer`` (``--sparse-storage``) count like dense
+    ones: their parameters are the product of ``dims``, their nonzeros the nonzero
+    ``values``, so a file reads the same however its zeros are stored.
+    """
     import onnx
-    from onnx import numpy_helper
 
     path = Path(path)
     if not path.is_file():
@@ -46,12 +51,6 @@ def inspect_onnx(path: str | Path) -> dict[str, Any]:
         model = onnx.load(str(path))
     except Exception as exc:
         raise ExportError(f"{str(path)!r} is not a readable ONNX file ({exc})") from None
-    weight_types = (onnx.TensorProto.FLOAT, onnx.TensorProto.INT8, onnx.TensorProto.FLOAT16)
-    named = [
-        (init.name, numpy_helper.to_array(init))
-        for init in model.graph.initializer
-        if init.data_type in weight_types and len(init.dims) >= 2
-    ]
     meta = {p.key: p.value for p in model.metadata_props}
     for key in ("moonprune.classes", "moonprune.preprocessing"):
         if key in meta:
@@ -61,12 +60,48 @@ def inspect_onnx(path: str | Path) -> dict[str, Any]:
         "format": "onnx",
         "bytes": path.stat().st_size,
         "gzip_bytes": gzip_size(path),
-        "opset": max(
-            (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0
-        ),
+        "opset": written_opset(model),
         "metadata": meta,
-        **_layer_rows(named),
+        **_layer_rows(_onnx_weights(model)),
     }
+
+
+def _onnx_weights(model: Any) -> list[tuple[str, np.ndarray]]:
+    """Weight tensors (rank >= 2) of an onnx ModelProto, dense and sparse initializers
+    alike, in the order the graph's nodes first use them."""
+    import onnx
+    from onnx import numpy_helper
+
+    weight_types = (onnx.TensorProto.FLOAT, onnx.TensorProto.INT8, onnx.TensorProto.FLOAT16)
+    weights = {
+        init.name: numpy_helper.to_array(init)
+        for init in model.graph.initializer
+        if init.data_type in weight_types and len(init.dims) >= 2
+    }
+    for sparse in model.graph.sparse_initializer:
+        if sparse.values.data_type in weight_types and len(sparse.dims) >= 2:
+            weights[sparse.values.name] = _densify(sparse)
+    order: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            order.setdefault(name, len(order))
+    ranked = sorted(weights, key=lambda name: order.get(name, len(order)))
+    return [(name, weights[name]) for name in ranked]
+
+
+def _densify(sparse: Any) -> np.ndarray:
+    """A SparseTensorProto as a dense array. ``indices`` are [NNZ] linear indices or
+    [NNZ, rank] coordinates (ONNX allows both)."""
+    from onnx import numpy_helper
+
+    values = numpy_helper.to_array(sparse.values).reshape(-1)
+    indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
+    shape = tuple(int(d) for d in sparse.dims)
+    dense = np.zeros(int(np.prod(shape)), dtype=values.dtype)
+    if indices.ndim == 2:
+        indices = np.ravel_multi_index(tuple(indices.T), shape)
+    dense[indices.reshape(-1)] = values
+    return dense.reshape(shape)
 
 
 def inspect_checkpoint(path: str | Path) -> dict[str, Any]:

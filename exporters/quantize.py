@@ -2,9 +2,13 @@
 
 Weights are quantized per channel and activations per tensor (QDQ format), calibrated
 on ID inputs; biases stay float32 (quantizing them would add a scale and a zero point
-per channel and save nothing). The operator format (QLinearConv/QGemm) makes a
-slightly smaller file but ran 6-15x *slower* than float in onnxruntime on x86 CPUs
-here, while QDQ runs faster than float at batch 64: QDQ it is.
+per channel and save nothing). The point is a file 3.5-4x smaller, not speed: in the
+runtime table of benchmarks/RESULTS.md (x86 CPU, 1 intra-op thread) the QDQ ResNet-20
+ran about 0.8x as fast as the float one at batch 1 and 64; whether int8 is faster
+depends on the CPU's int8 instructions and onnxruntime's kernels, so measure it with
+``moonprune bench --vs``. The operator format (QLinearConv/QGemm) makes a slightly
+smaller file but, in an earlier measurement on x86 CPUs (not in the table), ran
+6-15x slower than float: QDQ it is.
 
 Quantization shifts the scores a little, so the rejection threshold is chosen again
 on the quantized model's own confidence over ID validation inputs and written back
