@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -140,7 +141,8 @@ def register(app: typer.Typer) -> None:
                 diff = ", ".join(f"{k} {b[k]}->{a[k]}" for k in b if b[k] != a[k])
                 console.print(f"  {name}: {diff}", highlight=False)
         for key, value in info["metadata"].items():
-            console.print(f"  {key}: {value}", highlight=False)
+            # metadata is the file's text (class names, paths): never rich markup
+            console.print(f"  {escape(key)}: {escape(str(value))}", highlight=False)
 
     @app.command()
     def bench(
