@@ -4,12 +4,17 @@ Launched by ``torchrun --nproc-per-node N -m moonprune compress ...`` every proc
 runs the same pipeline on the same data (loading is deterministic), so everything
 that must agree does so by construction or by one all-reduce:
 
-- each global batch (``--batch-size``) is split row-wise over the ranks and the
-  gradients are averaged by ``DistributedDataParallel`` (gloo on CPU, nccl on CUDA);
-  with equal shard sizes that is the single-process gradient of the whole batch;
+- each global batch (``--batch-size``) of ``N`` rows is split row-wise over the
+  ``W`` ranks (``n_r`` rows each, possibly 0); rank ``r`` back-propagates
+  ``L_r = (W / N) * sum_{i in r} l_i`` and ``DistributedDataParallel`` averages the
+  gradients: ``(1/W) sum_r grad L_r = grad (1/N) sum_i l_i``, the single-process
+  gradient of the batch mean, however unevenly the rows were split;
+- the process group uses the backend of the training device (gloo for CPU, nccl for
+  CUDA), started by :meth:`DistContext.init_group` when the trainer is built;
 - masks: RigL reads the averaged (identical) gradient, SET draws from identically
   seeded generators, magnitude/GMP are deterministic -- no broadcast needed;
-- MOON's statistic ``t`` is averaged over the ranks before it enters the EWMA;
+- MOON's statistic ``t`` is the all-reduced sum over the global batch divided by the
+  all-reduced row count, so it is the global-batch mean; so is the epoch's loss;
 - weight averaging and BatchNorm recalibration run on identical weights over the
   full training set on every rank; evaluation uses the full test set everywhere;
 - only rank 0 writes files and prints.
@@ -26,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from moonprune.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -44,16 +51,38 @@ class DistContext:
         return self.rank == 0
 
     def shard(self, batch: torch.Tensor) -> torch.Tensor:
-        """This rank's rows of a global batch (strided, so shards differ by at most 1)."""
+        """This rank's rows of a global batch (strided, so shards differ by at most 1;
+        a batch with fewer rows than ranks leaves the last ranks none)."""
         return batch[self.rank :: self.world_size] if self.enabled else batch
 
-    def mean(self, value: float) -> float:
-        """``value`` averaged over all ranks (itself when not distributed)."""
+    def share_of_mean(self, row_sum: torch.Tensor, n_global: int) -> torch.Tensor:
+        """``row_sum * W / N``: this rank's term of the global-batch mean loss, whose
+        gradient, averaged over the ``W`` ranks by DDP, is the gradient of the mean of
+        all ``N`` rows (the module docstring); a rank without rows contributes 0."""
+        return row_sum * (self.world_size / n_global)
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        """``values`` summed element-wise over all ranks (float64; unchanged when not
+        distributed). Every rank must call it, in the same order."""
         if not self.enabled:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64, device=_collective_device())
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=_collective_device())
         dist.all_reduce(tensor)
-        return float(tensor.item()) / self.world_size
+        return [float(v) for v in tensor.tolist()]
+
+    def init_group(self, device: torch.device) -> None:
+        """Start the process group once, with the backend for ``device``: nccl for CUDA,
+        gloo otherwise (``--device cpu`` on a machine with GPUs trains with gloo)."""
+        if not self.enabled:
+            return
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend=backend)
+        elif device.type != "cuda" and dist.get_backend() == "nccl":
+            raise ConfigError(
+                f"the process group was started with nccl but the model is on {device}; "
+                "start it with gloo, or train on CUDA"
+            )
 
     def barrier(self) -> None:
         if self.enabled:
@@ -67,16 +96,20 @@ def _collective_device() -> torch.device:
 
 
 def from_env() -> DistContext:
-    """The context ``torchrun`` describes in the environment; initialises the group once."""
+    """The context ``torchrun`` describes in the environment (``RANK``, ``WORLD_SIZE``).
+
+    The process group is not started here but by :meth:`DistContext.init_group`, once
+    the device is known. With CUDA present, this process's GPU (``LOCAL_RANK``) becomes
+    the current one, so that ``--device auto``/``cuda`` uses a GPU per process.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistContext()
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
-    return DistContext(dist.get_rank(), dist.get_world_size())
+    if dist.is_initialized():
+        return DistContext(dist.get_rank(), dist.get_world_size())
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return DistContext(int(os.environ.get("RANK", "0")), world_size)
 
 
 def is_main_process() -> bool:

@@ -14,13 +14,17 @@ the unknown class at column ``K`` and labels ``y`` in ``[0, K)``:
 
 The weights ``w`` are treated as constants (no gradient flows through ``p_u`` in
 ``w``), as in the reference, which computes them from detached probabilities.
+
+``reduction="sum"`` gives ``sum_i`` instead of ``mean_i``: data-parallel training
+sums over each rank's rows and divides by the global row count, so a batch split
+unevenly over the ranks still gives the mean over the whole batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,14 +34,20 @@ from moonprune.errors import ConfigError
 P_UNKNOWN_MAX = 1.0 - 1e-7
 EWMA_MOMENTUM = 0.05
 
+Reduction = Literal["mean", "sum"]
+"""How per-sample values become one: ``mean`` over the rows, or their ``sum``."""
+
 
 def unknown_probability(logits: torch.Tensor) -> torch.Tensor:
     """``(N,)`` softmax probability of the unknown column (the last), clamped below 1."""
     return torch.softmax(logits, dim=-1)[:, -1].clamp(max=P_UNKNOWN_MAX)
 
 
-def unknown_aware_loss(logits: torch.Tensor, target: torch.Tensor, a: float) -> torch.Tensor:
-    """MOON's loss ``mean(h * w)`` for ``(N, K+1)`` logits and ``(N,)`` labels < K.
+def unknown_aware_loss(
+    logits: torch.Tensor, target: torch.Tensor, a: float, reduction: Reduction = "mean"
+) -> torch.Tensor:
+    """MOON's loss ``mean(h * w)`` (or ``sum(h * w)``) for ``(N, K+1)`` logits and
+    ``(N,)`` labels < K. The sum over ``N = 0`` rows is 0 (the mean would be NaN).
 
     Example::
 
@@ -53,11 +63,14 @@ def unknown_aware_loss(logits: torch.Tensor, target: torch.Tensor, a: float) -> 
         p_u = unknown_probability(logits)
         correct = logits.argmax(dim=-1) == target
         weight = torch.where(correct, torch.ones_like(p_u), 1.0 + a / (1.0 + a * p_u))
-    return (h * weight).mean()
+    weighted = h * weight
+    return weighted.sum() if reduction == "sum" else weighted.mean()
 
 
-def threshold_statistic(logits: torch.Tensor, target: torch.Tensor) -> float:
-    """``t = mean((1 - p_u) * h)`` over the batch, without gradient.
+def threshold_statistic(
+    logits: torch.Tensor, target: torch.Tensor, reduction: Reduction = "mean"
+) -> float:
+    """``t = mean((1 - p_u) * h)`` over the batch (or the ``sum``), without gradient.
 
     Example::
 
@@ -67,7 +80,8 @@ def threshold_statistic(logits: torch.Tensor, target: torch.Tensor) -> float:
     """
     with torch.no_grad():
         h = F.cross_entropy(logits, target, reduction="none")
-        return float(((1.0 - unknown_probability(logits)) * h).mean())
+        values = (1.0 - unknown_probability(logits)) * h
+        return float(values.sum() if reduction == "sum" else values.mean())
 
 
 @dataclass(frozen=True)
@@ -122,31 +136,46 @@ class MoonSchedule:
     """
 
     def __init__(
-        self, config: MoonScheduleConfig, reduce: Callable[[float], float] | None = None
+        self,
+        config: MoonScheduleConfig,
+        all_reduce_sum: Callable[[list[float]], list[float]] | None = None,
     ) -> None:
+        """``all_reduce_sum`` (data-parallel only) sums values over all ranks, so that
+        ``t`` is the mean over the global batch rather than over this rank's rows."""
         self.config = config
-        self._reduce = reduce
+        self._all_reduce_sum = all_reduce_sum
         self.ewma: float | None = None
         self.a: float | None = None
         self.a_step = 0.0
 
     def observe(self, logits: torch.Tensor, target: torch.Tensor) -> None:
-        """Update the EWMA threshold statistic with one batch."""
-        t = threshold_statistic(logits, target)
-        if self._reduce is not None:  # data-parallel: the mean over all ranks' batches
-            t = self._reduce(t)
+        """Update the EWMA threshold statistic with one batch.
+
+        Data-parallel, rank ``r`` holds ``n_r`` of the batch's rows (possibly none), and
+        ``t = sum_r S_r / sum_r n_r`` with ``S_r`` the sum of ``(1 - p_u) * h`` over them:
+        the single-process mean, whatever the split (an equal-weight mean of the
+        per-rank means would not be)."""
+        if self._all_reduce_sum is None:
+            t = threshold_statistic(logits, target)
+        else:
+            local = [threshold_statistic(logits, target, reduction="sum"), float(len(target))]
+            total, count = self._all_reduce_sum(local)
+            t = total / count
         self.ewma = t if self.ewma is None else EWMA_MOMENTUM * t + (1 - EWMA_MOMENTUM) * self.ewma
 
-    def loss(self, logits: torch.Tensor, target: torch.Tensor, epoch: int) -> torch.Tensor:
-        """Observe the batch, then return the training loss for ``epoch`` (0-based)."""
+    def loss(
+        self, logits: torch.Tensor, target: torch.Tensor, epoch: int, reduction: Reduction = "mean"
+    ) -> torch.Tensor:
+        """Observe the batch, then return the training loss for ``epoch`` (0-based),
+        reduced over the batch's rows by ``reduction``."""
         self.observe(logits, target)
         if epoch < self.config.warmup_epochs:
-            return F.cross_entropy(logits, target)
+            return F.cross_entropy(logits, target, reduction=reduction)
         if self.a is None:
             assert self.ewma is not None  # observe() above set it
             self.a = self.ewma / self.config.init_factor
             self.a_step = (self.config.a_final - self.a) / (self.config.total_epochs - epoch)
-        return unknown_aware_loss(logits, target, self.a)
+        return unknown_aware_loss(logits, target, self.a, reduction)
 
     def end_epoch(self, epoch: int) -> None:
         """Advance ``a`` by one step (only once the ramp has started)."""

@@ -33,7 +33,7 @@ from moonprune.config import MoonConfig, TrainConfig
 from moonprune.data import ImageSet
 from moonprune.distributed import DistContext
 from moonprune.errors import CheckpointError, ConfigError
-from moonprune.objectives import MoonSchedule, MoonScheduleConfig
+from moonprune.objectives import MoonSchedule, MoonScheduleConfig, Reduction
 from moonprune.outputs import atomic_path
 from moonprune.sparsity.base import Masker, TopologySchedule
 
@@ -142,7 +142,9 @@ class Trainer:
         self.dist = dist or DistContext()
         self.model = model
         self.forward: nn.Module = model
+        self.device = next(model.parameters()).device
         if self.dist.enabled:
+            self.dist.init_group(self.device)
             from torch.nn.parallel import DistributedDataParallel
 
             self.forward = DistributedDataParallel(model)
@@ -152,7 +154,6 @@ class Trainer:
         self.moon_cfg = moon_config
         self.state_path = state_path
         self.callback = callback
-        self.device = next(model.parameters()).device
         self.steps_per_epoch = math.ceil(len(train) / train_config.batch_size)
         self.total_steps = self.steps_per_epoch * train_config.epochs
         avg_epochs = moon_config.resolved_average_epochs(train_config.epochs)
@@ -168,7 +169,7 @@ class Trainer:
                     moon_config.init_factor,
                     moon_config.a_final,
                 ),
-                reduce=self.dist.mean,
+                all_reduce_sum=self.dist.all_reduce_sum if self.dist.enabled else None,
             )
             if moon_config.enabled
             else None
@@ -242,10 +243,23 @@ class Trainer:
         self.start_epoch = int(state["epoch"])
 
     # -- loop -----------------------------------------------------------------------
-    def _loss(self, logits: torch.Tensor, y: torch.Tensor, epoch: int) -> torch.Tensor:
+    def _loss(
+        self, logits: torch.Tensor, y: torch.Tensor, epoch: int, n_global: int
+    ) -> tuple[torch.Tensor, float]:
+        """The loss to back-propagate and the sum of the per-row losses of ``y``'s rows.
+
+        One process: the batch mean. Data-parallel: this rank's row sum scaled by
+        :meth:`DistContext.share_of_mean`, so the averaged gradient is that of the mean
+        over all ``n_global`` rows (0 from a rank without rows, never NaN).
+        """
+        reduction: Reduction = "sum" if self.dist.enabled else "mean"
         if self.schedule is None:
-            return F.cross_entropy(logits, y)
-        return self.schedule.loss(logits, y, epoch)
+            loss = F.cross_entropy(logits, y, reduction=reduction)
+        else:
+            loss = self.schedule.loss(logits, y, epoch, reduction)
+        if not self.dist.enabled:
+            return loss, loss.item() * len(y)
+        return self.dist.share_of_mean(loss, n_global), loss.item()
 
     def run(self, stop_after_epoch: int | None = None) -> TrainResult:
         """Train from ``start_epoch`` to the end; ``stop_after_epoch`` interrupts (tests)."""
@@ -280,9 +294,10 @@ class Trainer:
             )
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
+            n_global = len(y)
             x, y = self.dist.shard(x), self.dist.shard(y)
             logits = self.forward(x)
-            loss = self._loss(logits, y, epoch)
+            loss, row_sum = self._loss(logits, y, epoch, n_global)
             if not torch.isfinite(loss):
                 raise ConfigError(
                     f"the loss became {loss.item()} at epoch {epoch}, step {i}; "
@@ -294,13 +309,14 @@ class Trainer:
             self.masker.step()
             if self.averaging is not None:
                 self.averaging.maybe_update(self.model, epoch, i, self.steps_per_epoch)
-            total_loss += loss.item() * len(y)
+            total_loss += row_sum
             n_seen += len(y)
-            if self.callback is not None:
+            if self.callback is not None:  # the step's loss: the mean over this rank's rows
                 if i % 20 == 0:
                     density = self.masker.stats()["density"]
+                step_loss = row_sum / max(len(y), 1)
                 self.callback.on_step(
-                    StepInfo(epoch, i, self.steps_per_epoch, loss.item(), lr, self._a(), density)
+                    StepInfo(epoch, i, self.steps_per_epoch, step_loss, lr, self._a(), density)
                 )
         a_used = self._a()  # the value this epoch trained with, before the ramp moves on
         if self.schedule is not None:
@@ -310,9 +326,10 @@ class Trainer:
                 epoch, (x for x, _ in iterate_batches(self.data, 256, 0, self.device, False))
             )
         stats = self.masker.stats()
+        total_loss, n_rows = self.dist.all_reduce_sum([total_loss, float(n_seen)])
         info = EpochInfo(
             epoch,
-            total_loss / max(n_seen, 1),
+            total_loss / max(n_rows, 1),
             lr,
             a_used,
             stats["density"],

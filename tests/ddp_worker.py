@@ -1,7 +1,7 @@
 """Run by tests/test_distributed.py under torchrun (or alone): train, dump per-rank state.
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/ddp_worker.py \
-        OUT_DIR full|interrupt|resume
+        OUT_DIR full|interrupt|resume [BATCH_SIZE]
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from moonprune.sparsity import MASKERS, MaskerConfig
 from moonprune.training import StopTraining, Trainer
 
 
-def main(out: Path, mode: str) -> None:
+def main(out: Path, mode: str, batch_size: int = 64) -> None:
     dist = from_env()
     splits = load_splits("digits:0-5", seed=0)
     torch.manual_seed(0)
     model = mlp_biasfree(num_classes=6)
     add_unknown_output_(model, splits.train.x[:2])
     masker = MASKERS.create("set", MaskerConfig(sparsity=0.8, update_interval=3, seed=5))
-    trainer = Trainer(model, masker, splits.train, TrainConfig(epochs=4, batch_size=64),
+    trainer = Trainer(model, masker, splits.train, TrainConfig(epochs=4, batch_size=batch_size),
                       MoonConfig(warmup_epochs=1, average_epochs=1),
                       state_path=out / "state.pt", dist=dist)  # fmt: skip
     if mode == "resume":
@@ -36,11 +36,19 @@ def main(out: Path, mode: str) -> None:
         result = trainer.run(stop_after_epoch=1 if mode == "interrupt" else None)
     except StopTraining:
         return
+    assert trainer.schedule is not None
     torch.save(
-        {"masks": result.masks, "state": result.model.state_dict(), "updates": masker.updates},
+        {
+            "masks": result.masks,
+            "state": result.model.state_dict(),
+            "updates": masker.updates,
+            "schedule": trainer.schedule.state_dict(),
+            "epoch_loss": [h.loss for h in result.history],
+            "n_train": len(splits.train),
+        },
         out / f"{mode}-rank{dist.rank}.pt",
     )
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    main(Path(sys.argv[1]), sys.argv[2], *map(int, sys.argv[3:]))

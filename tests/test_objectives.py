@@ -80,6 +80,41 @@ def test_weight_is_not_differentiated() -> None:
     assert torch.allclose(logits.grad, ref.grad, atol=1e-6)
 
 
+def test_sum_reduction_and_an_empty_batch() -> None:
+    n = len(TARGET)
+    total = unknown_aware_loss(LOGITS, TARGET, 0.7, reduction="sum").item()
+    assert total == pytest.approx(n * unknown_aware_loss(LOGITS, TARGET, 0.7).item())
+    t_sum = threshold_statistic(LOGITS, TARGET, reduction="sum")
+    assert t_sum == pytest.approx(n * threshold_statistic(LOGITS, TARGET))
+    # no rows (a rank's empty shard): the sum is 0, not NaN, and still back-propagates
+    empty = torch.zeros(0, 3, requires_grad=True)
+    loss = unknown_aware_loss(empty, TARGET[:0], 0.7, reduction="sum")
+    loss.backward()
+    assert loss.item() == 0.0 and empty.grad is not None
+    assert threshold_statistic(empty.detach(), TARGET[:0], reduction="sum") == 0.0
+
+
+# a 4-row batch split over two "ranks" as 3/1 and as 4/0 (one rank has no rows)
+@pytest.mark.parametrize("split", [3, 4])
+def test_schedule_statistic_is_the_global_batch_mean(split: int) -> None:
+    shards = [(LOGITS[:split], TARGET[:split]), (LOGITS[split:], TARGET[split:])]
+    local = [[threshold_statistic(z, y, reduction="sum"), float(len(y))] for z, y in shards]
+
+    def all_reduce_sum(values: list[float]) -> list[float]:  # what the all-reduce returns
+        assert values in local
+        return [sum(column) for column in zip(*local, strict=True)]
+
+    config = MoonScheduleConfig(total_epochs=3, warmup_epochs=1)
+    for logits, target in shards:
+        schedule = MoonSchedule(config, all_reduce_sum)
+        for epoch in range(2):  # warm-up (cross-entropy), then the MOON loss
+            loss = schedule.loss(logits, target, epoch, reduction="sum")
+            assert torch.isfinite(loss)
+        t = threshold_statistic(LOGITS, TARGET)  # the whole batch's mean, seen twice
+        assert schedule.ewma == pytest.approx(t, rel=1e-6)
+        assert schedule.a == pytest.approx(t / 64, rel=1e-6)
+
+
 def _run_schedule(
     config: MoonScheduleConfig, steps_per_epoch: int = 3
 ) -> tuple[list, MoonSchedule]:

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from moonprune.config import MoonConfig, TrainConfig
+from moonprune.distributed import DistContext
 from moonprune.heads import add_unknown_output_
 from moonprune.models import demo_cnn
+from moonprune.objectives import unknown_aware_loss
 from moonprune.sparsity import MASKERS, MaskerConfig
 from moonprune.training import StopTraining, Trainer, lr_factor
 
@@ -121,3 +123,21 @@ def test_plain_baseline_trains_without_averaging(digits06) -> None:
     assert result.model is model
     assert all(h.a is None for h in result.history)
     assert model(digits06.train.x[:2]).shape == (2, 6)
+
+
+# 5 rows over 2 ranks: 3/2; 1 row: 1/0 (rank 1 has none). No process group needed.
+@pytest.mark.parametrize("n_rows", [5, 1])
+def test_data_parallel_shares_average_to_the_batch_mean_gradient(n_rows: int) -> None:
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 3)
+    x, y = torch.randn(n_rows, 4), torch.randint(0, 2, (n_rows,))
+    expected = torch.autograd.grad(unknown_aware_loss(layer(x), y, 0.5), layer.weight)[0]
+    grads = []
+    for rank in range(2):
+        ctx = DistContext(rank, world_size=2)
+        row_sum = unknown_aware_loss(layer(ctx.shard(x)), ctx.shard(y), 0.5, reduction="sum")
+        loss = ctx.share_of_mean(row_sum, n_rows)
+        assert torch.isfinite(loss)
+        grads.append(torch.autograd.grad(loss, layer.weight)[0])
+    # DDP averages the ranks' gradients
+    torch.testing.assert_close((grads[0] + grads[1]) / 2, expected, rtol=0, atol=1e-6)
