@@ -47,7 +47,8 @@ def train_channel_pruned(
     keep, measure = (sp.macs_target, "macs") if sp.macs_target else (1 - sp.sparsity, "params")
     example = train_set.x[:2].to(next(model.parameters()).device)
     pruner = ChannelPruner(model, example, head_layer, keep=keep, measure=measure,
-                           steps=sp.steps, importance=sp.importance)  # fmt: skip
+                           steps=sp.steps, importance=sp.importance,
+                           round_to=sp.round_to)  # fmt: skip
     plan = stage_epochs(cfg.train.epochs, sp.steps)
     average = min(cfg.moon.resolved_average_epochs(cfg.train.epochs), plan[-1] - 1)
     history: list[EpochInfo] = []
@@ -70,6 +71,7 @@ def train_channel_pruned(
     final.eval()
     stats: dict[str, Any] = dict(pruner.stats())
     stats.update({"ratio": pruner.ratio, "steps": sp.steps, "importance": sp.importance,
+                  "round_to": sp.round_to,
                   "target": keep, "measure": measure})  # fmt: skip
     return TrainResult(final, {}, history), stats
 

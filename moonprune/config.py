@@ -121,7 +121,9 @@ class SparsityConfig:
 
     For ``method = "channel"``, ``sparsity`` is the fraction of parameters removed
     (or ``macs_target`` the fraction of dense MACs kept), in ``steps`` pruning steps
-    ranked by ``importance`` (``magnitude`` or ``taylor``).
+    ranked by ``importance`` (``magnitude`` or ``taylor``); ``round_to`` keeps every
+    pruned layer's channel count a multiple of it (onnxruntime's CPU convolutions are
+    blocked by 8 or 16 channels: odd counts can make a slimmer model slower).
 
     Example::
 
@@ -137,9 +139,17 @@ class SparsityConfig:
     macs_target: float | None = None
     steps: int = 4
     importance: str = "magnitude"
+    round_to: int | None = None
 
     def __post_init__(self) -> None:
         self.masker_config(seed=0)  # validates the shared fields in one place
+        if self.round_to is not None and (
+            isinstance(self.round_to, bool) or not isinstance(self.round_to, int)
+            or self.round_to < 1
+        ):  # fmt: skip
+            raise ConfigError(
+                f"round_to must be a whole number of channels >= 1, got {self.round_to!r}; e.g. 8"
+            )
         if self.macs_target is not None and not 0 < self.macs_target < 1:
             raise ConfigError(
                 f"macs_target must be in (0, 1), got {self.macs_target}; e.g. 0.5 keeps half"

@@ -77,6 +77,7 @@ class ChannelPruner:
         measure: str = "params",
         steps: int = 4,
         importance: str = "magnitude",
+        round_to: int | None = None,
     ) -> None:
         if not 0.0 < keep < 1.0:
             raise ConfigError(f"the kept fraction must be in (0, 1), got {keep}")
@@ -86,6 +87,7 @@ class ChannelPruner:
             raise ConfigError(f"importance must be 'magnitude' or 'taylor', got {importance!r}")
         self.model, self.example, self.head_layer = model, example[:2], head_layer
         self.keep, self.measure, self.steps, self.importance = keep, measure, steps, importance
+        self.round_to = round_to
         self.dense_macs, self.dense_params = count_macs_params(model, example)
         self.ratio = self._solve_ratio()
         self._pruner = self._make_pruner(model, self.ratio, steps)
@@ -97,7 +99,7 @@ class ChannelPruner:
                else tp.importance.TaylorImportance())  # fmt: skip
         return tp.pruner.MetaPruner(
             model, self.example, importance=imp, pruning_ratio=ratio, iterative_steps=steps,
-            ignored_layers=[model.get_submodule(self.head_layer)],
+            ignored_layers=[model.get_submodule(self.head_layer)], round_to=self.round_to,
         )  # fmt: skip
 
     def _fraction(self, model: nn.Module) -> float:
@@ -105,7 +107,12 @@ class ChannelPruner:
         return macs / self.dense_macs if self.measure == "macs" else params / self.dense_params
 
     def _solve_ratio(self) -> float:
-        """Bisection on the channel ratio so that one full pruning keeps ``keep``."""
+        """Bisection on the channel ratio so that one full pruning keeps ``keep``.
+
+        Returns the upper end of the final bracket: a ratio that was tried and reached
+        the target. With ``round_to`` the kept fraction is a step function of the ratio,
+        so a midpoint could land on the step's wrong side.
+        """
         lo, hi = 0.0, 0.95
         for _ in range(12):
             mid = (lo + hi) / 2
@@ -118,7 +125,7 @@ class ChannelPruner:
                 lo = mid
             else:
                 hi = mid
-        return (lo + hi) / 2
+        return hi
 
     def _taylor_gradients(self, model: nn.Module) -> None:
         model.zero_grad()

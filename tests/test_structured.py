@@ -48,6 +48,20 @@ def test_prunes_to_target_and_keeps_the_unknown_output(
     assert report.labels_agree and report.parity_max_abs_diff < 1e-4
 
 
+def test_round_to_keeps_channel_counts_multiples_and_the_target() -> None:
+    torch.manual_seed(0)
+    model = models.resnet8(num_classes=5, in_channels=3, width=16).eval()
+    x = torch.randn(4, 3, 16, 16)
+    head = add_unknown_output_(model, x)
+    pruner = ChannelPruner(model, x, head, keep=0.5, measure="macs", steps=2, round_to=8)
+    for _ in range(2):
+        pruner.step()
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(m.out_channels % 8 == 0 for m in convs), [m.out_channels for m in convs]
+    assert pruner.stats()["macs_fraction"] <= 0.5 + 1e-9  # the ratio found reaches it
+    assert model(x).shape == (4, 6)
+
+
 def test_compress_channel_end_to_end(tmp_path: Path) -> None:
     torch.manual_seed(0)
     torch.save(models.resnet8(num_classes=6, in_channels=1).state_dict(), tmp_path / "r8.pt")
