@@ -118,7 +118,9 @@ def render(rows: list[dict[str, Any]], norms: dict[str, float], seconds: float) 
         "Command: `python benchmarks/moon_diagnosis.py`  ",
         f"Machine: {platform.platform()}, {torch.get_num_threads()} torch threads  ",
         f"Wall time: {seconds / 60:.1f} min; cnn, {METHOD} {SPARSITY:.0%}, ID {FULL.data}, "
-        f"{FULL.epochs} fine-tuning epochs, seeds {list(SEEDS)}; mean ± std over seeds, in %.",
+        f"{FULL.epochs} fine-tuning epochs, seeds {list(SEEDS)}; mean ± std over seeds, in %. "
+        "Scores at T = 1 (the reliability table above uses compress's default "
+        "`--temperature auto`, which can reorder MSP, so its AUROCs differ slightly).",
         "",
         "### AUROC per score (rows) and OOD set (columns)",
         "",
