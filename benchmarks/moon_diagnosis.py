@@ -31,13 +31,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from reliability import FULL  # benchmarks/ is on sys.path when run as a script
+from reliability import FULL, compress_config  # benchmarks/ is on sys.path as a script
 from results_file import update_section
 from sklearn.metrics import roc_auc_score
 
 from moonprune.assessment import collect
 from moonprune.checkpoints import ArchSpec, DenseModel
-from moonprune.config import build_config
 from moonprune.data import load_ood, load_splits
 from moonprune.demo import train_dense
 from moonprune.pipeline import compress
@@ -87,14 +86,9 @@ def run() -> tuple[list[dict[str, Any]], dict[str, float]]:
         rows.append({"seed": seed, "model": "dense", **measure(dense, splits, ood, k)})
         for moon in (False, True):
             with tempfile.TemporaryDirectory() as tmp:
-                cfg = build_config({
-                    "checkpoint": "", "data": FULL.data, "ood": list(FULL.ood),
-                    "out": str(Path(tmp) / "out"), "arch": spec.factory,
-                    "arch_kwargs": spec.kwargs, "export": False,
-                    "train": {"epochs": FULL.epochs, "seed": seed},
-                    "moon": {"enabled": moon, "warmup_epochs": max(1, FULL.epochs // 6)},
-                    "sparsity": {"method": METHOD, "sparsity": SPARSITY},
-                })  # fmt: skip
+                moon_cfg = {"enabled": moon, "warmup_epochs": max(1, FULL.epochs // 6)}
+                cfg = compress_config(FULL, spec, seed, Path(tmp) / "out", moon_cfg, METHOD,
+                                      SPARSITY)  # fmt: skip
                 result = compress(cfg, dense=DenseModel(copy.deepcopy(dense), spec))
             model = result.checkpoint.model
             name = "RigL 90% MOON" if moon else "RigL 90% plain"

@@ -31,7 +31,7 @@ import torch
 from results_file import update_section  # benchmarks/ is on sys.path when run as a script
 
 from moonprune.checkpoints import ArchSpec, DenseModel
-from moonprune.config import build_config
+from moonprune.config import CompressConfig, build_config
 from moonprune.data import load_splits
 from moonprune.demo import train_dense
 from moonprune.pipeline import compress
@@ -79,6 +79,19 @@ FULL = Grid(
 )
 
 
+def compress_config(
+    grid: Grid, spec: ArchSpec, seed: int, out: Path, moon: dict[str, Any], method: str,
+    sparsity: float,
+) -> CompressConfig:  # fmt: skip
+    """The compress settings of one benchmark run (no export: only the report counts)."""
+    return build_config({
+        "checkpoint": "", "data": grid.data, "ood": list(grid.ood), "out": str(out),
+        "arch": spec.factory, "arch_kwargs": spec.kwargs, "export": False,
+        "train": {"epochs": grid.epochs, "seed": seed}, "moon": moon,
+        "sparsity": {"method": method, "sparsity": sparsity},
+    })  # fmt: skip
+
+
 def run_grid(grid: Grid, log: Any) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for arch_name, arch in grid.archs.items():
@@ -93,14 +106,9 @@ def run_grid(grid: Grid, log: Any) -> list[dict[str, Any]]:
                 grid.methods, grid.sparsities, (False, True)
             ):
                 with tempfile.TemporaryDirectory() as tmp:
-                    cfg = build_config({
-                        "checkpoint": "", "data": grid.data, "ood": list(grid.ood),
-                        "out": str(Path(tmp) / "out"), "arch": spec.factory,
-                        "arch_kwargs": spec.kwargs, "export": False,
-                        "train": {"epochs": grid.epochs, "seed": seed},
-                        "moon": {"enabled": moon, "warmup_epochs": max(1, grid.epochs // 6)},
-                        "sparsity": {"method": method, "sparsity": sparsity},
-                    })  # fmt: skip
+                    moon_cfg = {"enabled": moon, "warmup_epochs": max(1, grid.epochs // 6)}
+                    cfg = compress_config(grid, spec, seed, Path(tmp) / "out", moon_cfg,
+                                          method, sparsity)  # fmt: skip
                     start = time.perf_counter()
                     result = compress(cfg, dense=DenseModel(copy.deepcopy(dense), spec))
                     seconds = time.perf_counter() - start
@@ -276,12 +284,7 @@ def run_ablation(grid: Grid, seeds: tuple[int, ...]) -> str:
             if moon.get("warmup_epochs", 0) > grid.epochs:
                 moon["warmup_epochs"] = grid.epochs
             with tempfile.TemporaryDirectory() as tmp:
-                cfg = build_config({
-                    "checkpoint": "", "data": grid.data, "ood": list(grid.ood),
-                    "out": str(Path(tmp) / "out"), "arch": spec.factory, "arch_kwargs": spec.kwargs,
-                    "export": False, "train": {"epochs": grid.epochs, "seed": seed}, "moon": moon,
-                    "sparsity": {"method": "rigl", "sparsity": 0.9},
-                })  # fmt: skip
+                cfg = compress_config(grid, spec, seed, Path(tmp) / "out", moon, "rigl", 0.9)
                 rep = compress(cfg, dense=DenseModel(copy.deepcopy(dense), spec)).report
             results[name].append(rep["models"]["compressed"])
             print(f"ablation seed {seed} {name}: mean AUROC "
