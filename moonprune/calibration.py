@@ -118,10 +118,16 @@ def choose_temperature(
         return TemperatureChoice(setting, None, _given(setting))
     t = fit_temperature(logits, labels)
     if not T_BOUNDS[0] * 1.01 < t < T_BOUNDS[1] / 1.01:
+        why = (
+            "every validation input is classified correctly"
+            if t < 1.0
+            else "the model is no better than chance on the validation split"
+        )
         logger.warning(
             "temperature fit ran to its bound (T=%.3g): validation NLL has no minimum "
-            "(e.g. every validation input is classified correctly); keeping T = 1",
+            "(e.g. %s); keeping T = 1",
             t,
+            why,
         )
         return TemperatureChoice(
             setting, t, 1.0, "ran to its bound (validation NLL has no minimum)"

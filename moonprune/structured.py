@@ -111,9 +111,12 @@ class ChannelPruner:
 
         Returns the upper end of the final bracket: a ratio that was tried and reached
         the target. With ``round_to`` the kept fraction is a step function of the ratio,
-        so a midpoint could land on the step's wrong side.
+        so a midpoint could land on the step's wrong side. When no tried ratio reaches
+        the target (``round_to`` as wide as the layers, say), that is an error, not a
+        silently dense "pruned" model.
         """
         lo, hi = 0.0, 0.95
+        reached = False
         for _ in range(12):
             mid = (lo + hi) / 2
             trial = copy.deepcopy(self.model)
@@ -124,7 +127,14 @@ class ChannelPruner:
             if self._fraction(trial) > self.keep:
                 lo = mid
             else:
-                hi = mid
+                hi, reached = mid, True
+        if not reached:
+            hint = f"a smaller round_to than {self.round_to}" if self.round_to else "a larger one"
+            raise ConfigError(
+                f"channel pruning cannot reach {self.keep:.0%} of the dense {self.measure} "
+                f"(even pruning 95% of each layer's channels keeps more); use {hint}, or a "
+                "less aggressive target"
+            )
         return hi
 
     def _taylor_gradients(self, model: nn.Module) -> None:

@@ -12,6 +12,7 @@ from moonprune.exporters import export_onnx
 from typer.testing import CliRunner
 
 from moonprune import models
+from moonprune.errors import ConfigError
 from moonprune.heads import add_unknown_output_
 from moonprune.structured import ChannelPruner, apply_structure_, module_structure
 
@@ -60,6 +61,16 @@ def test_round_to_keeps_channel_counts_multiples_and_the_target() -> None:
     assert all(m.out_channels % 8 == 0 for m in convs), [m.out_channels for m in convs]
     assert pruner.stats()["macs_fraction"] <= 0.5 + 1e-9  # the ratio found reaches it
     assert model(x).shape == (4, 6)
+
+
+def test_unreachable_target_is_an_error_not_a_dense_model() -> None:
+    torch.manual_seed(0)
+    model = models.resnet8(num_classes=5, in_channels=3, width=16).eval()
+    x = torch.randn(4, 3, 16, 16)
+    head = add_unknown_output_(model, x)
+    # rounding to 16 channels leaves the 16-wide layers nothing to remove
+    with pytest.raises(ConfigError, match="smaller round_to than 16"):
+        ChannelPruner(model, x, head, keep=0.5, measure="macs", steps=1, round_to=16)
 
 
 def test_compress_channel_end_to_end(tmp_path: Path) -> None:
