@@ -61,10 +61,13 @@ class Assessment:
     temperature_fit: TemperatureChoice | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        fit = None if self.temperature_fit is None else self.temperature_fit.as_dict()
         return {**self.metrics, "threshold": self.threshold, "acceptance": self.acceptance,
                 "ci": self.ci, "temperature": self.temperature,
-                "temperature_fit": fit}  # fmt: skip
+                "temperature_fit": self.temperature_record()}  # fmt: skip
+
+    def temperature_record(self) -> dict[str, Any] | None:
+        """The report's ``temperature_fit``: what was fitted, used, and why not."""
+        return None if self.temperature_fit is None else self.temperature_fit.as_dict()
 
 
 @dataclass

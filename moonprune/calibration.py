@@ -145,11 +145,6 @@ def choose_temperature(
     return TemperatureChoice(setting, t, t)
 
 
-def resolve_temperature(setting: str | float, logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The T :func:`choose_temperature` uses."""
-    return choose_temperature(setting, logits, labels).used
-
-
 def _given(setting: str | float) -> float:
     try:
         value = float(setting)

@@ -160,7 +160,7 @@ class Calibrated:
         auroc_a = {n: m["auroc"] for n, m in a["ood"].items()}
         return {
             "temperature": self.after.temperature,
-            "temperature_fit": self.after.as_dict()["temperature_fit"],
+            "temperature_fit": self.after.temperature_record(),
             "ece_before": b["ece"], "ece_after": a["ece"],
             "nll_before": b["nll"], "nll_after": a["nll"],
             "auroc_before": auroc_b, "auroc_after": auroc_a,
@@ -252,12 +252,8 @@ def compress(
                 dist=dist,
             )
         train_s = time.perf_counter() - t0
-    except KeyboardInterrupt:
+    except (Exception, KeyboardInterrupt):
         if dist.is_main and not out.state_path.exists():  # nothing to resume: leave nothing
-            out.discard()
-        raise
-    except Exception:
-        if dist.is_main and not out.state_path.exists():
             out.discard()
         raise
     compressed = result.model.eval()

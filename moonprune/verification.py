@@ -197,7 +197,7 @@ def verify(
         "checkpoint_threshold": ckpt.threshold,
         "temperature": compressed.temperature,
         "calibration": {
-            name: {"temperature": a.temperature, "temperature_fit": a.as_dict()["temperature_fit"]}
+            name: {"temperature": a.temperature, "temperature_fit": a.temperature_record()}
             for name, a in (("dense", dense), ("compressed", compressed))
             if a is not None
         },

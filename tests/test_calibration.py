@@ -14,7 +14,6 @@ from moonprune.assessment import assess_logits, collect
 from moonprune.calibration import (
     choose_temperature,
     fit_temperature,
-    resolve_temperature,
     saturated_fraction,
 )
 from moonprune.data import Splits, load_ood, load_splits
@@ -60,7 +59,7 @@ def test_separable_validation_data_falls_back_to_one() -> None:
     labels = torch.arange(6)
     logits = 10.0 * torch.eye(6)  # every prediction right: NLL falls as T -> 0
     assert fit_temperature(logits, labels) < 0.06
-    assert resolve_temperature("auto", logits, labels) == 1.0
+    assert choose_temperature("auto", logits, labels).used == 1.0
 
 
 def test_sharpening_that_saturates_the_softmax_is_refused() -> None:
@@ -73,14 +72,14 @@ def test_sharpening_that_saturates_the_softmax_is_refused() -> None:
     t = fit_temperature(logits, labels)
     assert 0.2 < t < 0.5
     assert saturated_fraction(logits, t) > 0.3 and saturated_fraction(logits, 1.0) == 0.0
-    assert resolve_temperature("auto", logits, labels) == 1.0
+    assert choose_temperature("auto", logits, labels).used == 1.0
 
 
 def test_explicit_values_are_validated() -> None:
     logits, labels = _calibrated_logits(n=10)
-    assert resolve_temperature(2.5, logits, labels) == 2.5
+    assert choose_temperature(2.5, logits, labels).used == 2.5
     with pytest.raises(ConfigError):
-        resolve_temperature(-1.0, logits, labels)
+        choose_temperature(-1.0, logits, labels)
 
 
 def test_t_equal_one_leaves_every_output_unchanged(digits06: Splits) -> None:
