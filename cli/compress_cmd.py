@@ -155,6 +155,14 @@ def register(app: typer.Typer) -> None:
                 "onnxruntime's CPU kernels than odd counts)."
             ),
         ] = None,
+        allocation: Annotated[
+            str | None,
+            typer.Option(
+                help="channel: uniform (default; every layer loses the same fraction) or "
+                "global (cost-aware ranking across layers; with --round-to 16, the fastest "
+                "on AVX-512 CPUs)."
+            ),
+        ] = None,
         distribution: Annotated[
             str | None, typer.Option(help="Layer densities: erk (default) or uniform.")
         ] = None,
@@ -261,6 +269,7 @@ def register(app: typer.Typer) -> None:
                 "sparsity.steps": prune_steps,
                 "sparsity.importance": importance,
                 "sparsity.round_to": round_to,
+                "sparsity.allocation": allocation,
                 "train.epochs": epochs,
                 "train.lr": lr,
                 "train.batch_size": batch_size,

@@ -48,7 +48,7 @@ def train_channel_pruned(
     example = train_set.x[:2].to(next(model.parameters()).device)
     pruner = ChannelPruner(model, example, head_layer, keep=keep, measure=measure,
                            steps=sp.steps, importance=sp.importance,
-                           round_to=sp.round_to)  # fmt: skip
+                           round_to=sp.round_to, allocation=sp.allocation)  # fmt: skip
     plan = stage_epochs(cfg.train.epochs, sp.steps)
     average = min(cfg.moon.resolved_average_epochs(cfg.train.epochs), plan[-1] - 1)
     history: list[EpochInfo] = []
@@ -71,7 +71,7 @@ def train_channel_pruned(
     final.eval()
     stats: dict[str, Any] = dict(pruner.stats())
     stats.update({"ratio": pruner.ratio, "steps": sp.steps, "importance": sp.importance,
-                  "round_to": sp.round_to,
+                  "round_to": sp.round_to, "allocation": sp.allocation,
                   "target": keep, "measure": measure})  # fmt: skip
     return TrainResult(final, {}, history), stats
 

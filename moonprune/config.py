@@ -123,7 +123,10 @@ class SparsityConfig:
     (or ``macs_target`` the fraction of dense MACs kept), in ``steps`` pruning steps
     ranked by ``importance`` (``magnitude`` or ``taylor``); ``round_to`` keeps every
     pruned layer's channel count a multiple of it (onnxruntime's CPU convolutions are
-    blocked by 8 or 16 channels: odd counts can make a slimmer model slower).
+    blocked by 8 or 16 channels: odd counts can make a slimmer model slower);
+    ``allocation`` shares the removed channels out between layers: ``uniform`` (the
+    same fraction everywhere) or ``global`` (a cost-aware ranking across layers that
+    leaves narrow layers whole; see :mod:`moonprune.structured`).
 
     Example::
 
@@ -140,6 +143,7 @@ class SparsityConfig:
     steps: int = 4
     importance: str = "magnitude"
     round_to: int | None = None
+    allocation: str = "uniform"
 
     def __post_init__(self) -> None:
         self.masker_config(seed=0)  # validates the shared fields in one place
@@ -156,6 +160,8 @@ class SparsityConfig:
             )
         if self.importance not in ("magnitude", "taylor"):
             raise ConfigError(f"importance must be magnitude or taylor, got {self.importance!r}")
+        if self.allocation not in ("uniform", "global"):
+            raise ConfigError(f"allocation must be uniform or global, got {self.allocation!r}")
 
     def masker_config(self, seed: int) -> MaskerConfig:
         """The masker's settings for a run seeded with ``seed``."""

@@ -92,6 +92,7 @@ BAD_INPUTS = {
     "unknown method": (["--method", "rigel"], "rigl", None),
     "unknown data": (["--data", "nosuchdata"], "nosuchdata", None),
     "bad arch": (["--arch", "nosuchpkg.models:net"], "nosuchpkg", None),
+    "unknown allocation": (["--method", "channel", "--allocation", "greedy"], "allocation", None),
 }
 
 

@@ -20,18 +20,20 @@ pytest.importorskip("torch_pruning")
 runner = CliRunner()
 
 
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
 @pytest.mark.parametrize("factory", [models.resnet8, models.mobilenet_tiny])
 @pytest.mark.parametrize(("measure", "keep"), [("macs", 0.5), ("params", 0.4)])
 def test_prunes_to_target_and_keeps_the_unknown_output(
-    factory, measure: str, keep: float, tmp_path: Path
+    factory, measure: str, keep: float, allocation: str, tmp_path: Path
 ) -> None:
     torch.manual_seed(0)
     model = factory(num_classes=5, in_channels=3).eval()
     x = torch.randn(4, 3, 16, 16)
     head = add_unknown_output_(model, x)
-    pruner = ChannelPruner(model, x, head, keep=keep, measure=measure, steps=3)
-    for _ in range(3):
-        pruner.step()
+    pruner = ChannelPruner(model, x, head, keep=keep, measure=measure, steps=3,
+                           allocation=allocation)  # fmt: skip
+    fractions = [pruner.step()[f"{measure}_fraction"] for _ in range(3)]
+    assert fractions[0] > fractions[1] > fractions[2]  # pruned in steps, not all at once
     stats = pruner.stats()
     assert abs(stats[f"{measure}_fraction"] - keep) < 0.03
     out = model(x)
@@ -63,6 +65,85 @@ def test_round_to_keeps_channel_counts_multiples_and_the_target() -> None:
     assert model(x).shape == (4, 6)
 
 
+def test_global_allocation_keeps_narrow_layers_whole_and_widths_multiples() -> None:
+    torch.manual_seed(0)
+    model = models.resnet8(num_classes=5, in_channels=3, width=32).eval()
+    x = torch.randn(4, 3, 16, 16)
+    head = add_unknown_output_(model, x)
+    pruner = ChannelPruner(model, x, head, keep=0.5, measure="macs", steps=2, round_to=16,
+                           allocation="global")  # fmt: skip
+    for _ in range(2):
+        pruner.step()
+    widths = [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(w % 16 == 0 and w >= 16 for w in widths), widths
+    assert pruner.stats()["macs_fraction"] <= 0.5
+    assert pruner.ratio is None  # no single per-layer ratio: the layers differ
+    assert len(set(widths)) > 1 and max(widths) > 16  # not everything cut to the minimum
+    assert model(x).shape == (4, 6)
+
+
+def test_global_allocation_removes_the_least_important_channels_first() -> None:
+    torch.manual_seed(0)
+    model = models.resnet8(num_classes=5, in_channels=3, width=16).eval()
+    x = torch.randn(4, 3, 16, 16)
+    head = add_unknown_output_(model, x)
+    block = model.layers[2]
+    dead = torch.arange(0, 64, 4)  # 16 of the last block's 64 inner channels do nothing
+    with torch.no_grad():
+        block.conv1.weight[dead] = 0
+        block.bn1.weight[dead] = 0
+        block.bn1.bias[dead] = 0
+        block.conv2.weight[:, dead] = 0
+    before = {n: m.out_channels for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Conv2d)}  # fmt: skip
+    pruner = ChannelPruner(model, x, head, keep=0.99, measure="macs", steps=1,
+                           allocation="global")  # fmt: skip
+    pruner.step()
+    after = {n: m.out_channels for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Conv2d)}  # fmt: skip
+    removed = 64 - after["layers.2.conv1"]
+    assert 0 < removed <= 16
+    assert {n: w for n, w in after.items() if n != "layers.2.conv1"} == {
+        n: w for n, w in before.items() if n != "layers.2.conv1"
+    }
+    dead_left = int((block.conv1.weight.flatten(1).abs().sum(1) == 0).sum())
+    assert dead_left == 16 - removed  # every channel removed was a dead one
+
+
+@pytest.mark.parametrize("factory", [models.resnet8, models.mobilenet_tiny])
+def test_global_allocation_does_not_collapse_the_costliest_layers(factory) -> None:
+    # Ranking by importance per MAC alone would empty the wide-image early layers (their
+    # channels cost the most): the importance lost is relative to what the layer has left,
+    # so each removal makes that layer's remaining channels dearer.
+    torch.manual_seed(0)
+    model = factory(num_classes=5, in_channels=3).eval()
+    x = torch.randn(4, 3, 16, 16)
+    dense = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    head = add_unknown_output_(model, x)
+    pruner = ChannelPruner(model, x, head, keep=0.5, measure="macs", steps=2,
+                           allocation="global")  # fmt: skip
+    for _ in range(2):
+        pruner.step()
+    kept = {n: m.out_channels / dense[n] for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Conv2d)}  # fmt: skip
+    assert min(kept.values()) >= 0.25, kept
+
+
+def test_global_allocation_with_taylor_importance() -> None:
+    torch.manual_seed(0)
+    model = models.mobilenet_tiny(num_classes=5, in_channels=3).eval()
+    x = torch.randn(8, 3, 16, 16)
+    head = add_unknown_output_(model, x)
+    pruner = ChannelPruner(model, x, head, keep=0.6, measure="params", steps=2,
+                           importance="taylor", allocation="global", round_to=8)  # fmt: skip
+    batch = (x, torch.randint(0, 5, (8,)))
+    for _ in range(2):
+        pruner.step(batch)
+    assert pruner.stats()["params_fraction"] <= 0.6
+    assert all(p.grad is None for p in model.parameters())
+    assert model(x).shape == (8, 6)
+
+
 def test_unreachable_target_is_an_error_not_a_dense_model() -> None:
     torch.manual_seed(0)
     model = models.resnet8(num_classes=5, in_channels=3, width=16).eval()
@@ -71,6 +152,11 @@ def test_unreachable_target_is_an_error_not_a_dense_model() -> None:
     # rounding to 16 channels leaves the 16-wide layers nothing to remove
     with pytest.raises(ConfigError, match="smaller round_to than 16"):
         ChannelPruner(model, x, head, keep=0.5, measure="macs", steps=1, round_to=16)
+    # global allocation gets further (it reshapes the wide layers) but not to 10%
+    pruner = ChannelPruner(model, x, head, keep=0.1, measure="macs", steps=1, round_to=16,
+                           allocation="global")  # fmt: skip
+    with pytest.raises(ConfigError, match="smaller round_to"):
+        pruner.step()
 
 
 def test_compress_channel_end_to_end(tmp_path: Path) -> None:
