@@ -37,7 +37,7 @@ import copy
 import logging
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -114,8 +114,26 @@ class ChannelPruner:
             self.ratio = self._solve_ratio()
             self._pruner = self._make_pruner(model, self.ratio, steps)
         else:
-            self._global = _GlobalAllocator(model, self.example, head_layer, self._new_importance(),
-                                            round_to or 1, measure)  # fmt: skip
+            self._check_reachable()
+            self._global = self._allocator(model)
+
+    def _allocator(self, model: nn.Module) -> _GlobalAllocator:
+        return _GlobalAllocator(model, self.example, self.head_layer, self._new_importance(),
+                                self.round_to or 1, self.measure)  # fmt: skip
+
+    def _check_reachable(self) -> None:
+        """Fail before any training when the target cannot be reached (pruned on a copy)."""
+        trial = copy.deepcopy(self.model)
+        taylor = (lambda: self._taylor_gradients(trial)) if self.importance == "taylor" else None
+        if not self._allocator(trial).prune_to(lambda: self._fraction(trial) <= self.keep, taylor):
+            self._unreachable()
+
+    def _unreachable(self) -> NoReturn:
+        raise ConfigError(
+            f"channel pruning cannot reach {self.keep:.0%} of the dense {self.measure}: no "
+            f"layer has {self.round_to or 1} channel(s) left to remove; use a smaller "
+            "round_to, or a less aggressive target"
+        )
 
     def _new_importance(self) -> Any:
         tp = require_torch_pruning()
@@ -190,11 +208,7 @@ class ChannelPruner:
         else:
             target = 1 - (1 - self.keep) * (self.done + 1) / self.steps
             if not self._global.prune_to(lambda: self._fraction(self.model) <= target, gradients):
-                raise ConfigError(
-                    f"channel pruning cannot reach {self.keep:.0%} of the dense {self.measure}: "
-                    f"no layer has {self.round_to or 1} channel(s) left to remove; use a "
-                    "smaller round_to, or a less aggressive target"
-                )
+                self._unreachable()  # fine-tuned weights can rank differently from the check
         self.model.zero_grad(set_to_none=True)
         self.done += 1
         return self.stats()

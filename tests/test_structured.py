@@ -152,11 +152,13 @@ def test_unreachable_target_is_an_error_not_a_dense_model() -> None:
     # rounding to 16 channels leaves the 16-wide layers nothing to remove
     with pytest.raises(ConfigError, match="smaller round_to than 16"):
         ChannelPruner(model, x, head, keep=0.5, measure="macs", steps=1, round_to=16)
-    # global allocation gets further (it reshapes the wide layers) but not to 10%
-    pruner = ChannelPruner(model, x, head, keep=0.1, measure="macs", steps=1, round_to=16,
-                           allocation="global")  # fmt: skip
+    # global allocation gets further (it reshapes the wide layers) but not to 10%; it
+    # says so before any training (on a copy), leaving the model as it was
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ConfigError, match="smaller round_to"):
-        pruner.step()
+        ChannelPruner(model, x, head, keep=0.1, measure="macs", steps=4, round_to=16,
+                      allocation="global")  # fmt: skip
+    assert all(torch.equal(dense[k], v) for k, v in model.state_dict().items())
 
 
 def test_compress_channel_end_to_end(tmp_path: Path) -> None:
