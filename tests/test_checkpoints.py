@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,38 @@ def test_state_dict_forms_load(tmp_path: Path, wrap: str | None, prefix: str) ->
         loaded.model.state_dict().items(), ref.state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("prefix", ["", "module."])
+def test_safetensors_state_dict_loads(tmp_path: Path, prefix: str) -> None:
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    torch.manual_seed(0)
+    ref = demo_cnn(num_classes=3, width=4)
+    path = tmp_path / "dense.safetensors"
+    safetensors_torch.save_file({prefix + k: v for k, v in ref.state_dict().items()}, path)
+    loaded = load_dense(path, ARCH)
+    for (k, a), (_, b) in zip(
+        loaded.model.state_dict().items(), ref.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), k
+    with pytest.raises(CheckpointError, match="--arch"):
+        load_dense(path, None)
+
+
+def test_safetensors_corrupt_missing_or_package_absent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(CheckpointError, match="not a valid safetensors file") as info:
+        load_dense(bad, ARCH)
+    assert "\n" not in str(info.value)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_dense(tmp_path / "nope.safetensors", ARCH)
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(CheckpointError, match="pip install safetensors"):
+        load_dense(bad, ARCH)
 
 
 def test_pickled_module_needs_trust(tmp_path: Path) -> None:
