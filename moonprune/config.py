@@ -125,8 +125,9 @@ class SparsityConfig:
     pruned layer's channel count a multiple of it (onnxruntime's CPU convolutions are
     blocked by 8 or 16 channels: odd counts can make a slimmer model slower);
     ``allocation`` shares the removed channels out between layers: ``uniform`` (the
-    same fraction everywhere) or ``global`` (a cost-aware ranking across layers that
-    leaves narrow layers whole; see :mod:`moonprune.structured`).
+    same fraction everywhere) or ``global`` (a cost-aware ranking across layers; with
+    ``round_to`` it leaves layers of ``round_to`` channels or fewer whole; see
+    :mod:`moonprune.structured`).
 
     Example::
 

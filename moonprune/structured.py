@@ -16,14 +16,20 @@ MACs (``--macs-target``), reached in ``steps`` steps, each followed by MOON fine
 - ``global``: channels from all layers compete. Each round removes one chunk of
   ``round_to`` channels (one channel without ``round_to``) from the layer group whose
   least important chunk costs least importance per MAC (or parameter) it saves, until
-  the step's target is met. Narrow layers are left whole instead of being cut to a
-  width the runtime handles badly: onnxruntime's CPU convolutions run in blocks of 8
-  (AVX2) or 16 (AVX-512) channels, so a uniformly pruned ResNet-20 with widths
-  [11, 22, 45] is hardly faster than the dense [16, 32, 64], while ``global`` with
-  ``round_to=16`` keeps every width a multiple of 16 (``benchmarks/structured.py``).
-  The ranking divides importance by cost, the greedy rule for a knapsack; this is our
-  choice (MOON's method says nothing about structured pruning), in the spirit of
-  hardware-aware pruning with a MAC budget.
+  the step's target is met. The importance lost is counted relative to what the
+  layer group has left, so every removal makes that group's remaining channels
+  dearer and no layer is emptied first just because its channels cost the most.
+  With ``round_to``, a layer of ``round_to`` channels or fewer is left whole instead
+  of being cut to a width the runtime handles badly: onnxruntime's CPU convolutions
+  run in blocks of 8 (AVX2) or 16 (AVX-512) channels, so a uniformly pruned ResNet-20
+  with widths [11, 22, 45] is hardly faster than the dense [16, 32, 64], while
+  ``global`` with ``round_to=16`` keeps every width a multiple of 16
+  (``benchmarks/structured.py``). Without ``round_to`` the global ranking can take a
+  costly group (the ResNet stem and first stage) down to a third of its width at a 50%
+  MAC target. The ranking divides importance by cost, the greedy rule for a knapsack;
+  this is our choice (MOON's method says nothing about structured pruning), in the
+  spirit of hardware-aware pruning with a MAC budget. A chunk can overshoot a step's
+  target; the reached fraction is what ``stats()`` reports.
 
 A pruned network no longer matches its factory's shapes. :func:`module_structure`
 records the changed sizes (plain integers, safe to load with ``weights_only=True``);
@@ -37,7 +43,7 @@ import copy
 import logging
 import math
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 from torch import nn
@@ -117,23 +123,29 @@ class ChannelPruner:
             self._check_reachable()
             self._global = self._allocator(model)
 
-    def _allocator(self, model: nn.Module) -> _GlobalAllocator:
-        return _GlobalAllocator(model, self.example, self.head_layer, self._new_importance(),
-                                self.round_to or 1, self.measure)  # fmt: skip
+    def _allocator(self, model: nn.Module, importance: Any = None) -> _GlobalAllocator:
+        return _GlobalAllocator(model, self.example, self.head_layer,
+                                importance or self._new_importance(), self.round_to or 1,
+                                self.measure)  # fmt: skip
 
     def _check_reachable(self) -> None:
-        """Fail before any training when the target cannot be reached (pruned on a copy)."""
-        trial = copy.deepcopy(self.model)
-        taylor = (lambda: self._taylor_gradients(trial)) if self.importance == "taylor" else None
-        if not self._allocator(trial).prune_to(lambda: self._fraction(trial) <= self.keep, taylor):
-            self._unreachable()
+        """Fail before any training when the target cannot be reached.
 
-    def _unreachable(self) -> NoReturn:
-        raise ConfigError(
-            f"channel pruning cannot reach {self.keep:.0%} of the dense {self.measure}: no "
-            f"layer has {self.round_to or 1} channel(s) left to remove; use a smaller "
-            "round_to, or a less aggressive target"
-        )
+        Pruned on a copy; the smallest reachable size does not depend on the ranking
+        (every group ends at one chunk), so magnitude importance serves for Taylor too.
+        """
+        trial = copy.deepcopy(self.model)
+        tp = require_torch_pruning()
+        allocator = self._allocator(trial, tp.importance.MagnitudeImportance(p=2))
+        if not allocator.prune_to(lambda: self._fraction(trial) <= self.keep, None):
+            chunk = self.round_to or 1
+            measure = "MACs" if self.measure == "macs" else "parameters"
+            raise ConfigError(
+                f"channel pruning cannot reach {self.keep:.0%} of the dense {measure}: cutting "
+                f"every layer down to {chunk} channel{'s' if chunk > 1 else ''} keeps "
+                f"{self._fraction(trial):.0%}; use a smaller round_to, or a less aggressive "
+                "target"
+            )
 
     def _new_importance(self) -> Any:
         tp = require_torch_pruning()
@@ -195,20 +207,32 @@ class ChannelPruner:
         if self.importance == "taylor":
 
             def gradients() -> None:
-                self.model.zero_grad()
-                if grad_batch is None:
-                    self._taylor_gradients(self.model)
-                else:
-                    x, y = grad_batch
-                    nn.functional.cross_entropy(self.model(x), y).backward()
+                """Gradients for Taylor importance, in eval mode.
 
-            gradients()
+                Eval mode leaves BatchNorm's running statistics alone (the global
+                ranking asks once per removed chunk) and takes Dropout's noise out of
+                the scores.
+                """
+                was_training = self.model.training
+                self.model.eval()
+                try:
+                    self.model.zero_grad()
+                    if grad_batch is None:
+                        self._taylor_gradients(self.model)
+                    else:
+                        x, y = grad_batch
+                        nn.functional.cross_entropy(self.model(x), y).backward()
+                finally:
+                    self.model.train(was_training)
+
         if self.allocation == "uniform":
+            if gradients is not None:
+                gradients()
             self._pruner.step()
         else:
             target = 1 - (1 - self.keep) * (self.done + 1) / self.steps
             if not self._global.prune_to(lambda: self._fraction(self.model) <= target, gradients):
-                self._unreachable()  # fine-tuned weights can rank differently from the check
+                raise RuntimeError("global allocation ran out of channels after its check passed")
         self.model.zero_grad(set_to_none=True)
         self.done += 1
         return self.stats()
@@ -243,7 +267,10 @@ class _GlobalAllocator:
         self.positions: dict[nn.Module, int] = {}
 
         def record(module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
-            self.positions[module] = int(output[0, 0].numel()) if output.dim() > 2 else 1
+            if isinstance(module, nn.Linear):  # (N, ..., out): every leading position
+                self.positions[module] = int(output[0].numel()) // module.out_features
+            else:  # (N, C, *spatial)
+                self.positions[module] = int(output[0, 0].numel()) if output.dim() > 2 else 1
 
         layers = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
         hooks = [m.register_forward_hook(record) for m in layers]
@@ -259,31 +286,38 @@ class _GlobalAllocator:
         self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
 
     def _layer_cost(self, m: nn.Module, d_in: int = 0, d_out: int = 0) -> int:
+        positions = self.positions.get(m, 1) if self.measure == "macs" else 1
         if isinstance(m, nn.Linear):
-            return (m.in_features - d_in) * (m.out_features - d_out) * self.positions.get(m, 1)
+            return (m.in_features - d_in) * (m.out_features - d_out) * positions
         if not isinstance(m, (nn.Conv1d, nn.Conv2d)):
             return 0
         k = math.prod(m.kernel_size)
         depthwise = m.groups == m.in_channels and m.groups > 1
         c_in, c_out = m.in_channels - d_in, m.out_channels - d_out
         groups = c_in if depthwise else m.groups
-        positions = self.positions.get(m, 1) if self.measure == "macs" else 1
         return c_in // max(groups, 1) * c_out * k * positions
 
-    def _saving(self, group: Any, removed: int) -> int:
+    def _saving(self, group: Any, removed: int, width: int) -> int:
+        """What removing ``removed`` of the group's ``width`` channels saves.
+
+        A member can lose more than ``removed`` indices: a Linear after a Flatten loses
+        every spatial position of each removed channel, so each dependency's share is
+        scaled by how many indices it has per channel of the group.
+        """
         changes: dict[nn.Module, list[int]] = {}
-        for dep, _ in group:
+        for dep, idxs in group:
             m = dep.target.module
             if not isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
                 continue
+            lost = removed * len(idxs) // width
             delta = changes.setdefault(m, [0, 0])
             depthwise = isinstance(m, nn.Conv2d | nn.Conv1d) and m.groups == m.in_channels > 1
             if depthwise:
-                delta[0] = delta[1] = removed
+                delta[0] = delta[1] = lost
             elif self.dg.is_out_channel_pruning_fn(dep.handler):
-                delta[1] = removed
+                delta[1] = lost
             else:
-                delta[0] = removed
+                delta[0] = lost
         return sum(self._layer_cost(m) - self._layer_cost(m, *d) for m, d in changes.items())
 
     def _candidates(self) -> list[tuple[float, Any, list[int]]]:
@@ -304,7 +338,7 @@ class _GlobalAllocator:
                 continue
             order = torch.argsort(imp.detach().cpu())
             drop = order[: n - keep]
-            saving = self._saving(group, n - keep)
+            saving = self._saving(group, n - keep, n)
             if saving <= 0:
                 continue
             scores = imp.detach().cpu().clamp_min(0)
