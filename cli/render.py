@@ -78,9 +78,9 @@ def comparison_table(report: dict[str, Any]) -> Table:
             f"MACs, {100 * structure['params_fraction']:.1f}% of its parameters"
         )
     else:
-        title = (
-            f"{report['method']} {variant} at {100 * report['sparsity']:.1f}% sparsity "
-            f"(target {100 * report['target_sparsity']:.0f}%)"
+        target = report.get("target_sparsity")
+        title = f"{report['method']} {variant} at {100 * report['sparsity']:.1f}% sparsity" + (
+            f" (target {100 * target:.0f}%)" if target is not None else ""
         )
     table = Table(title=title)
     table.add_column("metric")

@@ -163,6 +163,32 @@ class SparsityConfig:
             raise ConfigError(f"importance must be magnitude or taylor, got {self.importance!r}")
         if self.allocation not in ("uniform", "global"):
             raise ConfigError(f"allocation must be uniform or global, got {self.allocation!r}")
+        self._check_method_options()
+
+    def _check_method_options(self) -> None:
+        """An option the chosen method ignores is a mistake worth one line, not silence."""
+        channel_only: dict[str, tuple[object, str]] = {
+            "macs_target": (None, "--macs-target"),
+            "round_to": (None, "--round-to"),
+            "allocation": ("uniform", "--allocation"),
+            "importance": ("magnitude", "--importance"),
+            "steps": (4, "--prune-steps"),
+        }
+        unstructured_only: dict[str, tuple[object, str]] = {
+            "distribution": ("erk", "--distribution"),
+            "update_interval": (None, ""),
+            "drop_fraction": (None, ""),
+        }
+        if self.method == "channel":
+            ignored, needs = unstructured_only, "an unstructured method (rigl, set, ...)"
+        else:
+            ignored, needs = channel_only, "--method channel"
+        for field_name, (default, flag) in ignored.items():
+            if getattr(self, field_name) != default:
+                label = f"{flag} (sparsity.{field_name})" if flag else f"sparsity.{field_name}"
+                raise ConfigError(
+                    f"{label} applies to {needs} only, not to --method {self.method}; drop it"
+                )
 
     def masker_config(self, seed: int) -> MaskerConfig:
         """The masker's settings for a run seeded with ``seed``."""

@@ -267,7 +267,8 @@ def compress(
         "structure": structure_stats,
         "method": cfg.sparsity.method,
         "moon": cfg.moon.enabled,
-        "target_sparsity": cfg.sparsity.sparsity,
+        # channel runs aim at a MAC or parameter fraction (in "structure"), not at zeros
+        "target_sparsity": None if structure_stats else cfg.sparsity.sparsity,
         "sparsity": sparsity,
         "threshold": assessment.threshold,
         "tpr": cfg.tpr,

@@ -22,6 +22,19 @@ from moonprune.conventions import prunable_weights
 from moonprune.outputs import atomic_path
 
 
+def _size_phrase(report: dict[str, Any]) -> str:
+    """How much was removed: MACs and parameters for channel runs, else zeros."""
+    structure = report.get("structure")
+    if structure:
+        return (
+            f"{100 * float(structure['macs_fraction']):.1f}% of the dense MACs, "
+            f"{100 * float(structure['params_fraction']):.1f}% of its parameters"
+        )
+    target = report.get("target_sparsity")
+    phrase = f"sparsity {100 * float(report.get('sparsity', 0)):.2f}%"
+    return phrase + (f" (target {100 * float(target):.0f}%)" if target is not None else "")
+
+
 def roc_curve(id_scores: np.ndarray, ood_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(FPR, TPR) points, ID positive, accepting ``score >= t`` as t falls."""
     scores = np.concatenate([id_scores, ood_scores])
@@ -152,8 +165,7 @@ pre {{ background: #f6f6f6; padding: 1em; overflow: auto; max-height: 30em; }}
 </style></head><body>
 <h1>moonprune report</h1>
 <p>method <b>{html.escape(str(report.get("method")))}</b>, MOON {report.get("moon")},
-sparsity {100 * float(report.get("sparsity", 0)):.2f}% (target
-{100 * float(report.get("target_sparsity") or 0):.0f}%), score {score},
+{_size_phrase(report)}, score {score},
 threshold {float(report.get("threshold", 0)):.4f} at TPR {report.get("tpr")}</p>
 <table><tr><th>model</th><th>accuracy %</th><th>ECE %</th><th>NLL</th>{ood_heads}</tr>
 {"".join(rows)}</table>

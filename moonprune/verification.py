@@ -191,7 +191,9 @@ def verify(
         "moonprune_version": ckpt.version,
         "method": cfg.get("sparsity", {}).get("method"),
         "moon": ckpt.has_unknown,
-        "target_sparsity": cfg.get("sparsity", {}).get("sparsity"),
+        "target_sparsity": None
+        if cfg.get("sparsity", {}).get("method") == "channel"
+        else cfg.get("sparsity", {}).get("sparsity"),
         "sparsity": measured_sparsity(ckpt.model),
         "threshold": compressed.threshold,
         "checkpoint_threshold": ckpt.threshold,

@@ -93,6 +93,16 @@ BAD_INPUTS = {
     "unknown data": (["--data", "nosuchdata"], "nosuchdata", None),
     "bad arch": (["--arch", "nosuchpkg.models:net"], "nosuchpkg", None),
     "unknown allocation": (["--method", "channel", "--allocation", "greedy"], "allocation", None),
+    "channel option, rigl": (
+        ["--round-to", "8"],
+        "--round-to (sparsity.round_to) applies to --method channel only, not to --method rigl",
+        None,
+    ),
+    "rigl option, channel": (
+        ["--method", "channel", "--distribution", "uniform"],
+        "--distribution (sparsity.distribution) applies to an unstructured",
+        None,
+    ),
 }
 
 

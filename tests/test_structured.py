@@ -246,6 +246,9 @@ def test_compress_channel_end_to_end(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert abs(report["structure"]["macs_fraction"] - 0.5) < 0.03
+    assert report["target_sparsity"] is None  # the target is a MAC fraction, not zeros
+    macs = f"{100 * report['structure']['macs_fraction']:.1f}% of the dense MACs"
+    assert macs in (out / "report.html").read_text() and macs in result.output
     inspected = runner.invoke(app, ["inspect", str(out / "model.pt"), "--json"])
     info = json.loads(inspected.output)
     assert info["structure"]["macs"] < 0.53 * info["structure"]["dense_macs"]
