@@ -8,6 +8,10 @@ weight averaging in the last stage only (the architecture must not change while 
 running average is kept); the schedule of ``a`` restarts per stage, reaching
 ``a_final`` at the end of each one. A channel-pruning run cannot be resumed
 mid-way: the shapes in a saved state would not match a fresh model.
+
+Under ``torchrun`` every rank prunes its own copy (the same weights, ranked on the
+same batch, give the same channels; this is checked after every step) and each
+stage's fine-tuning is data-parallel like every other method's.
 """
 
 from __future__ import annotations
@@ -19,8 +23,14 @@ from torch import nn
 
 from moonprune.config import CompressConfig
 from moonprune.data import ImageSet
+from moonprune.distributed import DistContext
 from moonprune.errors import ConfigError
-from moonprune.structured import ChannelPruner, KeepAllMasker, require_torch_pruning
+from moonprune.structured import (
+    ChannelPruner,
+    KeepAllMasker,
+    module_structure,
+    require_torch_pruning,
+)
 from moonprune.training import EpochInfo, TrainCallback, Trainer, TrainResult
 
 
@@ -41,8 +51,11 @@ def train_channel_pruned(
     head_layer: str,
     cfg: CompressConfig,
     callback: TrainCallback | None = None,
+    dist: DistContext | None = None,
 ) -> tuple[TrainResult, dict[str, Any]]:
     """Prune ``model`` in place to the configured target while fine-tuning it."""
+    dist = dist or DistContext()
+    dist.init_group(next(model.parameters()).device)
     sp = cfg.sparsity
     keep, measure = (sp.macs_target, "macs") if sp.macs_target else (1 - sp.sparsity, "params")
     example = train_set.x[:2].to(next(model.parameters()).device)
@@ -56,6 +69,7 @@ def train_channel_pruned(
     for stage, epochs in enumerate(plan):
         batch = (train_set.x[:64].to(example.device), train_set.y[:64].to(example.device))
         pruner.step(batch)
+        _check_ranks_agree(model, dist)
         moon = dataclasses.replace(
             cfg.moon,
             warmup_epochs=cfg.moon.warmup_epochs if stage == 0 else 0,
@@ -63,7 +77,7 @@ def train_channel_pruned(
         )
         train_cfg = dataclasses.replace(cfg.train, epochs=epochs, seed=cfg.train.seed + stage)
         result = Trainer(model, KeepAllMasker(), train_set, train_cfg, moon,
-                         callback=callback).run()  # fmt: skip
+                         callback=callback, dist=dist).run()  # fmt: skip
         history += [
             dataclasses.replace(h, epoch=h.epoch + sum(plan[:stage])) for h in result.history
         ]
@@ -74,6 +88,19 @@ def train_channel_pruned(
                   "round_to": sp.round_to, "allocation": sp.allocation,
                   "target": keep, "measure": measure})  # fmt: skip
     return TrainResult(final, {}, history), stats
+
+
+def _check_ranks_agree(model: nn.Module, dist: DistContext) -> None:
+    """Every rank must have pruned to the same channel counts (else DDP cannot start)."""
+    if not dist.enabled:
+        return
+    sizes = [float(v) for attrs in module_structure(model).values() for v in attrs.values()]
+    totals = dist.all_reduce_sum(sizes)
+    if any(t != s * dist.world_size for s, t in zip(sizes, totals, strict=True)):
+        raise RuntimeError(
+            "the ranks pruned different channels (nondeterministic importance scores?); "
+            "rerun with one process, or with --importance magnitude"
+        )
 
 
 def check_channel_config(cfg: CompressConfig, resume: bool) -> None:

@@ -236,7 +236,7 @@ def compress(
         if cfg.sparsity.method == CHANNEL:
             head = head_layer or find_classifier(model, inputs.splits.train.x[:2].to(device))
             result, structure_stats = train_channel_pruned(
-                model, inputs.splits.train, head, cfg, callback
+                model, inputs.splits.train, head, cfg, callback if dist.is_main else None, dist
             )
         else:
             masker = MASKERS.create(cfg.sparsity.method, cfg.sparsity.masker_config(cfg.train.seed))
