@@ -269,6 +269,26 @@ def test_compress_channel_end_to_end(tmp_path: Path) -> None:
     assert info2["structure"]["macs"] == info["structure"]["macs"]  # slim shapes kept
 
 
+def test_compress_channel_global_allocation_from_the_cli(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    torch.save(models.resnet8(num_classes=6, in_channels=1).state_dict(), tmp_path / "r8.pt")
+    out = tmp_path / "run"
+    result = runner.invoke(app, [
+        "compress", str(tmp_path / "r8.pt"), "--arch", "moonprune.models:resnet8",
+        "--data", "digits:0-5", "--ood", "noise", "--method", "channel", "--macs-target", "0.5",
+        "--allocation", "global", "--round-to", "8", "--prune-steps", "2", "--epochs", "2",
+        "--out", str(out), "--no-export",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    structure = json.loads((out / "report.json").read_text())["structure"]
+    assert structure["allocation"] == "global" and structure["ratio"] is None
+    assert structure["macs_fraction"] <= 0.5
+    info = json.loads(runner.invoke(app, ["inspect", str(out / "model.pt"), "--json"]).output)
+    after = [c["after"] for c in info["structure"]["changed_layers"].values()]
+    widths = [a["out_channels"] for a in after if "out_channels" in a]
+    assert widths and all(w % 8 == 0 for w in widths), widths
+
+
 def test_channel_needs_an_epoch_per_step(tmp_path: Path) -> None:
     torch.save(models.resnet8(num_classes=6, in_channels=1).state_dict(), tmp_path / "r8.pt")
     result = runner.invoke(app, [
