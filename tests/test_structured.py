@@ -172,21 +172,22 @@ def test_global_allocation_predicts_what_a_chunk_saves(factory, measure: str) ->
 
     import torch_pruning as tp
 
-    from moonprune.structured import _GlobalAllocator, count_macs_params
+    from moonprune.channel_allocation import GlobalAllocator
+    from moonprune.structured import count_macs_params
 
     torch.manual_seed(0)
     model = factory().eval()
     x = torch.randn(2, 3, 8, 8)
     head = add_unknown_output_(model, x)
-    allocator = _GlobalAllocator(model, x, head, tp.importance.MagnitudeImportance(p=2), 1,
+    allocator = GlobalAllocator(model, x, head, tp.importance.MagnitudeImportance(p=2), 1,
                                  measure)  # fmt: skip
     before = count_macs_params(model, x)[measure == "params"]
     names = {m: n for n, m in model.named_modules()}
-    candidates = allocator._candidates()
+    candidates = allocator.candidates()
     assert candidates
     for _, group, drop in candidates:
         root = group[0].dep.target.module
-        predicted = allocator._saving(group, len(drop), allocator.dg.get_out_channels(root))
+        predicted = allocator.saving(group, len(drop), allocator.dg.get_out_channels(root))
         trial = copy.deepcopy(model)
         dg = tp.DependencyGraph().build_dependency(trial, example_inputs=x)
         layer = trial.get_submodule(names[root])
