@@ -99,16 +99,14 @@ def from_env() -> DistContext:
     """The context ``torchrun`` describes in the environment (``RANK``, ``WORLD_SIZE``).
 
     The process group is not started here but by :meth:`DistContext.init_group`, once
-    the device is known. With CUDA present, this process's GPU (``LOCAL_RANK``) becomes
-    the current one, so that ``--device auto``/``cuda`` uses a GPU per process.
+    the device is known; the GPU per process (``LOCAL_RANK``) is chosen by
+    :func:`moonprune.pipeline.resolve_device` only when the run is on CUDA.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistContext()
     if dist.is_initialized():
         return DistContext(dist.get_rank(), dist.get_world_size())
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return DistContext(int(os.environ.get("RANK", "0")), world_size)
 
 

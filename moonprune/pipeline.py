@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,17 +51,18 @@ CHANNEL = "channel"
 def resolve_device(name: str, dist: DistContext | None = None) -> torch.device:
     """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an error.
 
-    Under ``torchrun`` with CUDA each process takes the GPU of its ``LOCAL_RANK``.
+    Under ``torchrun`` a CUDA run gives each process the GPU of its ``LOCAL_RANK`` (and
+    makes it the current one); a CPU run leaves the GPUs alone.
     """
     if name == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        if dist is not None and dist.enabled:
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cuda")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda was given but no CUDA GPU is available; use --device cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and dist is not None and dist.enabled and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return device
 
 
 @dataclass

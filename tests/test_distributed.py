@@ -81,6 +81,26 @@ def test_backend_follows_the_training_device(monkeypatch: pytest.MonkeyPatch) ->
     assert started == ["gloo", "nccl"]
 
 
+def test_a_cpu_run_leaves_the_gpus_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torchrun with GPUs present, only a CUDA run takes the LOCAL_RANK GPU."""
+    from moonprune.distributed import from_env
+    from moonprune.pipeline import resolve_device
+
+    chosen: list[object] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    ctx = from_env()
+    assert resolve_device("cpu", ctx) == torch.device("cpu") and chosen == []
+    assert resolve_device("auto", ctx) == torch.device("cuda", 1)
+    assert resolve_device("cuda", ctx) == torch.device("cuda", 1)
+    assert chosen == [torch.device("cuda", 1)] * 2
+    assert resolve_device("cuda:0", ctx) == torch.device("cuda", 0)  # explicit index kept
+
+
 def test_resume_under_ddp_matches_uninterrupted(tmp_path: Path) -> None:
     _torchrun(str(WORKER), str(tmp_path), "interrupt")
     assert (tmp_path / "state.pt").is_file()
