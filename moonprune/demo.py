@@ -20,7 +20,7 @@ from moonprune.config import CompressConfig, MoonConfig, SparsityConfig, TrainCo
 from moonprune.data import Splits, load_splits
 from moonprune.outputs import OutputDir
 from moonprune.pipeline import CompressResult, compress
-from moonprune.training import TrainCallback, iterate_batches
+from moonprune.training import TrainCallback, iterate_batches, min_rows_per_batch
 
 DEMO_DATA = "digits:0-5"
 DEMO_OOD = ("digits:6-9", "noise")
@@ -36,7 +36,9 @@ def train_dense(model: nn.Module, splits: Splits, epochs: int = 15, seed: int = 
     device = next(model.parameters()).device
     model.train()
     for epoch in range(epochs):
-        for x, y in iterate_batches(splits.train, 64, seed * 1000 + epoch, device):
+        batches = iterate_batches(splits.train, 64, seed * 1000 + epoch, device,
+                                  min_last=min_rows_per_batch(model))  # fmt: skip
+        for x, y in batches:
             optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
             optimizer.step()

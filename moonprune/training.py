@@ -96,16 +96,38 @@ def lr_factor(epoch_float: float, config: TrainConfig, main_epochs: int) -> floa
     return config.lr_floor_factor + (config.lr_peak_factor - config.lr_floor_factor) * cos
 
 
+def batch_starts(n: int, batch_size: int, min_last: int = 1) -> list[int]:
+    """Where each batch of ``n`` rows starts; a last batch of fewer than ``min_last``
+    rows joins the one before (BatchNorm cannot train on one row per channel)."""
+    starts = list(range(0, n, batch_size))
+    if len(starts) > 1 and n - starts[-1] < min_last:
+        starts.pop()
+    return starts
+
+
+def min_rows_per_batch(model: nn.Module, world_size: int = 1) -> int:
+    """2 rows per process when ``model`` has BatchNorm (one row has no variance), else 1."""
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return 2 * world_size if has_bn else 1
+
+
 def iterate_batches(
-    data: ImageSet, batch_size: int, seed: int, device: torch.device, shuffle: bool = True
+    data: ImageSet,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    shuffle: bool = True,
+    min_last: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches of ``data`` in an order fixed by ``seed`` (drop nothing)."""
+    """Batches of ``data`` in an order fixed by ``seed`` (drop nothing; a last batch
+    smaller than ``min_last`` is folded into the one before)."""
     if shuffle:
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
     else:
         order = torch.arange(len(data))
-    for start in range(0, len(data), batch_size):
-        idx = order[start : start + batch_size]
+    starts = batch_starts(len(data), batch_size, min_last)
+    for start, end in zip(starts, [*starts[1:], len(data)], strict=True):
+        idx = order[start:end]
         yield data.x[idx].to(device), data.y[idx].to(device)
 
 
@@ -154,7 +176,8 @@ class Trainer:
         self.moon_cfg = moon_config
         self.state_path = state_path
         self.callback = callback
-        self.steps_per_epoch = math.ceil(len(train) / train_config.batch_size)
+        self.min_last = min_rows_per_batch(model, self.dist.world_size)
+        self.steps_per_epoch = len(batch_starts(len(train), train_config.batch_size, self.min_last))
         self.total_steps = self.steps_per_epoch * train_config.epochs
         avg_epochs = moon_config.resolved_average_epochs(train_config.epochs)
         self.main_epochs = train_config.epochs - avg_epochs
@@ -286,9 +309,10 @@ class Trainer:
         total_loss, n_seen = 0.0, 0
         lr = self.cfg.lr
         density = 1.0
-        for i, (x, y) in enumerate(
-            iterate_batches(self.data, self.cfg.batch_size, seed, self.device)
-        ):
+        batches = iterate_batches(
+            self.data, self.cfg.batch_size, seed, self.device, min_last=self.min_last
+        )
+        for i, (x, y) in enumerate(batches):
             lr = self.cfg.lr * lr_factor(
                 epoch + i / self.steps_per_epoch, self.cfg, self.main_epochs
             )
@@ -322,9 +346,10 @@ class Trainer:
         if self.schedule is not None:
             self.schedule.end_epoch(epoch)
         if self.averaging is not None:
-            self.averaging.end_epoch(
-                epoch, (x for x, _ in iterate_batches(self.data, 256, 0, self.device, False))
+            recalibration = iterate_batches(
+                self.data, 256, 0, self.device, False, min_rows_per_batch(self.model)
             )
+            self.averaging.end_epoch(epoch, (x for x, _ in recalibration))
         stats = self.masker.stats()
         total_loss, n_rows = self.dist.all_reduce_sum([total_loss, float(n_seen)])
         info = EpochInfo(

@@ -9,12 +9,19 @@ import pytest
 import torch
 
 from moonprune.config import MoonConfig, TrainConfig
+from moonprune.data import ImageSet
 from moonprune.distributed import DistContext
 from moonprune.heads import add_unknown_output_
 from moonprune.models import demo_cnn
 from moonprune.objectives import unknown_aware_loss
 from moonprune.sparsity import MASKERS, MaskerConfig
-from moonprune.training import StopTraining, Trainer, lr_factor
+from moonprune.training import (
+    StopTraining,
+    Trainer,
+    batch_starts,
+    lr_factor,
+    min_rows_per_batch,
+)
 
 TRAIN = TrainConfig(epochs=4, batch_size=64, lr=0.05, seed=3)
 MOON = MoonConfig(warmup_epochs=1, average_epochs=1, average_fraction=0.3)
@@ -141,3 +148,30 @@ def test_data_parallel_shares_average_to_the_batch_mean_gradient(n_rows: int) ->
         grads.append(torch.autograd.grad(loss, layer.weight)[0])
     # DDP averages the ranks' gradients
     torch.testing.assert_close((grads[0] + grads[1]) / 2, expected, rtol=0, atol=1e-6)
+
+
+def test_batch_starts_fold_a_too_small_last_batch() -> None:
+    assert batch_starts(130, 64) == [0, 64, 128]  # nothing folded by default
+    assert batch_starts(129, 64, min_last=2) == [0, 64]  # 1 row joins the batch before
+    assert batch_starts(130, 64, min_last=2) == [0, 64, 128]
+    assert batch_starts(1, 64, min_last=2) == [0]  # a lone batch stays
+    assert min_rows_per_batch(demo_cnn(num_classes=6, width=4), world_size=2) == 4
+    assert min_rows_per_batch(torch.nn.Linear(3, 2)) == 1
+
+
+def test_batchnorm1d_trains_when_the_last_batch_has_one_row(digits06) -> None:
+    """len(train) % batch_size == 1 used to end in 'Expected more than 1 value per channel'."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+        torch.nn.Linear(16, 6),
+    )  # fmt: skip
+    add_unknown_output_(model, digits06.train.x[:2])
+    train = ImageSet("t", digits06.train.x[:129], digits06.train.y[:129])
+    masker = MASKERS.create("rigl", MaskerConfig(sparsity=0.5, update_interval=1, seed=1))
+    trainer = Trainer(model, masker, train, TrainConfig(epochs=2, batch_size=64), MOON)
+    assert trainer.steps_per_epoch == 2
+    result = trainer.run()
+    assert len(result.history) == 2
+    assert all(torch.isfinite(torch.tensor(h.loss)) for h in result.history)
+    assert masker.updates > 0  # the update schedule counted the folded batch right
