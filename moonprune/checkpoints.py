@@ -1,8 +1,8 @@
-"""Loading what a user brings, and saving/loading moonprune's own checkpoint.
+"""The dense model a user brings, and moonprune's own checkpoint.
 
-Loading is safe by default: ``torch.load(..., weights_only=True)``, which cannot run
-code. A whole pickled ``nn.Module`` is loaded only with ``trust=True``
-(``--trust-checkpoint``), because unpickling it can run arbitrary code.
+Reading files safely (``weights_only=True`` unless trusted; nested state_dicts,
+wrapper prefixes, ``.safetensors``) is :mod:`moonprune.weights`; this module builds
+the network from an :class:`ArchSpec` and loads them into it.
 
 A moonprune checkpoint is a plain dict of tensors and JSON-like values (so it too
 loads with ``weights_only=True``): the architecture spec (factory + kwargs), the
@@ -17,10 +17,7 @@ import importlib
 import importlib.util
 import inspect
 import math
-import pickle
-import re
 import sys
-import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,17 +28,19 @@ from torch import nn
 
 from moonprune.data import Preprocessing
 from moonprune.errors import CheckpointError
-from moonprune.heads import add_unknown_output_, find_classifier
+from moonprune.heads import add_unknown_output_
 from moonprune.outputs import atomic_path
+from moonprune.weights import (
+    NESTED_KEYS,
+    check_finite,
+    find_state_dict,
+    load_safetensors,
+    load_weights_,
+    torch_load,
+)
 
 FORMAT = "moonprune-checkpoint"
 FORMAT_VERSION = 1
-_NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
-#: Key prefixes a training wrapper adds: DataParallel/DDP, Lightning, torch.compile.
-_WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
-#: What torch's safe unpickler says when it meets a class it will not build (a pickled
-#: module); other unpickling errors (e.g. "Unsupported operand") mean a damaged file.
-_NAMES_A_GLOBAL = re.compile(r"Unsupported (global|class)")
 
 
 def _version() -> str:
@@ -129,149 +128,6 @@ class ArchSpec:
         return {"factory": self.factory, "kwargs": dict(self.kwargs)}
 
 
-def _torch_load(path: Path, trust: bool) -> Any:
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; check the path")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=not trust)
-    except pickle.UnpicklingError as exc:
-        # torch's safe unpickler says "weights_only" about garbage bytes too: only a named
-        # class, or a file torch.save wrote (a zip archive), means "a pickled object".
-        if not trust and (_NAMES_A_GLOBAL.search(str(exc)) or zipfile.is_zipfile(path)):
-            raise CheckpointError(
-                f"{str(path)!r} holds pickled Python objects (e.g. a whole nn.Module), which "
-                "could run code when loaded; save model.state_dict() and pass --arch, or pass "
-                "--trust-checkpoint if you trust this file"
-            ) from None
-        raise _corrupt(path, exc) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise _corrupt(path, exc) from None
-
-
-def _corrupt(path: Path, exc: Exception) -> CheckpointError:
-    """One line for an unreadable file, with torch's own reason when it has a short one."""
-    text = str(exc).split("WeightsUnpickler error:")[-1]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    reason = lines[0] if lines else type(exc).__name__
-    return CheckpointError(
-        f"{str(path)!r} is corrupt or not a PyTorch checkpoint ({reason}); re-save it with "
-        "torch.save(model.state_dict(), path)"
-    )
-
-
-def _find_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
-    """The tensor dict in ``obj``: itself, or nested under a common key."""
-    if isinstance(obj, Mapping):
-        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return dict(obj)
-        for key in _NESTED_KEYS:
-            if key in obj:
-                found = _find_state_dict(obj[key])
-                if found is not None:
-                    return found
-    return None
-
-
-def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Reject NaN/inf weights with the first offending tensor's name."""
-    for name, tensor in state.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise CheckpointError(
-                f"{source}: tensor {name!r} contains NaN or infinite values; "
-                "the checkpoint is damaged or training diverged"
-            )
-
-
-class ClassCountMismatch(CheckpointError):
-    """The checkpoint's classifier has another number of outputs than the built model's.
-
-    A separate type because the caller often knows better what to suggest: when the
-    model was built for the data's class count, the fix is the data's class subset.
-    """
-
-    def __init__(self, message: str, checkpoint_classes: int, model_classes: int) -> None:
-        super().__init__(message)
-        self.checkpoint_classes = checkpoint_classes
-        self.model_classes = model_classes
-
-
-def _without_wrapper_prefix(
-    state: Mapping[str, torch.Tensor], own: set[str]
-) -> Mapping[str, torch.Tensor]:
-    """``state`` with the prefix common to all its keys (``module.``, ``model.``, ...)
-    removed, repeatedly, as far as that makes more keys match ``own``."""
-    candidates = [state]
-    while candidates[-1]:
-        keys = list(candidates[-1])
-        prefix = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in keys)), None)
-        if prefix is None:
-            break
-        candidates.append({k[len(prefix) :]: v for k, v in candidates[-1].items()})
-    return max(candidates, key=lambda c: len(own.intersection(c)))  # ties: the least stripped
-
-
-def _check_head(
-    model: nn.Module,
-    key: str,
-    saved: torch.Tensor,
-    built: torch.Tensor,
-    source: str,
-    example_input: torch.Tensor | None,
-) -> None:
-    """Raise :class:`ClassCountMismatch` when ``key`` is the classifier's output dimension."""
-    if example_input is None or saved.shape[1:] != built.shape[1:]:
-        return
-    try:
-        head = find_classifier(model, example_input)
-    except (CheckpointError, RuntimeError):
-        return  # no recognisable head: the plain shape message says enough
-    if key in (f"{head}.weight", f"{head}.bias"):
-        n_saved, n_built = int(saved.shape[0]), int(built.shape[0])
-        raise ClassCountMismatch(
-            f"{source} has {n_saved} classes (its classifier {key!r}) but the model was built "
-            f"for {n_built}; set num_classes = {n_saved} in the arch kwargs or use data with "
-            f"{n_saved} classes",
-            n_saved,
-            n_built,
-        )
-
-
-def load_weights_(
-    model: nn.Module,
-    state: Mapping[str, torch.Tensor],
-    source: str,
-    example_input: torch.Tensor | None = None,
-) -> None:
-    """Strictly load ``state`` into ``model``; the error names the first mismatched key.
-
-    Keys saved through a wrapper (``module.`` by DataParallel/DDP, ``model.`` by
-    Lightning, ``_orig_mod.`` by torch.compile) are matched without that prefix. With
-    ``example_input`` (to find the classifier) a classifier of another width is
-    reported as a :class:`ClassCountMismatch`, which is what that mismatch means.
-    """
-    own = model.state_dict()
-    state = _without_wrapper_prefix(state, set(own))
-    for key, tensor in own.items():
-        if key not in state:
-            raise CheckpointError(
-                f"{source} does not fit the architecture: key {key!r} is missing from the "
-                "checkpoint; check --arch and its keyword arguments"
-            )
-        if state[key].shape != tensor.shape:
-            _check_head(model, key, state[key], tensor, source, example_input)
-            raise CheckpointError(
-                f"{source} does not fit the architecture: {key!r} has shape "
-                f"{tuple(state[key].shape)} in the checkpoint but {tuple(tensor.shape)} in the "
-                "model; check --arch kwargs (e.g. num_classes, in_channels)"
-            )
-    extra = [k for k in state if k not in own]
-    if extra:
-        raise CheckpointError(
-            f"{source} does not fit the architecture: unexpected key {extra[0]!r}; check --arch"
-        )
-    model.load_state_dict(state, strict=True)
-
-
 @dataclass
 class DenseModel:
     """The model a user brings; ``arch`` is None for a trusted pickled module.
@@ -310,20 +166,20 @@ def load_dense(
     """
     p = Path(path)
     if p.suffix == ".safetensors":
-        state = _load_safetensors(p)
+        state = load_safetensors(p)
     else:
-        obj = _torch_load(p, trust)
+        obj = torch_load(p, trust)
         if isinstance(obj, nn.Module) and arch is None:
             check_finite(obj.state_dict(), str(p))
             return DenseModel(obj, arch)
         if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
             ckpt = checkpoint_from_dict(obj, str(p))
             return DenseModel(ckpt.model, ckpt.arch, ckpt.head_layer, ckpt.structure)
-        found = obj.state_dict() if isinstance(obj, nn.Module) else _find_state_dict(obj)
+        found = obj.state_dict() if isinstance(obj, nn.Module) else find_state_dict(obj)
         if found is None:
             raise CheckpointError(
                 f"{str(p)!r} holds no state_dict (a dict of tensors, possibly under "
-                f"one of the keys {list(_NESTED_KEYS)}); save model.state_dict()"
+                f"one of the keys {list(NESTED_KEYS)}); save model.state_dict()"
             )
         state = found
     if arch is None:
@@ -335,21 +191,6 @@ def load_dense(
     model = arch.build()
     load_weights_(model, state, str(p), example_input)
     return DenseModel(model, arch)
-
-
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; check the path")
-    try:
-        from safetensors.torch import load_file
-    except ImportError:
-        raise CheckpointError(
-            "reading .safetensors needs the safetensors package: pip install safetensors"
-        ) from None
-    try:
-        return load_file(str(path))
-    except Exception as exc:
-        raise CheckpointError(f"{str(path)!r} is not a valid safetensors file ({exc})") from None
 
 
 @dataclass
@@ -481,7 +322,7 @@ def load_checkpoint(path: str | Path) -> MoonpruneCheckpoint:
         (3, True)
     """
     p = Path(path)
-    obj = _torch_load(p, trust=False)
+    obj = torch_load(p, trust=False)
     if not (isinstance(obj, Mapping) and obj.get("format") == FORMAT):
         raise CheckpointError(
             f"{str(p)!r} is not a moonprune checkpoint (written by `moonprune compress`)"

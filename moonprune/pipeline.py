@@ -24,7 +24,6 @@ from moonprune.calibration import choose_temperature
 from moonprune.channel_training import check_channel_config, train_channel_pruned
 from moonprune.checkpoints import (
     ArchSpec,
-    ClassCountMismatch,
     DenseModel,
     MoonpruneCheckpoint,
     load_dense,
@@ -43,6 +42,7 @@ from moonprune.sparsity import MASKERS
 from moonprune.structured import module_structure
 from moonprune.training import TrainCallback, train
 from moonprune.verification import GateCheck, check_gates
+from moonprune.weights import ClassCountMismatch
 
 logger = logging.getLogger(__name__)
 CHANNEL = "channel"

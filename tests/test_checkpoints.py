@@ -10,7 +10,6 @@ import torch
 
 from moonprune.checkpoints import (
     ArchSpec,
-    ClassCountMismatch,
     MoonpruneCheckpoint,
     load_checkpoint,
     load_dense,
@@ -20,6 +19,7 @@ from moonprune.data import Preprocessing
 from moonprune.errors import CheckpointError
 from moonprune.heads import add_unknown_output_
 from moonprune.models import demo_cnn
+from moonprune.weights import ClassCountMismatch
 
 ARCH = ArchSpec("moonprune.models:demo_cnn", {"num_classes": 3, "width": 4})
 
