@@ -31,7 +31,7 @@ from moonprune.structured import (
     module_structure,
     require_torch_pruning,
 )
-from moonprune.training import EpochInfo, TrainCallback, Trainer, TrainResult
+from moonprune.training import EpochInfo, StepInfo, TrainCallback, Trainer, TrainResult
 
 
 def stage_epochs(epochs: int, steps: int) -> list[int]:
@@ -76,8 +76,9 @@ def train_channel_pruned(
             average_epochs=average if stage == len(plan) - 1 else 0,
         )
         train_cfg = dataclasses.replace(cfg.train, epochs=epochs, seed=cfg.train.seed + stage)
+        stage_callback = _RunEpochs(callback, sum(plan[:stage])) if callback else None
         result = Trainer(model, KeepAllMasker(), train_set, train_cfg, moon,
-                         callback=callback, dist=dist).run()  # fmt: skip
+                         callback=stage_callback, dist=dist).run()  # fmt: skip
         history += [
             dataclasses.replace(h, epoch=h.epoch + sum(plan[:stage])) for h in result.history
         ]
@@ -90,6 +91,20 @@ def train_channel_pruned(
     return TrainResult(final, {}, history), stats
 
 
+@dataclasses.dataclass
+class _RunEpochs:
+    """Passes a stage's progress on with epochs counted over the whole run."""
+
+    callback: TrainCallback
+    offset: int
+
+    def on_step(self, info: StepInfo) -> None:
+        self.callback.on_step(dataclasses.replace(info, epoch=info.epoch + self.offset))
+
+    def on_epoch_end(self, info: EpochInfo) -> None:
+        self.callback.on_epoch_end(dataclasses.replace(info, epoch=info.epoch + self.offset))
+
+
 def _check_ranks_agree(model: nn.Module, dist: DistContext) -> None:
     """Every rank must have pruned to the same channel counts (else DDP cannot start)."""
     if not dist.enabled:
@@ -97,9 +112,9 @@ def _check_ranks_agree(model: nn.Module, dist: DistContext) -> None:
     sizes = [float(v) for attrs in module_structure(model).values() for v in attrs.values()]
     totals = dist.all_reduce_sum(sizes)
     if any(t != s * dist.world_size for s, t in zip(sizes, totals, strict=True)):
-        raise RuntimeError(
-            "the ranks pruned different channels (nondeterministic importance scores?); "
-            "rerun with one process, or with --importance magnitude"
+        raise ConfigError(
+            "the processes pruned to different channel counts (nondeterministic importance "
+            "scores?); rerun with one process, or with --importance magnitude"
         )
 
 

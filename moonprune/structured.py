@@ -127,7 +127,7 @@ class ChannelPruner:
             measure = "MACs" if self.measure == "macs" else "parameters"
             raise ConfigError(
                 f"channel pruning cannot reach {self.keep:.0%} of the dense {measure}: cutting "
-                f"every layer down to {chunk} channel{'s' if chunk > 1 else ''} keeps "
+                f"every layer to at most {chunk} channel{'s' if chunk > 1 else ''} keeps "
                 f"{self._fraction(trial):.0%}; use a smaller round_to, or a less aggressive "
                 "target"
             )

@@ -177,6 +177,12 @@ class Trainer:
         self.state_path = state_path
         self.callback = callback
         self.min_last = min_rows_per_batch(model, self.dist.world_size)
+        if train_config.batch_size < self.min_last:
+            raise ConfigError(
+                f"--batch-size {train_config.batch_size} leaves "
+                f"{'a process' if self.dist.enabled else 'a batch'} with fewer than 2 rows, "
+                f"on which BatchNorm cannot train; use --batch-size {self.min_last} or more"
+            )
         self.steps_per_epoch = len(batch_starts(len(train), train_config.batch_size, self.min_last))
         self.total_steps = self.steps_per_epoch * train_config.epochs
         avg_epochs = moon_config.resolved_average_epochs(train_config.epochs)
@@ -242,6 +248,8 @@ class Trainer:
             "moon": vars(self.moon_cfg),
             "masker": type(self.masker).__name__,
             "n_train": len(self.data),
+            # the batches per epoch: also depend on the process count for BatchNorm nets
+            "steps_per_epoch": self.steps_per_epoch,
         }
 
     def load_state(self, path: Path) -> None:

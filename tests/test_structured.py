@@ -229,7 +229,7 @@ def test_unreachable_target_is_an_error_not_a_dense_model() -> None:
     # global allocation gets further (it reshapes the wide layers) but not to 10%; it
     # says so before any training (on a copy), leaving the model as it was
     dense = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ConfigError, match=r"to 16 channels keeps \d+%; use a smaller round_to"):
+    with pytest.raises(ConfigError, match=r"at most 16 channels keeps \d+%; use a smaller"):
         ChannelPruner(model, x, head, keep=0.1, measure="macs", steps=4, round_to=16,
                       allocation="global")  # fmt: skip
     assert all(torch.equal(dense[k], v) for k, v in model.state_dict().items())
@@ -288,6 +288,37 @@ def test_compress_channel_global_allocation_from_the_cli(tmp_path: Path) -> None
     after = [c["after"] for c in info["structure"]["changed_layers"].values()]
     widths = [a["out_channels"] for a in after if "out_channels" in a]
     assert widths and all(w % 8 == 0 for w in widths), widths
+
+
+def test_channel_progress_counts_epochs_over_the_whole_run() -> None:
+    from moonprune.channel_training import train_channel_pruned
+    from moonprune.config import build_config
+    from moonprune.data import load_splits
+
+    splits = load_splits("digits:0-5", seed=0)
+    torch.manual_seed(0)
+    model = models.resnet8(num_classes=6, in_channels=1)
+    head = add_unknown_output_(model, splits.train.x[:2])
+    sparsity = {"method": "channel", "macs_target": 0.6, "steps": 2}
+    cfg = build_config({"checkpoint": "", "data": "digits:0-5", "out": "unused",
+                        "train": {"epochs": 5}, "moon": {"warmup_epochs": 1},
+                        "sparsity": sparsity})  # fmt: skip
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.steps: set[int] = set()
+            self.ends: list[int] = []
+
+        def on_step(self, info) -> None:
+            self.steps.add(info.epoch)
+
+        def on_epoch_end(self, info) -> None:
+            self.ends.append(info.epoch)
+
+    recorder = Recorder()
+    result, _ = train_channel_pruned(model, splits.train, head, cfg, recorder)
+    assert recorder.ends == [0, 1, 2, 3, 4] and recorder.steps == {0, 1, 2, 3, 4}
+    assert [h.epoch for h in result.history] == [0, 1, 2, 3, 4]
 
 
 def test_channel_needs_an_epoch_per_step(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import torch
 from moonprune.config import MoonConfig, TrainConfig
 from moonprune.data import ImageSet
 from moonprune.distributed import DistContext
+from moonprune.errors import ConfigError
 from moonprune.heads import add_unknown_output_
 from moonprune.models import demo_cnn
 from moonprune.objectives import unknown_aware_loss
@@ -175,3 +176,10 @@ def test_batchnorm1d_trains_when_the_last_batch_has_one_row(digits06) -> None:
     assert len(result.history) == 2
     assert all(torch.isfinite(torch.tensor(h.loss)) for h in result.history)
     assert masker.updates > 0  # the update schedule counted the folded batch right
+
+
+def test_batch_too_small_for_batchnorm_is_refused(digits06) -> None:
+    model = _model(digits06)  # demo_cnn has BatchNorm
+    masker = MASKERS.create("rigl", MaskerConfig(sparsity=0.5, seed=1))
+    with pytest.raises(ConfigError, match="--batch-size 1 leaves a batch with fewer than 2"):
+        Trainer(model, masker, digits06.train, TrainConfig(epochs=1, batch_size=1), MOON)
