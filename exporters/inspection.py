@@ -139,7 +139,7 @@ def _structure_view(ckpt: Any) -> dict[str, Any]:
     import torch
 
     from moonprune.heads import add_unknown_output_
-    from moonprune.structured import count_macs_params, module_structure
+    from moonprune.structured import module_structure, size_vs_dense
 
     dense = ckpt.arch.build().eval()
     if ckpt.head_layer is not None:
@@ -151,10 +151,7 @@ def _structure_view(ckpt: Any) -> dict[str, Any]:
         for name, attrs in before.items()
         if after.get(name, attrs) != attrs
     }
-    dense_macs, dense_params = count_macs_params(dense, x)
-    macs, params = count_macs_params(ckpt.model, x)
-    return {"changed_layers": layers, "dense_macs": dense_macs, "macs": macs,
-            "dense_params": dense_params, "params": params}  # fmt: skip
+    return {"changed_layers": layers, **size_vs_dense(ckpt.model, dense, x)}
 
 
 def bench_onnx(

@@ -234,6 +234,15 @@ class ChannelPruner:
         }
 
 
+def size_vs_dense(model: nn.Module, dense: nn.Module, example: torch.Tensor) -> dict[str, float]:
+    """MACs and parameters of ``model`` and of its ``dense`` original, and their ratio."""
+    dense_macs, dense_params = count_macs_params(dense, example)
+    macs, params = count_macs_params(model, example)
+    return {"dense_macs": dense_macs, "macs": macs, "macs_fraction": macs / dense_macs,
+            "dense_params": dense_params, "params": params,
+            "params_fraction": params / dense_params}  # fmt: skip
+
+
 class KeepAllMasker(Masker):
     """No unstructured sparsity: the fine-tuning masker between channel-pruning steps."""
 

@@ -15,13 +15,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from moonprune.assessment import Assessment, assess
-from moonprune.checkpoints import ArchSpec, load_checkpoint, load_dense, measured_sparsity
+from moonprune.checkpoints import (
+    ArchSpec,
+    MoonpruneCheckpoint,
+    load_checkpoint,
+    load_dense,
+    measured_sparsity,
+)
 from moonprune.config import Gates
 from moonprune.data import ImageSet, ReadOptions, load_ood, load_splits
 from moonprune.errors import CheckpointError, ConfigError
+from moonprune.heads import add_unknown_output_
 from moonprune.outputs import write_json
 from moonprune.reporting import layer_sparsity, write_html_report
+from moonprune.structured import size_vs_dense
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,19 @@ class VerifyResult:
     @property
     def passed(self) -> bool:
         return all(c.passed for c in self.checks)
+
+
+def _structure(ckpt: MoonpruneCheckpoint) -> dict[str, float] | None:
+    """MACs and parameters against the dense factory, for a channel-pruned checkpoint."""
+    if not ckpt.structure:
+        return None
+    dense = ckpt.arch.build().eval()
+    if ckpt.head_layer is not None:
+        add_unknown_output_(dense, layer=ckpt.head_layer)
+    try:
+        return size_vs_dense(ckpt.model, dense, torch.zeros(1, *ckpt.preprocessing.input_shape))
+    except ConfigError:  # Torch-Pruning (which counts MACs) is not installed here
+        return None
 
 
 def verify(
@@ -195,6 +218,7 @@ def verify(
         if cfg.get("sparsity", {}).get("method") == "channel"
         else cfg.get("sparsity", {}).get("sparsity"),
         "sparsity": measured_sparsity(ckpt.model),
+        "structure": _structure(ckpt),
         "threshold": compressed.threshold,
         "checkpoint_threshold": ckpt.threshold,
         "temperature": compressed.temperature,

@@ -250,6 +250,10 @@ def test_compress_channel_end_to_end(tmp_path: Path) -> None:
     assert report["target_sparsity"] is None  # the target is a MAC fraction, not zeros
     macs = f"{100 * report['structure']['macs_fraction']:.1f}% of the dense MACs"
     assert macs in (out / "report.html").read_text() and macs in result.output
+    verified = runner.invoke(app, ["verify", str(out / "model.pt"), "--html",
+                                   str(tmp_path / "v.html")])  # fmt: skip
+    assert verified.exit_code == 0, verified.output
+    assert macs in verified.output and macs in (tmp_path / "v.html").read_text()
     inspected = runner.invoke(app, ["inspect", str(out / "model.pt"), "--json"])
     info = json.loads(inspected.output)
     assert info["structure"]["macs"] < 0.53 * info["structure"]["dense_macs"]
