@@ -9,7 +9,7 @@ import pytest
 import torch
 from moonprune.cli.app import app
 from moonprune.exporters import export_onnx
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from moonprune import models
 from moonprune.errors import ConfigError
@@ -18,6 +18,14 @@ from moonprune.structured import ChannelPruner, apply_structure_, module_structu
 
 pytest.importorskip("torch_pruning")
 runner = CliRunner()
+
+
+def _resnet8(width: int) -> tuple[torch.nn.Module, torch.Tensor, str]:
+    """A seeded ResNet-8 (5 classes + unknown) on 3x16x16, its example input and head."""
+    torch.manual_seed(0)
+    model = models.resnet8(num_classes=5, in_channels=3, width=width).eval()
+    x = torch.randn(4, 3, 16, 16)
+    return model, x, add_unknown_output_(model, x)
 
 
 @pytest.mark.parametrize("allocation", ["uniform", "global"])
@@ -52,10 +60,7 @@ def test_prunes_to_target_and_keeps_the_unknown_output(
 
 
 def test_round_to_keeps_channel_counts_multiples_and_the_target() -> None:
-    torch.manual_seed(0)
-    model = models.resnet8(num_classes=5, in_channels=3, width=16).eval()
-    x = torch.randn(4, 3, 16, 16)
-    head = add_unknown_output_(model, x)
+    model, x, head = _resnet8(width=16)
     pruner = ChannelPruner(model, x, head, keep=0.5, measure="macs", steps=2, round_to=8)
     for _ in range(2):
         pruner.step()
@@ -66,10 +71,7 @@ def test_round_to_keeps_channel_counts_multiples_and_the_target() -> None:
 
 
 def test_global_allocation_keeps_narrow_layers_whole_and_widths_multiples() -> None:
-    torch.manual_seed(0)
-    model = models.resnet8(num_classes=5, in_channels=3, width=32).eval()
-    x = torch.randn(4, 3, 16, 16)
-    head = add_unknown_output_(model, x)
+    model, x, head = _resnet8(width=32)
     pruner = ChannelPruner(model, x, head, keep=0.5, measure="macs", steps=2, round_to=16,
                            allocation="global")  # fmt: skip
     for _ in range(2):
@@ -83,10 +85,7 @@ def test_global_allocation_keeps_narrow_layers_whole_and_widths_multiples() -> N
 
 
 def test_global_allocation_removes_the_least_important_channels_first() -> None:
-    torch.manual_seed(0)
-    model = models.resnet8(num_classes=5, in_channels=3, width=16).eval()
-    x = torch.randn(4, 3, 16, 16)
-    head = add_unknown_output_(model, x)
+    model, x, head = _resnet8(width=16)
     block = model.layers[2]
     dead = torch.arange(0, 64, 4)  # 16 of the last block's 64 inner channels do nothing
     with torch.no_grad():
@@ -219,10 +218,7 @@ def test_global_allocation_with_taylor_importance() -> None:
 
 
 def test_unreachable_target_is_an_error_not_a_dense_model() -> None:
-    torch.manual_seed(0)
-    model = models.resnet8(num_classes=5, in_channels=3, width=16).eval()
-    x = torch.randn(4, 3, 16, 16)
-    head = add_unknown_output_(model, x)
+    model, x, head = _resnet8(width=16)
     # rounding to 16 channels leaves the 16-wide layers nothing to remove
     with pytest.raises(ConfigError, match="smaller round_to than 16"):
         ChannelPruner(model, x, head, keep=0.5, measure="macs", steps=1, round_to=16)
@@ -235,16 +231,22 @@ def test_unreachable_target_is_an_error_not_a_dense_model() -> None:
     assert all(torch.equal(dense[k], v) for k, v in model.state_dict().items())
 
 
-def test_compress_channel_end_to_end(tmp_path: Path) -> None:
+def _compress_resnet8(tmp_path: Path, *options: str) -> tuple[Result, Path]:
+    """``moonprune compress --method channel --macs-target 0.5`` on a ResNet-8, on digits."""
     torch.manual_seed(0)
     torch.save(models.resnet8(num_classes=6, in_channels=1).state_dict(), tmp_path / "r8.pt")
     out = tmp_path / "run"
     result = runner.invoke(app, [
         "compress", str(tmp_path / "r8.pt"), "--arch", "moonprune.models:resnet8",
-        "--data", "digits:0-5", "--ood", "noise", "--method", "channel",
-        "--macs-target", "0.5", "--prune-steps", "2", "--epochs", "4", "--out", str(out),
+        "--data", "digits:0-5", "--ood", "noise", "--method", "channel", "--macs-target", "0.5",
+        "--prune-steps", "2", "--out", str(out), *options,
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
+    return result, out
+
+
+def test_compress_channel_end_to_end(tmp_path: Path) -> None:
+    result, out = _compress_resnet8(tmp_path, "--epochs", "4")
     report = json.loads((out / "report.json").read_text())
     assert abs(report["structure"]["macs_fraction"] - 0.5) < 0.03
     assert report["target_sparsity"] is None  # the target is a MAC fraction, not zeros
@@ -275,16 +277,9 @@ def test_compress_channel_end_to_end(tmp_path: Path) -> None:
 
 
 def test_compress_channel_global_allocation_from_the_cli(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    torch.save(models.resnet8(num_classes=6, in_channels=1).state_dict(), tmp_path / "r8.pt")
-    out = tmp_path / "run"
-    result = runner.invoke(app, [
-        "compress", str(tmp_path / "r8.pt"), "--arch", "moonprune.models:resnet8",
-        "--data", "digits:0-5", "--ood", "noise", "--method", "channel", "--macs-target", "0.5",
-        "--allocation", "global", "--round-to", "8", "--prune-steps", "2", "--epochs", "2",
-        "--out", str(out), "--no-export",
-    ])  # fmt: skip
-    assert result.exit_code == 0, result.output
+    _, out = _compress_resnet8(
+        tmp_path, "--allocation", "global", "--round-to", "8", "--epochs", "2", "--no-export"
+    )
     structure = json.loads((out / "report.json").read_text())["structure"]
     assert structure["allocation"] == "global" and structure["ratio"] is None
     assert structure["macs_fraction"] <= 0.5
