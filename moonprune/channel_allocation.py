@@ -122,12 +122,11 @@ class GlobalAllocator:
             imp = self.importance(group)
             if imp is None:
                 continue
-            order = torch.argsort(imp.detach().cpu())
-            drop = order[: n - keep]
+            scores = imp.detach().cpu().clamp_min(0)
+            drop = torch.argsort(scores)[: n - keep]
             saving = self.saving(group, n - keep, n)
             if saving <= 0:
                 continue
-            scores = imp.detach().cpu().clamp_min(0)
             score = float(scores[drop].sum()) / (float(scores.sum()) + 1e-12) / saving
             found.append((score, group, drop.tolist()))
         return found
