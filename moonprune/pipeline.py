@@ -40,7 +40,7 @@ from moonprune.reliability.scores import get_score
 from moonprune.reporting import layer_sparsity, write_html_report
 from moonprune.sparsity import MASKERS
 from moonprune.structured import module_structure
-from moonprune.training import TrainCallback, train
+from moonprune.training import TrainCallback, check_batch_size, train
 from moonprune.verification import GateCheck, check_gates
 from moonprune.weights import ClassCountMismatch
 
@@ -216,6 +216,10 @@ def compress(
         cfg = dataclasses.replace(cfg, arch_kwargs=dict(inputs.dense.arch.kwargs))
     dense_model = inputs.dense.model.to(device).eval()
     assert inputs.dense.arch is not None  # prepare_inputs checked it
+    # settings that cannot train fail now, before the minutes of dense evaluation
+    check_batch_size(dense_model, cfg.train.batch_size, dist.world_size)
+    if cfg.sparsity.method == CHANNEL:
+        check_channel_config(cfg, resume)
     t0 = time.perf_counter()
     dense_calibrated = _assess(dense_model, inputs, cfg)
     dense_assessment = dense_calibrated.after
@@ -230,8 +234,6 @@ def compress(
             model, inputs.splits.train.x[:2].to(device), cfg.head_layer
         )
     structure_stats: dict[str, Any] | None = None
-    if cfg.sparsity.method == CHANNEL:
-        check_channel_config(cfg, resume)
     work = out.open() if dist.is_main else out.work
     try:
         t0 = time.perf_counter()

@@ -111,6 +111,18 @@ def min_rows_per_batch(model: nn.Module, world_size: int = 1) -> int:
     return 2 * world_size if has_bn else 1
 
 
+def check_batch_size(model: nn.Module, batch_size: int, world_size: int = 1) -> int:
+    """Refuse a batch BatchNorm cannot train on; returns the rows a batch needs."""
+    min_rows = min_rows_per_batch(model, world_size)
+    if batch_size < min_rows:
+        where = "a process" if world_size > 1 else "a batch"
+        raise ConfigError(
+            f"--batch-size {batch_size} leaves {where} with fewer than 2 rows, on which "
+            f"BatchNorm cannot train; use --batch-size {min_rows} or more"
+        )
+    return min_rows
+
+
 def iterate_batches(
     data: ImageSet,
     batch_size: int,
@@ -176,13 +188,7 @@ class Trainer:
         self.moon_cfg = moon_config
         self.state_path = state_path
         self.callback = callback
-        self.min_last = min_rows_per_batch(model, self.dist.world_size)
-        if train_config.batch_size < self.min_last:
-            raise ConfigError(
-                f"--batch-size {train_config.batch_size} leaves "
-                f"{'a process' if self.dist.enabled else 'a batch'} with fewer than 2 rows, "
-                f"on which BatchNorm cannot train; use --batch-size {self.min_last} or more"
-            )
+        self.min_last = check_batch_size(model, train_config.batch_size, self.dist.world_size)
         self.steps_per_epoch = len(batch_starts(len(train), train_config.batch_size, self.min_last))
         self.total_steps = self.steps_per_epoch * train_config.epochs
         avg_epochs = moon_config.resolved_average_epochs(train_config.epochs)

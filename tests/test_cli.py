@@ -92,6 +92,7 @@ BAD_INPUTS = {
     "unknown method": (["--method", "rigel"], "rigl", None),
     "unknown data": (["--data", "nosuchdata"], "nosuchdata", None),
     "bad arch": (["--arch", "nosuchpkg.models:net"], "nosuchpkg", None),
+    "batch too small for BatchNorm": (["--batch-size", "1"], "BatchNorm cannot train", None),
     "unknown allocation": (["--method", "channel", "--allocation", "greedy"], "allocation", None),
     "channel option, rigl": (
         ["--round-to", "8"],
