@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from moonprune.reporting import structure_phrase
 from moonprune.training import EpochInfo, StepInfo
 
 
@@ -73,10 +74,7 @@ def comparison_table(report: dict[str, Any]) -> Table:
     variant = "+ MOON" if report.get("moon") else "(plain)"
     structure = report.get("structure")
     if structure:
-        title = (
-            f"{report['method']} {variant}: {100 * structure['macs_fraction']:.1f}% of the dense "
-            f"MACs, {100 * structure['params_fraction']:.1f}% of its parameters"
-        )
+        title = f"{report['method']} {variant}: {structure_phrase(structure)}"
     else:
         target = report.get("target_sparsity")
         title = f"{report['method']} {variant} at {100 * report['sparsity']:.1f}% sparsity" + (

@@ -150,11 +150,9 @@ def register(app: typer.Typer) -> None:
         result = run_guarded(go)
         structure = result.report.get("structure")
         if structure:
-            console.print(
-                f"channel-pruned: {100 * structure['macs_fraction']:.1f}% of the dense MACs, "
-                f"{100 * structure['params_fraction']:.1f}% of its parameters",
-                highlight=False,
-            )
+            from moonprune.reporting import structure_phrase
+
+            console.print(f"channel-pruned: {structure_phrase(structure)}", highlight=False)
         console.print(metrics_table(result.report))
         for line in acceptance_lines(result.report) + temperature_lines(result.report):
             console.print(line, highlight=False)

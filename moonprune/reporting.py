@@ -22,14 +22,19 @@ from moonprune.conventions import prunable_weights
 from moonprune.outputs import atomic_path
 
 
+def structure_phrase(structure: dict[str, Any]) -> str:
+    """``"48.9% of the dense MACs, 51.2% of its parameters"`` for a channel-pruned model."""
+    return (
+        f"{100 * float(structure['macs_fraction']):.1f}% of the dense MACs, "
+        f"{100 * float(structure['params_fraction']):.1f}% of its parameters"
+    )
+
+
 def _size_phrase(report: dict[str, Any]) -> str:
     """How much was removed: MACs and parameters for channel runs, else zeros."""
     structure = report.get("structure")
     if structure:
-        return (
-            f"{100 * float(structure['macs_fraction']):.1f}% of the dense MACs, "
-            f"{100 * float(structure['params_fraction']):.1f}% of its parameters"
-        )
+        return structure_phrase(structure)
     target = report.get("target_sparsity")
     phrase = f"sparsity {100 * float(report.get('sparsity', 0)):.2f}%"
     return phrase + (f" (target {100 * float(target):.0f}%)" if target is not None else "")
