@@ -1,14 +1,31 @@
 """K+1 head surgery: give a K-class classifier the extra "unknown" output (index K).
 
-The final linear layer gets one more row. The K known rows (and biases) are copied
-unchanged, so the K known logits are bit-identical after the surgery; the new row
-has weight 0 and a bias ``unknown_bias_margin`` below the smallest known bias, so
-p(unknown) starts small (MOON_METHOD.md, part 1).
+The final linear layer ``z = W x + b`` (``W``: ``(K, d)``) gets one more row. The K
+known rows and biases are copied unchanged, so the K known logits are bit-identical
+after the surgery. The unknown row is the mean of the known rows (MOON_METHOD.md,
+part 1):
 
-A bias-free classifier gets a bias vector that is 0 for the known rows (so their
-logits stay identical) and negative for the unknown row: without a bias the new row
-would give logit 0 for every input, which is not "small" when the known logits are
-near 0.
+    w_u = (1/K) sum_k W_k,   b_u = (1/K) sum_k b_k,   so   z_u = (1/K) sum_k z_k
+
+The unknown logit is the mean known logit, never above the largest, so every
+known-class argmax is kept (an exact tie, all K logits equal, goes to the known class:
+``argmax`` returns the first maximal index and the unknown column is last). The means
+are taken in float64 and rounded to nearest, so ``b_u`` never exceeds the largest
+known bias, and a zero-feature input ties at worst. ``p(unknown)`` then follows the
+input's uncertainty: ``1/(K+1)`` for flat logits, about ``e^(mean - max)`` for a
+confident one, and every gradient on the unknown logit (proportional to ``p_u``) can
+move it. The earlier row (weight 0, bias 10 below the smallest) started ``p_u`` near
+1e-5 and left it there. A mean row with a bias offset ``c`` ranks inputs by ``p_u``
+exactly as ``c = 0`` does (``p_u`` is monotone in ``z_u - logsumexp(z)`` either way);
+``c > 0`` can make the unknown column the argmax of flat inputs, and ``c < 0`` scales
+``p_u`` and its gradients down, so the offset is 0.
+
+A bias-free classifier gets a bias vector that is 0 everywhere (the mean of zero
+biases): known logits stay identical, and the K+1 head has the parameters of the heads
+earlier moonprune versions wrote, so their checkpoints still load.
+
+The new layer is marked with :data:`moonprune.conventions.UNKNOWN_ROW_ATTR` so that
+maskers keep the unknown row active.
 """
 
 from __future__ import annotations
@@ -16,6 +33,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moonprune.conventions import UNKNOWN_ROW_ATTR
 from moonprune.errors import CheckpointError
 
 
@@ -75,19 +93,28 @@ def find_classifier(model: nn.Module, example_input: torch.Tensor) -> str:
     )
 
 
-def expanded_linear(layer: nn.Linear, unknown_bias_margin: float = 10.0) -> nn.Linear:
-    """A copy of ``layer`` with one more output row for the unknown class."""
+def expanded_linear(layer: nn.Linear) -> nn.Linear:
+    """A copy of ``layer`` with one more output row, the mean of the others (module
+    docstring), marked as the unknown row. Same device and dtype as ``layer``.
+
+    Example::
+
+        >>> import torch
+        >>> head = expanded_linear(torch.nn.Linear(4, 3))
+        >>> head.out_features, torch.allclose(head.weight[3], head.weight[:3].mean(0))
+        (4, True)
+    """
     k, d = layer.out_features, layer.in_features
     new = nn.Linear(d, k + 1, bias=True, device=layer.weight.device, dtype=layer.weight.dtype)
     with torch.no_grad():
         new.weight[:k] = layer.weight
-        new.weight[k] = 0.0
+        new.weight[k] = layer.weight.double().mean(dim=0).to(layer.weight.dtype)
         if layer.bias is not None:
             new.bias[:k] = layer.bias
-            new.bias[k] = layer.bias.min() - unknown_bias_margin
+            new.bias[k] = layer.bias.double().mean().to(layer.bias.dtype)
         else:
-            new.bias[:k] = 0.0
-            new.bias[k] = -unknown_bias_margin
+            new.bias.zero_()
+    setattr(new, UNKNOWN_ROW_ATTR, k)
     return new
 
 
@@ -95,7 +122,6 @@ def add_unknown_output_(
     model: nn.Module,
     example_input: torch.Tensor | None = None,
     layer: str | None = None,
-    unknown_bias_margin: float = 10.0,
 ) -> str:
     """Replace the final classifier of ``model`` in place by its K+1 version.
 
@@ -125,7 +151,7 @@ def add_unknown_output_(
             f"layer {layer!r} is a {type(module).__name__}, not nn.Linear; "
             "the unknown output is added to a linear classifier"
         )
-    _set_module(model, layer, expanded_linear(module, unknown_bias_margin))
+    _set_module(model, layer, expanded_linear(module))
     return layer
 
 

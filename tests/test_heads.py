@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from moonprune import models
+from moonprune.conventions import unknown_rows
 from moonprune.errors import CheckpointError
-from moonprune.heads import add_unknown_output_, find_classifier
+from moonprune.heads import add_unknown_output_, expanded_linear, find_classifier
 
 ARCHS = {
     "demo_cnn": (models.demo_cnn, "classifier"),
@@ -30,8 +31,62 @@ def test_surgery_keeps_known_logits_identical(arch: str) -> None:
     assert layer == expected_layer
     assert after.shape == (16, 6)
     assert torch.equal(after[:, :5], before)
-    p_unknown = torch.softmax(after, dim=1)[:, 5]
-    assert p_unknown.max() < 1e-3
+    # the unknown logit is the mean known logit: never the strict maximum
+    assert torch.allclose(after[:, 5], before.mean(dim=1), atol=1e-5)
+    assert torch.equal(after.argmax(dim=1), before.argmax(dim=1))
+    assert unknown_rows(model) == {f"{expected_layer}.weight": 5}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_surgery_keeps_every_argmax_on_random_inputs(arch: str) -> None:
+    factory, _ = ARCHS[arch]
+    torch.manual_seed(1)
+    model = factory(num_classes=7, in_channels=1).eval()
+    x = 3 * torch.randn(512, 1, 8, 8)
+    before = model(x).argmax(dim=1)
+    add_unknown_output_(model, x[:2])
+    assert torch.equal(model(x).argmax(dim=1), before)
+
+
+def _head(k: int = 5, d: int = 8) -> nn.Linear:
+    """A head whose j-th known row reads feature j with weight 10 (bias 0.1)."""
+    head = nn.Linear(d, k)
+    with torch.no_grad():
+        head.weight.copy_(10 * torch.eye(k, d))
+        head.bias.fill_(0.1)
+    return head
+
+
+def test_unknown_probability_is_large_when_uncertain_small_when_confident() -> None:
+    new = expanded_linear(_head())
+    confident = new(torch.eye(5, 8))  # logit 10.1 for one class, 0.1 for the others
+    flat = new(torch.full((3, 8), 0.0) + torch.tensor([0, 0, 0, 0, 0, 1.0, 2.0, 3.0]))
+    p_confident = torch.softmax(confident, dim=1)[:, 5]
+    p_flat = torch.softmax(flat, dim=1)[:, 5]
+    assert torch.all(p_confident < 1e-3)
+    assert torch.allclose(p_flat, torch.full((3,), 1 / 6))  # all logits equal: 1 / (K + 1)
+    assert torch.all(p_flat > 0.01)
+
+
+def test_a_tie_keeps_the_known_argmax() -> None:
+    # zero features: every logit is its bias; equal biases tie with the unknown logit,
+    # and argmax returns the first maximal index, a known class
+    new = expanded_linear(_head())
+    logits = new(torch.zeros(1, 8))
+    assert torch.all(logits == logits[0, 0])
+    assert int(logits.argmax(dim=1)) == 0
+    # biases whose float32 sum rounds: the unknown bias (mean taken in float64, then
+    # rounded to nearest) is still never above the largest known bias
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        head = nn.Linear(8, 7)
+        with torch.no_grad():
+            head.bias.copy_(torch.full((7,), float(torch.rand(1, generator=g))))
+            head.bias[3] += float(torch.rand(1, generator=g)) * 1e-6
+        new = expanded_linear(head)
+        assert new.bias[7] <= new.bias[:7].max()
+        z = new(torch.zeros(1, 8))
+        assert int(z.argmax(dim=1)) == int(head(torch.zeros(1, 8)).argmax(dim=1))
 
 
 def test_classifier_found_by_output_not_by_order() -> None:
@@ -62,9 +117,26 @@ def test_model_without_linear_output_is_reported() -> None:
         find_classifier(model, torch.randn(2, 1, 8, 8))
 
 
-def test_bias_free_classifier_gets_negative_unknown_bias() -> None:
+def test_bias_free_classifier_gets_a_zero_bias_and_the_mean_row() -> None:
+    # the bias (0 everywhere) keeps the K+1 head's parameters those of earlier checkpoints
     model = models.mlp_biasfree(num_classes=4).eval()
+    classifier = model[3]
+    assert isinstance(classifier, nn.Linear)
+    old = classifier.weight.detach().clone()
     add_unknown_output_(model, torch.randn(2, 1, 8, 8))
     head = model[3]
     assert isinstance(head, nn.Linear) and head.bias is not None
-    assert torch.all(head.bias[:4] == 0) and head.bias[4] < -5
+    assert torch.all(head.bias == 0)
+    assert torch.equal(head.weight[:4], old)
+    assert torch.allclose(head.weight[4], old.mean(dim=0))
+    with torch.no_grad():
+        flat = torch.softmax(head(torch.zeros(1, head.in_features)), dim=1)
+    assert float(flat[0, 4]) == pytest.approx(1 / 5)
+
+
+def test_surgery_keeps_dtype_and_device() -> None:
+    head = _head().double()
+    new = expanded_linear(head)
+    assert new.weight.dtype == torch.float64 and new.weight.device == head.weight.device
+    assert torch.equal(new.weight[5], head.weight.mean(dim=0))
+    assert torch.equal(new.bias[5], head.bias.mean())
