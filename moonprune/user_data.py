@@ -1,0 +1,255 @@
+"""Readers for the user's own data: an ImageFolder and an ``.npz`` file.
+
+A file a user brings is untrusted input: every way it can be wrong (no rows, labels
+that are not class indices, pixels that are not numbers, an image too large to
+decode safely, ...) ends in one :class:`DataError` naming the file, the problem and
+the fix, before anything is trained or written -- never in a traceback, never in a
+silent conversion (a label 1.5 is not truncated to 1; a 16-bit pixel is not clipped
+to 8 bits).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from moonprune.errors import DataError
+from moonprune.sources import RawImages, conform_one, reading
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+#: More classes than this is a file of ids or hashes, not class indices (and
+#: ``range(max + 1)`` of such labels would exhaust memory).
+MAX_CLASSES = 100_000
+NPZ_FIX = "save it with numpy.savez(path, x=images, y=labels)"
+#: Pillow modes holding 16-bit samples (older Pillow opens a 16-bit PNG as "I").
+SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+# -- image folders ------------------------------------------------------------------------
+
+
+def read_image(path: Path) -> tuple[np.ndarray, float]:
+    """(C, H, W) float in [0, 1] and the raw pixel scale (1/255, 1/65535, or 1 for float).
+
+    RGB or grayscale as stored (alpha dropped). 16-bit images are divided by 65535, not
+    clipped to 8 bits. Raises (Pillow's errors, ``ValueError``) for a file that cannot be
+    decoded; an image over Pillow's decompression-bomb limit is one of them.
+    """
+    with warnings.catch_warnings():
+        # over MAX_IMAGE_PIXELS Pillow only warns (an error from twice that): refuse both
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as opened:
+            if opened.mode in SIXTEEN_BIT_MODES or opened.mode == "F":
+                return _high_depth(np.asarray(opened, dtype=np.float64), opened.mode)
+            gray = opened.mode in ("1", "L", "LA")
+            array = np.asarray(opened.convert("L" if gray else "RGB"), dtype=np.float32)
+    array = array / 255.0
+    return (array[None] if array.ndim == 2 else array.transpose(2, 0, 1)), 1 / 255
+
+
+def _high_depth(array: np.ndarray, mode: str) -> tuple[np.ndarray, float]:
+    """A 16-bit or float grayscale image as (1, H, W) in [0, 1]."""
+    scale = 1.0 if mode == "F" else 1 / 65535
+    scaled = array * scale
+    if not np.isfinite(scaled).all() or scaled.min() < 0 or scaled.max() > 1:
+        limit = "[0, 1]" if mode == "F" else "0-65535"
+        raise ValueError(f"mode {mode} pixels outside {limit}")
+    return scaled.astype(np.float32)[None], scale
+
+
+def _folder_images(files: list[Path], on_bad_image: str) -> list[tuple[np.ndarray, float] | None]:
+    out: list[tuple[np.ndarray, float] | None] = []
+    for path in files:
+        try:
+            out.append(read_image(path))
+        # a malformed file can fail anywhere inside a Pillow plugin; each is a bad image,
+        # reported with its path below (never swallowed)
+        except Exception as exc:
+            reason = str(exc) or type(exc).__name__
+            if on_bad_image == "fail":
+                raise DataError(
+                    f"cannot decode image {str(path)!r} ({reason}); remove it or pass "
+                    "--on-bad-image skip"
+                ) from None
+            logger.warning("skipping undecodable image %s (%s)", path, reason)
+            out.append(None)
+    return out
+
+
+def list_image_folder(root: Path) -> tuple[list[Path], list[int], tuple[str, ...]]:
+    """Files and labels of an ImageFolder ``root/<class>/<image>``, classes sorted."""
+    files: list[Path] = []
+    labels: list[int] = []
+    with reading(root):
+        classes = tuple(
+            sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        )
+        for index, name in enumerate(classes):
+            for path in sorted((root / name).rglob("*")):
+                if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+                    files.append(path)
+                    labels.append(index)
+    if not files:
+        raise DataError(
+            f"no images found in {str(root)!r}; expected root/<class>/<image>.png (or .jpg)"
+        )
+    return files, labels, classes
+
+
+def read_image_folder(
+    root: Path, size: tuple[int, int] | None, channels: int | None, on_bad_image: str = "skip"
+) -> RawImages:
+    """All images of an ImageFolder, conformed to ``channels`` x ``size``.
+
+    ``size``/``channels`` default to those of the first image (so a folder of
+    equally sized images needs no options).
+    """
+    files, labels, classes = list_image_folder(root)
+    decoded = _folder_images(files, on_bad_image)
+    kept = [(d[0], y) for d, y in zip(decoded, labels, strict=True) if d is not None]
+    if not kept:
+        raise DataError(f"none of the images in {str(root)!r} could be decoded")
+    scales = sorted({d[1] for d in decoded if d is not None})
+    if len(scales) > 1:
+        depths = " and ".join(
+            {1 / 255: "8-bit", 1 / 65535: "16-bit", 1.0: "float"}[s] for s in scales
+        )
+        raise DataError(
+            f"{str(root)!r} mixes {depths} images; the exported model takes one raw pixel "
+            "range, so convert them all to one bit depth"
+        )
+    first = kept[0][0]
+    target_c = channels or (3 if any(a.shape[0] == 3 for a, _ in kept) else 1)
+    target_hw = size or (first.shape[1], first.shape[2])
+    images = np.stack([conform_one(a, target_c, target_hw) for a, _ in kept])
+    label_array = np.asarray([y for _, y in kept], dtype=np.int64)
+    return RawImages(images.astype(np.float32), label_array, classes, scales[0])
+
+
+# -- .npz files ---------------------------------------------------------------------------
+
+
+def read_npz(path: Path) -> RawImages:
+    """``x`` as (N,C,H,W), (N,H,W,C) or (N,H,W), uint8, uint16 or float; ``y`` optional.
+
+    ``y`` holds class indices 0..K-1 (whole-number floats are accepted; a ``y`` of
+    only -1, moonprune's "no label", reads as unlabelled); ``classes``, when present,
+    names them.
+    """
+    where = repr(str(path))
+    with reading(path), path.open("rb") as head:
+        magic = head.read(6)
+    if not magic.startswith(b"PK"):  # every zip archive, so every .npz, starts so
+        what = " (it is a single .npy array)" if magic.startswith(b"\x93NUMPY") else ""
+        raise DataError(f"{where} is not an .npz archive{what}; {NPZ_FIX}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "x" not in f:
+                raise DataError(f"{where} has no array 'x' (found: {list(f.keys())}); {NPZ_FIX}")
+            x, y = f["x"], f.get("y")
+            names = f.get("classes")
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        reason = "it holds pickled Python objects" if "allow_pickle" in str(exc) else str(exc)
+        raise DataError(f"cannot read {where} as .npz ({reason}); {NPZ_FIX}") from None
+    images, scale = _check_pixels(x, where)
+    labels: np.ndarray | None = None
+    classes: tuple[str, ...] = ()
+    if names is not None:
+        if names.ndim != 1:
+            raise DataError(f"{where}: classes must be a list of names, got shape {names.shape}")
+        classes = tuple(str(c) for c in names)
+    if y is not None:
+        labels = _check_labels(y, len(images), where, classes)
+        if labels is not None and not classes:
+            classes = tuple(map(str, range(int(labels.max()) + 1)))
+    return RawImages(images, labels, classes, scale)
+
+
+def _check_pixels(x: np.ndarray, where: str) -> tuple[np.ndarray, float]:
+    """``x`` as float32 (N, C, H, W) in [0, 1], and the raw pixel scale."""
+    if x.dtype.kind not in "biuf":
+        kind = "complex numbers" if x.dtype.kind == "c" else f"dtype {x.dtype}"
+        raise DataError(
+            f"{where}: x must hold real pixel values (uint8, uint16 or float), got {kind}; "
+            "save the pixel arrays themselves"
+        )
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4:
+        raise DataError(f"{where}: x must be (N,C,H,W) or (N,H,W,C), got shape {x.shape}")
+    if x.shape[1] not in (1, 3) and x.shape[3] in (1, 3):
+        x = x.transpose(0, 3, 1, 2)
+    if x.shape[1] not in (1, 3):
+        raise DataError(
+            f"{where}: x has shape {x.shape}, but images need 1 or 3 channels, as "
+            "(N, C, H, W) or (N, H, W, C)"
+        )
+    if x.size == 0:
+        raise DataError(f"{where} holds no images (x has shape {x.shape}); save at least one")
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        bad = int(np.flatnonzero(~np.isfinite(x).reshape(len(x), -1).all(1))[0])
+        raise DataError(
+            f"{where}: x holds NaN or infinite pixel values (first in image {bad}); "
+            "replace or drop those images"
+        )
+    return _scaled(x, where)
+
+
+def _scaled(x: np.ndarray, where: str) -> tuple[np.ndarray, float]:
+    if x.dtype == np.bool_:
+        scale = 1.0
+    elif x.dtype == np.uint8:
+        scale = 1 / 255
+    elif x.dtype == np.uint16:
+        scale = 1 / 65535
+    else:
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0 or hi > 255:
+            raise DataError(
+                f"{where}: x holds values in [{lo:.4g}, {hi:.4g}]; save raw pixels (uint8, "
+                "uint16, or float in [0, 1] or [0, 255]), not normalised ones"
+            )
+        scale = 1.0 if hi <= 1 else 1 / 255
+    return x.astype(np.float32) * np.float32(scale), scale
+
+
+def _check_labels(y: np.ndarray, n: int, where: str, classes: tuple[str, ...]) -> np.ndarray | None:
+    """``y`` as int64 class indices, or None when every label is -1 (unlabelled)."""
+    fix = "labels must be class indices 0..K-1, one per image"
+    if y.ndim != 1:
+        hint = "; for one-hot labels save y.argmax(1)" if y.ndim == 2 else ""
+        raise DataError(f"{where}: y must have shape ({n},), got shape {y.shape}; {fix}{hint}")
+    if len(y) != n:
+        raise DataError(f"{where}: x has {n} images but y has {len(y)} labels; {fix}")
+    if y.dtype.kind not in "biuf":
+        raise DataError(
+            f"{where}: y holds {y.dtype} values, not numbers; {fix} (names go in 'classes')"
+        )
+    if y.dtype.kind == "f":
+        bad = np.flatnonzero(~np.isfinite(y) | (y != np.round(y)))
+        if len(bad):
+            raise DataError(f"{where}: y[{bad[0]}] is {y[bad[0]]}, not a whole number; {fix}")
+    if (y == -1).all():
+        return None
+    low = int(np.argmin(y))
+    if y[low] < 0:
+        raise DataError(f"{where}: y[{low}] is {y[low]}, a negative label; {fix}")
+    top = int(y.max())
+    if top >= MAX_CLASSES:
+        raise DataError(
+            f"{where}: y holds label {top}; {fix} (at most {MAX_CLASSES}): renumber them, "
+            "e.g. numpy.unique(y, return_inverse=True)[1]"
+        )
+    if classes and top >= len(classes):
+        raise DataError(
+            f"{where}: y holds label {top} but 'classes' has only {len(classes)} names; "
+            "save one name per class"
+        )
+    return y.astype(np.int64)
