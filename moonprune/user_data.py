@@ -155,6 +155,8 @@ def read_npz(path: Path) -> RawImages:
                 raise DataError(f"{where} has no array 'x' (found: {list(f.keys())}); {NPZ_FIX}")
             x, y = f["x"], f.get("y")
             names = f.get("classes")
+    except MemoryError as exc:  # a header may declare any shape (an .npz "bomb")
+        raise DataError(f"{where} is too large to load ({exc}); save fewer images") from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         reason = "it holds pickled Python objects" if "allow_pickle" in str(exc) else str(exc)
         raise DataError(f"cannot read {where} as .npz ({reason}); {NPZ_FIX}") from None

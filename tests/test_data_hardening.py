@@ -7,8 +7,10 @@ on stderr, ``--out`` never created).
 
 from __future__ import annotations
 
+import io
 import logging
 import struct
+import zipfile
 import zlib
 from pathlib import Path
 from typing import Any
@@ -93,6 +95,19 @@ def test_a_npy_array_named_npz_and_a_truncated_npz(tmp_path: Path) -> None:
     (tmp_path / "cut.npz").write_bytes(whole[: len(whole) // 2])
     with pytest.raises(DataError, match=r"cannot read .*cut\.npz.* as \.npz"):
         load_raw(str(tmp_path / "cut.npz"))
+
+
+def test_npz_declaring_a_huge_array(tmp_path: Path) -> None:
+    """An .npz header may declare any shape: 3e12 bytes here, with 100 bytes of data."""
+    header = io.BytesIO()
+    shape = (10**6, 3, 1000, 1000)
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "|u1", "fortran_order": False, "shape": shape}
+    )
+    with zipfile.ZipFile(tmp_path / "huge.npz", "w") as archive:
+        archive.writestr("x.npy", header.getvalue() + bytes(100))
+    with pytest.raises(DataError, match=r"huge\.npz"):
+        load_raw(str(tmp_path / "huge.npz"))
 
 
 def test_float_labels_only_when_whole_numbers(tmp_path: Path) -> None:
