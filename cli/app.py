@@ -1,7 +1,9 @@
 """The ``moonprune`` command. Thin: parse options, call one library function, render.
 
 Exit codes: 0 success, 1 a reliability gate failed, 2 bad usage or bad input (one
-line on stderr, no traceback; ``--debug`` shows it), 130 interrupted.
+line on stderr, no traceback; ``--debug`` shows it), 3 an internal error (a bug: one
+line, ``--debug`` for the traceback), 130 interrupted. Exit 1 therefore always means
+"a gate failed", which is what a CI pipeline reads it as.
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ def _main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more detail.")] = False,
 ) -> None:
     _state["debug"] = debug
+    # third-party warnings (torch, numpy) are detail, not one-line errors: shown with -v
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(
+        logging.WARNING if verbose or debug else logging.ERROR
+    )
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(message)s",
@@ -62,6 +69,20 @@ def run_guarded(fn: Callable[[], T]) -> T:
         # the message quotes user input (paths, specs): print it literally, not as markup
         err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+    except (typer.Exit, typer.Abort, typer.BadParameter, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        if _state["debug"]:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        err_console.print(
+            f"[red]internal error:[/] {escape(type(exc).__name__)}"
+            f"{escape(': ' + first) if first else ''} (a moonprune bug, not your input); "
+            "rerun with --debug for the traceback and report it",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(3) from None
 
 
 def _register_commands() -> None:
@@ -76,5 +97,18 @@ _register_commands()
 
 
 def main(argv: list[str] | None = None) -> Any:
-    """Console-script entry point."""
-    return app(args=argv if argv is not None else sys.argv[1:], prog_name="moonprune")
+    """Console-script entry point; an exception no command caught is exit 3, one line."""
+    try:
+        return app(args=argv if argv is not None else sys.argv[1:], prog_name="moonprune")
+    except Exception as exc:
+        if _state["debug"]:
+            raise
+        error = exc
+
+        def reraise() -> None:
+            raise error
+
+        try:
+            run_guarded(reraise)
+        except typer.Exit as done:
+            sys.exit(done.exit_code)

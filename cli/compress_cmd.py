@@ -239,12 +239,15 @@ def register(app: typer.Typer) -> None:
         from moonprune.cli.app import console, run_guarded
         from rich.console import Console
 
-        from moonprune.config import build_config, merge, read_recipe
+        from moonprune.config import build_config
         from moonprune.distributed import is_main_process
         from moonprune.pipeline import compress as run_compress
+        from moonprune.recipe import merge, read_recipe
+        from moonprune.trust import checked_recipe_arch
 
         def build() -> Any:
             recipe = read_recipe(config) if config is not None else {}
+            checked_recipe_arch(recipe.get("arch"), arch, str(config))
             overrides: dict[str, Any] = {
                 "checkpoint": checkpoint,
                 "data": data,
@@ -299,7 +302,13 @@ def register(app: typer.Typer) -> None:
             with RichProgress(console if main_rank else Console(quiet=True),
                               cfg.train.epochs) as progress:  # fmt: skip
                 result = run_guarded(
-                    lambda: run_compress(cfg, callback=progress, resume=resume, force=force)
+                    lambda: run_compress(
+                        cfg,
+                        callback=progress,
+                        resume=resume,
+                        force=force,
+                        protect=[config] if config else [],
+                    )
                 )
         except KeyboardInterrupt:
             _interrupted(Path(cfg.out))

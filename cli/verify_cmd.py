@@ -107,6 +107,20 @@ def register(app: typer.Typer) -> None:
                 help="Dense AUROC - compressed AUROC <= X per OOD set (needs --baseline)."
             ),
         ] = None,
+        arch: Annotated[
+            str | None,
+            typer.Option(
+                help="Factory of a network of your own (package.module:factory); a "
+                "checkpoint's recorded factory is called only when it is a moonprune built-in."
+            ),
+        ] = None,
+        split: Annotated[
+            str | None,
+            typer.Option(
+                help="test: the seed's test split (default for the data compressed on); "
+                "all: every row (default for other --data, a held-out set)."
+            ),
+        ] = None,
         score: Annotated[str | None, typer.Option(help="OOD score (default: the model's).")] = None,
         temperature: Annotated[
             str | None, typer.Option(help="auto (refit), a number, or the model's (default).")
@@ -136,18 +150,28 @@ def register(app: typer.Typer) -> None:
         from moonprune.verification import verify as run_verify
 
         def go() -> Any:
+            inputs = [p for p in (model, baseline, data, *(ood or ())) if p]
             for option, path in (("--json", json_path), ("--html", html_path)):
-                if path is not None:
-                    check_output_path(path, option)  # before the minutes of evaluation
+                if path is not None:  # before the minutes of evaluation
+                    check_output_path(path, option, inputs=inputs)
             gates = Gates(min_auroc, max_fpr95, min_accuracy, max_accuracy_drop, max_ece,
                           max_auroc_drop)  # fmt: skip
             return run_verify(
                 model, data=data, ood=tuple(ood or ()), baseline=baseline,
-                baseline_arch=baseline_arch, gates=gates, score=score, tpr=tpr, seed=seed,
+                baseline_arch=baseline_arch, arch=arch, split=split, gates=gates, score=score,
+                tpr=tpr, seed=seed,
                 temperature=parse_temperature(temperature),
             )  # fmt: skip
 
         result = run_guarded(go)
+        d = result.report["data"]
+        where = (
+            f"all {d['n_test']} rows of {d['id']} (a held-out set; --split test for the seed's "
+            "test split)"
+            if d["split"] == "all"
+            else f"the test split of {d['id']} (seed {d['seed']}, {d['n_test']} rows)"
+        )
+        console.print(f"ID data: {where}", highlight=False)
         structure = result.report.get("structure")
         if structure:
             from moonprune.reporting import structure_phrase

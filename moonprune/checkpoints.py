@@ -30,6 +30,7 @@ from moonprune.data import Preprocessing
 from moonprune.errors import CheckpointError
 from moonprune.heads import add_unknown_output_
 from moonprune.outputs import atomic_path
+from moonprune.trust import check_fields, recorded_arch
 from moonprune.weights import (
     NESTED_KEYS,
     check_finite,
@@ -107,7 +108,16 @@ class ArchSpec:
         except TypeError as exc:
             raise CheckpointError(
                 f"calling {self.factory} with {self.kwargs} failed: {exc}; "
-                "fix the keyword arguments in the recipe's arch_kwargs"
+                "fix the keyword arguments (--arch-kwargs or the recipe's arch_kwargs)"
+            ) from None
+        except CheckpointError:
+            raise
+        except Exception as exc:  # the user's factory: any failure is a bad argument
+            reason = str(exc).splitlines()[0] if str(exc) else ""
+            raise CheckpointError(
+                f"{self.factory}({_kwargs_text(self.kwargs)}) raised {type(exc).__name__}"
+                f"{': ' + reason if reason else ''}; fix the keyword arguments "
+                "(--arch-kwargs or the recipe's arch_kwargs) or the factory"
             ) from None
         if not isinstance(model, nn.Module):
             raise CheckpointError(f"{self.factory} returned {type(model).__name__}, not nn.Module")
@@ -126,6 +136,10 @@ class ArchSpec:
 
     def as_dict(self) -> dict[str, Any]:
         return {"factory": self.factory, "kwargs": dict(self.kwargs)}
+
+
+def _kwargs_text(kwargs: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
 
 
 @dataclass
@@ -173,7 +187,7 @@ def load_dense(
             check_finite(obj.state_dict(), str(p))
             return DenseModel(obj, arch)
         if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
-            ckpt = checkpoint_from_dict(obj, str(p))
+            ckpt = checkpoint_from_dict(obj, str(p), arch.factory if arch else None)
             return DenseModel(ckpt.model, ckpt.arch, ckpt.head_layer, ckpt.structure)
         found = obj.state_dict() if isinstance(obj, nn.Module) else find_state_dict(obj)
         if found is None:
@@ -243,41 +257,70 @@ class MoonpruneCheckpoint:
         }
 
 
-def checkpoint_from_dict(obj: Mapping[str, Any], source: str) -> MoonpruneCheckpoint:
-    """Rebuild a :class:`MoonpruneCheckpoint` from its saved dict."""
-    try:
-        arch = ArchSpec(obj["arch"]["factory"], dict(obj["arch"]["kwargs"]))
-        model = arch.build()
-        if obj["head_layer"] is not None:
-            add_unknown_output_(model, layer=obj["head_layer"])
-        state = obj["state_dict"]
-        if obj.get("structure"):  # channel-pruned: rebuild the slimmer shapes first
-            from moonprune.structured import apply_structure_
+def checkpoint_from_dict(
+    obj: Mapping[str, Any], source: str, arch: str | None = None
+) -> MoonpruneCheckpoint:
+    """Rebuild a :class:`MoonpruneCheckpoint` from its saved dict.
 
-            apply_structure_(model, obj["structure"], state)
-        check_finite(state, source)
-        load_weights_(model, state, source)
-        model.eval()
-        return MoonpruneCheckpoint(
-            model=model,
-            arch=arch,
-            classes=tuple(obj["classes"]),
-            preprocessing=Preprocessing.from_dict(obj["preprocessing"]),
-            head_layer=obj["head_layer"],
-            masks=dict(obj["masks"]),
-            threshold=obj["threshold"],
-            temperature=float(obj.get("temperature", 1.0)),
-            tpr=float(obj["tpr"]),
-            score=str(obj["score"]),
-            config=dict(obj["config"]),
-            metrics=dict(obj["metrics"]),
-            version=str(obj["moonprune_version"]),
-            structure=obj.get("structure"),
-        )
-    except KeyError as exc:
+    Every field is checked first (:func:`moonprune.trust.check_fields`); the recorded
+    factory is called only when it is a moonprune built-in, and ``arch`` (the user's
+    ``--arch``) replaces it otherwise (:func:`moonprune.trust.recorded_arch`).
+    """
+    missing = [k for k in _REQUIRED if k not in obj]
+    if missing:
         raise CheckpointError(
-            f"{source} is an incomplete moonprune checkpoint (no {exc})"
-        ) from None
+            f"{source} is an incomplete moonprune checkpoint (no {missing[0]!r}); "
+            "recreate it with `moonprune compress`"
+        )
+    check_fields(obj, source, FORMAT_VERSION)
+    spec = recorded_arch(obj["arch"], source, arch)
+    model = spec.build()
+    if obj["head_layer"] is not None:
+        add_unknown_output_(model, layer=obj["head_layer"])
+    state, masks = obj["state_dict"], obj["masks"]
+    for key, value in (("state_dict", state), ("masks", masks)):
+        if not isinstance(value, Mapping) or not all(
+            isinstance(t, torch.Tensor) for t in value.values()
+        ):
+            raise CheckpointError(
+                f"{source}: {key!r} must map names to tensors; recreate it with "
+                "`moonprune compress`"
+            )
+    if obj.get("structure"):  # channel-pruned: rebuild the slimmer shapes first
+        from moonprune.structured import apply_structure_
+
+        try:
+            apply_structure_(model, obj["structure"], state)
+        except (AttributeError, KeyError) as exc:
+            raise CheckpointError(
+                f"{source}: the channel structure does not fit {spec.factory} ({exc}); "
+                "recreate the checkpoint with `moonprune compress`"
+            ) from None
+    check_finite(state, source)
+    load_weights_(model, state, source)
+    model.eval()
+    return MoonpruneCheckpoint(
+        model=model,
+        arch=spec,
+        classes=tuple(obj["classes"]),
+        preprocessing=Preprocessing.from_dict(obj["preprocessing"]),
+        head_layer=obj["head_layer"],
+        masks=dict(masks),
+        threshold=None if obj["threshold"] is None else float(obj["threshold"]),
+        temperature=float(obj.get("temperature", 1.0)),
+        tpr=float(obj["tpr"]),
+        score=str(obj["score"]),
+        config=dict(obj["config"]),
+        metrics=dict(obj["metrics"]),
+        version=str(obj["moonprune_version"]),
+        structure=obj.get("structure"),
+    )
+
+
+_REQUIRED = (
+    "format_version", "moonprune_version", "arch", "head_layer", "classes", "preprocessing",
+    "state_dict", "masks", "threshold", "tpr", "score", "config", "metrics",
+)  # fmt: skip
 
 
 def save_checkpoint(ckpt: MoonpruneCheckpoint, path: str | Path) -> Path:
@@ -304,8 +347,12 @@ def save_checkpoint(ckpt: MoonpruneCheckpoint, path: str | Path) -> Path:
     return p
 
 
-def load_checkpoint(path: str | Path) -> MoonpruneCheckpoint:
+def load_checkpoint(path: str | Path, arch: str | None = None) -> MoonpruneCheckpoint:
     """Load a moonprune checkpoint (``model.pt`` from ``compress``), safely.
+
+    The network is rebuilt by the factory the checkpoint records only when that is a
+    moonprune built-in; a network of your own needs ``arch`` (``--arch``) naming it,
+    because a file never decides which code runs (:mod:`moonprune.trust`).
 
     Example::
 
@@ -327,7 +374,7 @@ def load_checkpoint(path: str | Path) -> MoonpruneCheckpoint:
         raise CheckpointError(
             f"{str(p)!r} is not a moonprune checkpoint (written by `moonprune compress`)"
         )
-    return checkpoint_from_dict(obj, str(p))
+    return checkpoint_from_dict(obj, str(p), arch)
 
 
 def measured_sparsity(model: nn.Module) -> float:

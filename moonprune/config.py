@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from moonprune.errors import ConfigError
+from moonprune.recipe import check_types
 from moonprune.sparsity.base import MaskerConfig
 
 
@@ -54,6 +53,8 @@ class TrainConfig:
             raise ConfigError(f"epochs must be >= 1, got {self.epochs}; e.g. --epochs 30")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be an integer in [0, 2**32), got {self.seed}")
         for name in ("lr", "lr_peak_factor", "lr_floor_factor"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -223,9 +224,11 @@ class Gates:
         for name, value in asdict(self).items():
             if value is not None and not math.isfinite(value):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a number, got {value}")
-            if value is not None and value < 0:
+            if value is not None and not 0 <= value <= 1:
+                hint = f"; did you mean {value / 100:.2f}?" if 1.5 < value <= 100 else ""
                 raise ConfigError(
-                    f"--{name.replace('_', '-')} must be >= 0 (a fraction, e.g. 0.9), got {value}"
+                    f"--{name.replace('_', '-')} must be a fraction in [0, 1] (e.g. 0.9), "
+                    f"got {value}{hint}"
                 )
 
     @property
@@ -315,6 +318,7 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
         raise ConfigError(
             f"unknown key(s) {unknown} in {where}; valid keys are: {', '.join(sorted(names))}"
         )
+    check_types(cls, values, where)
     try:
         return cls(**values)
     except TypeError as exc:
@@ -331,6 +335,12 @@ def build_config(values: dict[str, Any]) -> CompressConfig:
         >>> cfg.sparsity.method, cfg.sparsity.sparsity
         ('gmp', 0.8)
     """
+    for name in _SECTIONS:
+        if not isinstance(values.get(name, {}), dict):
+            raise ConfigError(
+                f"[{name}] in the recipe must be a table (e.g. [{name}] on its own line, "
+                f"then key = value lines), got {values[name]!r}"
+            )
     top = {k: v for k, v in values.items() if k not in _SECTIONS}
     if "ood" in top:
         top["ood"] = tuple(top["ood"])
@@ -341,32 +351,3 @@ def build_config(values: dict[str, Any]) -> CompressConfig:
         for name, cls in _SECTIONS.items()
     }
     return _build(CompressConfig, {**top, **sections}, "the recipe")
-
-
-def merge(recipe: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Recipe values overridden by command-line ones (``None`` = not given).
-
-    Override keys are ``name`` for top-level fields or ``section.name``.
-    """
-    merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in recipe.items()}
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        section, _, name = key.rpartition(".")
-        if section:
-            merged.setdefault(section, {})[name] = value
-        else:
-            merged[name] = value
-    return merged
-
-
-def read_recipe(path: str | Path) -> dict[str, Any]:
-    """Parse a TOML recipe file into a nested dict (validated later by build_config)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"recipe file {str(p)!r} does not exist; pass an existing --config")
-    try:
-        with p.open("rb") as f:
-            return tomllib.load(f)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"recipe {str(p)!r} is not valid TOML: {exc}") from None

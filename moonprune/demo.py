@@ -18,14 +18,16 @@ from torch import nn
 from moonprune.checkpoints import ArchSpec, DenseModel
 from moonprune.config import CompressConfig, MoonConfig, SparsityConfig, TrainConfig
 from moonprune.data import Splits, load_splits
-from moonprune.outputs import OutputDir
+from moonprune.outputs import MARKER, OutputDir
 from moonprune.pipeline import CompressResult, compress
 from moonprune.training import TrainCallback, iterate_batches, min_rows_per_batch
 
 DEMO_DATA = "digits:0-5"
 DEMO_OOD = ("digits:6-9", "noise")
 DEMO_ARCH = "moonprune.models:demo_cnn"
-DEMO_FILES = {"dense.pt", "model.pt", "model.onnx", "report.json", "report.html", "recipe.json"}
+DEMO_FILES = {
+    "dense.pt", "model.pt", "model.onnx", "report.json", "report.html", "recipe.json", MARKER,
+}  # fmt: skip
 
 
 def train_dense(model: nn.Module, splits: Splits, epochs: int = 15, seed: int = 0) -> nn.Module:

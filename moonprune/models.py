@@ -19,6 +19,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+#: The factories of this module: a checkpoint may name these without ``--arch`` (they
+#: are moonprune's own code); any other factory it names is called only when the user
+#: names it on the command line (see :mod:`moonprune.trust`).
+BUILTIN_FACTORIES = ("demo_cnn", "resnet8", "resnet20", "mobilenet_tiny", "mlp_biasfree")
+
 
 def _conv_bn(c_in: int, c_out: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
     return nn.Sequential(

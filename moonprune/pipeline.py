@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,8 +190,13 @@ def compress(
     resume: bool = False,
     force: bool = False,
     dense: DenseModel | None = None,
+    protect: Sequence[str | Path] = (),
 ) -> CompressResult:
     """Run the whole pipeline for ``cfg``; see the module docstring.
+
+    ``--out`` is checked before anything is read (:class:`~moonprune.outputs.OutputDir`):
+    it must not be, or hold, an input (the checkpoint, data, OOD sets, and ``protect``,
+    e.g. the recipe), and ``force`` replaces only a folder moonprune wrote.
 
     Example::
 
@@ -202,16 +209,60 @@ def compress(
         ...     "moon": {"warmup_epochs": 1}})
         >>> result = moonprune.compress(cfg)
         >>> sorted(p.name for p in result.out.iterdir())
-        ['model.pt', 'recipe.json', 'report.html', 'report.json']
+        ['.moonprune-run', 'model.pt', 'recipe.json', 'report.html', 'report.json']
         >>> abs(result.report["sparsity"] - 0.9) < 0.005
         True
     """
     t_start = time.perf_counter()
     dist = from_env()
-    out = OutputDir(cfg.out, force=force, resume=resume)
+    out = OutputDir(cfg.out, force=force, resume=resume, inputs=[*input_paths(cfg), *protect])
+    if dist.is_main:
+        out.lock()
+    try:
+        return _compress(cfg, out, dist, t_start, callback=callback, resume=resume, dense=dense)
+    finally:
+        out.unlock()
+
+
+def input_paths(cfg: CompressConfig) -> list[str]:
+    """The files and folders a run reads (``--out`` must not replace any of them)."""
+    specs = [cfg.data, *cfg.ood]  # "folder:0-3" names the folder before the colon
+    return [cfg.checkpoint, *specs, *(s.rpartition(":")[0] for s in specs if ":" in s)]
+
+
+#: Settings that do not change the trained weights (a resumed run may change them).
+_NOT_TRAINING = ("out", "ood", "gates", "export", "device", "score", "tpr", "temperature",
+                 "ece_bins", "trust_checkpoint")  # fmt: skip
+
+
+def training_settings(cfg: CompressConfig, splits: Splits) -> dict[str, Any]:
+    """What shapes the trained weights: the settings, and a digest of the training rows
+    (a data folder whose images changed is other data under the same name)."""
+    digest = hashlib.sha256()
+    for tensor in (splits.train.x, splits.train.y):
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    settings = {k: v for k, v in cfg.as_dict().items() if k not in _NOT_TRAINING}
+    return {**settings, "training_data_sha256": digest.hexdigest()}
+
+
+def _compress(
+    cfg: CompressConfig,
+    out: OutputDir,
+    dist: Any,
+    t_start: float,
+    *,
+    callback: TrainCallback | None,
+    resume: bool,
+    dense: DenseModel | None,
+) -> CompressResult:
+    """:func:`compress` once ``--out`` is checked and locked."""
     device = resolve_device(cfg.device, dist)
     torch.manual_seed(cfg.train.seed)
     inputs = prepare_inputs(cfg, dense)
+    settings = training_settings(cfg, inputs.splits)
+    if resume:  # before the minutes of dense evaluation
+        out.check_settings(settings)
+        out.check_state()
     if cfg.arch and inputs.dense.arch is not None:  # record the kwargs actually used
         cfg = dataclasses.replace(cfg, arch_kwargs=dict(inputs.dense.arch.kwargs))
     dense_model = inputs.dense.model.to(device).eval()
@@ -235,6 +286,8 @@ def compress(
         )
     structure_stats: dict[str, Any] | None = None
     work = out.open() if dist.is_main else out.work
+    if dist.is_main and not resume:
+        out.save_settings(settings)
     try:
         t0 = time.perf_counter()
         if cfg.sparsity.method == CHANNEL:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import pickle
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -260,24 +261,33 @@ class Trainer:
 
     def load_state(self, path: Path) -> None:
         """Continue from a training-state file written by an earlier, interrupted run."""
+        damaged = (
+            f"the training state {str(path)!r} is damaged or not moonprune's (it may hold "
+            "pickled code, which is never loaded); run without --resume to start afresh"
+        )
         try:
             state = torch.load(path, map_location=self.device, weights_only=True)
-        except (OSError, RuntimeError, EOFError) as exc:
-            raise CheckpointError(f"cannot read training state {str(path)!r}: {exc}") from None
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError):
+            raise CheckpointError(damaged) from None
+        if not isinstance(state, dict):
+            raise CheckpointError(damaged)
         if state.get("fingerprint") != self._fingerprint():
             raise ConfigError(
                 f"the training state in {str(path)!r} was written with other settings; "
                 "resume with the same command and options, or start afresh without --resume"
             )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.masker.load_state_dict(state["masker"])
-        if self.schedule is not None:
-            self.schedule.load_state_dict(state["schedule"])
-        if self.averaging is not None:
-            self.averaging.load_state_dict(state["averaging"], copy.deepcopy(self.model))
-        self.history = [EpochInfo(**h) for h in state["history"]]
-        self.start_epoch = int(state["epoch"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.masker.load_state_dict(state["masker"])
+            if self.schedule is not None:
+                self.schedule.load_state_dict(state["schedule"])
+            if self.averaging is not None:
+                self.averaging.load_state_dict(state["averaging"], copy.deepcopy(self.model))
+            self.history = [EpochInfo(**h) for h in state["history"]]
+            self.start_epoch = int(state["epoch"])
+        except (KeyError, TypeError, ValueError, RuntimeError):
+            raise CheckpointError(damaged) from None
 
     # -- loop -----------------------------------------------------------------------
     def _loss(

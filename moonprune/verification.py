@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,10 @@ from moonprune.checkpoints import (
     measured_sparsity,
 )
 from moonprune.config import Gates
-from moonprune.data import ImageSet, ReadOptions, load_ood, load_splits
+from moonprune.data import ImageSet, ReadOptions, Splits, load_ood, load_splits
 from moonprune.errors import CheckpointError, ConfigError
 from moonprune.heads import add_unknown_output_
-from moonprune.outputs import write_json
+from moonprune.outputs import refuse_input_overwrite, write_json
 from moonprune.reporting import layer_sparsity, write_html_report
 from moonprune.structured import size_vs_dense
 
@@ -132,6 +133,8 @@ def verify(
     ood: tuple[str, ...] = (),
     baseline: str | Path | None = None,
     baseline_arch: str | None = None,
+    arch: str | None = None,
+    split: str | None = None,
     gates: Gates | None = None,
     score: str | None = None,
     tpr: float | None = None,
@@ -140,13 +143,19 @@ def verify(
     n_boot: int = 200,
     temperature: str | float | None = None,
 ) -> VerifyResult:
-    """Evaluate a moonprune checkpoint on ``data`` (its test split) and ``ood``.
+    """Evaluate a moonprune checkpoint on ``data`` and ``ood``.
 
     Defaults come from the checkpoint: the data spec and OOD sets it was compressed
-    with, its seed (so the split is the same), score and TPR. The threshold is
-    recalibrated on the validation split with that score and TPR, after the
-    temperature (default: the checkpoint's; ``"auto"`` refits it on validation data).
-    The dense baseline gets its own temperature the same way the checkpoint's was set.
+    with, its seed (so the split is the same), score and TPR. ``split="test"`` (the
+    default for the data compressed on) evaluates the seed's test split and
+    recalibrates the threshold on the validation split with that score and TPR, after
+    the temperature (default: the checkpoint's; ``"auto"`` refits it on validation
+    data). ``split="all"`` (the default for any other ``data``: a held-out set)
+    evaluates every row and measures the checkpoint's own threshold on it, so a client
+    running the exported file on the same rows gets the same numbers. The dense
+    baseline gets its own temperature the same way the checkpoint's was set. ``arch``
+    names the factory of a network that is not a moonprune built-in
+    (:mod:`moonprune.trust`).
 
     Example::
 
@@ -157,13 +166,14 @@ def verify(
         ...     "arch_kwargs": {"width": 4},
         ...     "data": "digits:0-2", "ood": ["noise"], "out": "run", "export": False,
         ...     "train": {"epochs": 1}, "moon": {"warmup_epochs": 0}}))
-        >>> result = moonprune.verify("run/model.pt", gates=moonprune.Gates(min_auroc=1.01))
+        >>> result = moonprune.verify("run/model.pt", gates=moonprune.Gates(max_ece=0.0))
         >>> result.passed, [c.gate for c in result.checks]
-        (False, ['min_auroc'])
+        (False, ['max_ece'])
     """
     gates = gates or Gates()
-    ckpt = load_checkpoint(model_path)
+    ckpt = load_checkpoint(model_path, arch)
     cfg = ckpt.config
+    split = _choose_split(split, data, cfg.get("data"), temperature)
     data = data or cfg.get("data")
     ood = ood or tuple(cfg.get("ood", ()))
     if not data:
@@ -186,19 +196,26 @@ def verify(
             f"the model knows {ckpt.num_known} classes but {data!r} has {splits.num_classes}; "
             "use the class subset the model was compressed on"
         )
+    if split == "all":
+        splits = whole(splits)
     ood_sets: dict[str, ImageSet] = {
         spec: load_ood(spec, ckpt.preprocessing, seed=seed, options=options) for spec in ood
     }
     dense_model = None
     if baseline is not None:
-        arch = ArchSpec(baseline_arch) if baseline_arch else _dense_arch(ckpt.arch)
-        dense_model = load_dense(baseline, arch).model.eval()
+        base_arch = ArchSpec(baseline_arch) if baseline_arch else _dense_arch(ckpt.arch)
+        dense_model = load_dense(baseline, base_arch).model.eval()
     kwargs: dict[str, Any] = {"score": score, "tpr": tpr, "ece_bins": ece_bins,
                               "n_boot": n_boot, "seed": seed}  # fmt: skip
     t0 = time.perf_counter()
     t_model = ckpt.temperature if temperature is None else temperature
     t_dense = cfg.get("temperature", "auto") if temperature is None else temperature
-    compressed = assess(ckpt.model, splits, ood_sets, temperature=t_model, **kwargs)
+    # on a held-out set the deployed threshold is measured, not recalibrated
+    deployed = (score, tpr, t_model) == (ckpt.score, ckpt.tpr, ckpt.temperature)
+    fixed = ckpt.threshold if split == "all" and deployed else None
+    compressed = assess(
+        ckpt.model, splits, ood_sets, temperature=t_model, threshold=fixed, **kwargs
+    )
     compressed_s = time.perf_counter() - t0
     dense = None
     if dense_model is not None:
@@ -232,7 +249,13 @@ def verify(
         "acceptance": compressed.acceptance,
         "models": models,
         "ci": ci,
-        "data": {"id": data, "ood": list(ood), "seed": seed, "n_test": len(splits.test)},
+        "data": {
+            "id": data,
+            "ood": list(ood),
+            "seed": seed,
+            "split": split,
+            "n_test": len(splits.test),
+        },
         "gates": [c.as_dict() for c in checks],
         "passed": all(c.passed for c in checks),
         "timing": timing,
@@ -243,6 +266,38 @@ def verify(
     return VerifyResult(report, checks, compressed, dense, sparsity)
 
 
+SPLITS = ("test", "all")
+
+
+def _choose_split(
+    split: str | None, data: str | None, recorded: str | None, temperature: Any
+) -> str:
+    """``test`` (the seed's test split) for the data compressed on, ``all`` for another
+    set: a held-out file is evaluated whole, so anyone can reproduce the numbers."""
+    if split is None:
+        split = "test" if data is None or data == recorded else "all"
+    if split not in SPLITS:
+        raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split == "all" and temperature == "auto":
+        raise ConfigError(
+            "--temperature auto fits T on a validation split, and --split all leaves none; "
+            "use the checkpoint's temperature (drop --temperature) or give a number"
+        )
+    return split
+
+
+def whole(splits: Splits) -> Splits:
+    """Every row of ``splits`` as the test (and validation) set: a held-out data set."""
+    parts = (splits.train, splits.val, splits.test)
+    everything = ImageSet(
+        splits.test.name,
+        torch.cat([p.x for p in parts]),
+        torch.cat([p.y for p in parts]),
+        splits.test.classes,
+    )
+    return Splits(everything, everything, everything, splits.preprocessing)
+
+
 def _dense_arch(arch: ArchSpec) -> ArchSpec:
     """The compressed model's own factory (without the unknown row) builds the baseline."""
     if not arch.factory:
@@ -250,13 +305,15 @@ def _dense_arch(arch: ArchSpec) -> ArchSpec:
     return arch
 
 
-def check_output_path(path: str | Path, option: str) -> Path:
+def check_output_path(path: str | Path, option: str, inputs: Sequence[str | Path] = ()) -> Path:
     """``path`` if a file can be written there, else a ConfigError naming it and the fix.
 
     Called before any evaluation, so a typo in ``--json`` costs no time and reads as
-    bad input (exit 2), not as a failed gate.
+    bad input (exit 2), not as a failed gate. A path that is one of ``inputs`` (the
+    checkpoint, the data) is refused: an output never replaces what was read.
     """
     target = Path(path)
+    refuse_input_overwrite(target, inputs, option)
     folder = target.parent
     if target.is_dir():
         raise ConfigError(f"{option} {str(target)!r} is a folder; pass a file path in it")

@@ -13,7 +13,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from moonprune import models
-from moonprune.config import MoonConfig, TrainConfig, build_config, read_recipe
+from moonprune.config import MoonConfig, TrainConfig, build_config
+from moonprune.recipe import read_recipe
 from moonprune.heads import add_unknown_output_
 from moonprune.sparsity import MASKERS, MaskerConfig
 from moonprune.training import Trainer

@@ -224,13 +224,13 @@ def test_class_count_taken_from_the_data_names_the_subset(dense_path: Path, tmp_
 def test_compress_applies_gates_to_its_own_result(dense_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "gated"
     result = runner.invoke(
-        app, [*_args(dense_path, out, "--config", str(_recipe(tmp_path))), "--min-auroc", "1.01"]
+        app, [*_args(dense_path, out, "--config", str(_recipe(tmp_path))), "--max-ece", "0"]
     )
     assert result.exit_code == 1, result.output
     assert "gates failed" in result.output
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] is False
-    assert [g["gate"] for g in report["gates"]] == ["min_auroc"]
+    assert [g["gate"] for g in report["gates"]] == ["max_ece"]
 
 
 def test_methods_lists_builtins_and_plugins_with_origin() -> None:

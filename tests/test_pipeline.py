@@ -156,7 +156,7 @@ def test_verify_exit_codes_as_subprocess(demo_run, tmp_path: Path) -> None:
     model = str(demo_run.out / "model.pt")
     ok = _moonprune("verify", model, "--min-auroc", "0.5", "--max-ece", "0.5")
     assert ok.returncode == 0, ok.stderr
-    bad = _moonprune("verify", model, "--min-auroc", "1.01", "--json", str(tmp_path / "g.json"))
+    bad = _moonprune("verify", model, "--min-auroc", "1.0", "--json", str(tmp_path / "g.json"))
     assert bad.returncode == 1
     assert "gate failed" in bad.stderr and "Traceback" not in bad.stderr
     gates = json.loads((tmp_path / "g.json").read_text())["gates"]

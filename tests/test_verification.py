@@ -62,7 +62,7 @@ def test_gates_pass_and_fail_with_margins() -> None:
 
 
 def test_impossible_gate_fails() -> None:
-    checks = check_gates(Gates(min_auroc=1.01), _assessment(0.9, 0.99, 0.0))
+    checks = check_gates(Gates(min_auroc=1.0), _assessment(0.9, 0.99, 0.0))
     assert len(checks) == 1 and not checks[0].passed
 
 
