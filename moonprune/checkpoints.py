@@ -369,7 +369,7 @@ def load_checkpoint(path: str | Path, arch: str | None = None) -> MoonpruneCheck
         (3, True)
     """
     p = Path(path)
-    obj = torch_load(p, trust=False)
+    obj = torch_load(p, trust=False, trust_flag=False)
     if not (isinstance(obj, Mapping) and obj.get("format") == FORMAT):
         raise CheckpointError(
             f"{str(p)!r} is not a moonprune checkpoint (written by `moonprune compress`)"

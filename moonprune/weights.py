@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,24 +36,46 @@ _WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
 _NAMES_A_GLOBAL = re.compile(r"Unsupported (global|class)")
 
 
-def torch_load(path: Path, trust: bool) -> Any:
-    """``torch.load`` on the CPU, ``weights_only`` unless ``trust``; one-line errors."""
+def torch_load(path: Path, trust: bool, trust_flag: bool = True) -> Any:
+    """``torch.load`` on the CPU, ``weights_only`` unless ``trust``; one-line errors.
+
+    ``trust_flag`` says whether the command offers ``--trust-checkpoint``; the messages
+    suggest it only then.
+    """
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is a folder; pass the file itself")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist; check the path")
+    trust_hint = ", or pass --trust-checkpoint if you trust this file" if trust_flag else ""
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: not for users
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as exc:
         # torch's safe unpickler says "weights_only" about garbage bytes too: only a named
         # class, or a file torch.save wrote (a zip archive), means "a pickled object".
         if not trust and (_NAMES_A_GLOBAL.search(str(exc)) or zipfile.is_zipfile(path)):
             raise CheckpointError(
                 f"{str(path)!r} holds pickled Python objects (e.g. a whole nn.Module), which "
-                "could run code when loaded; save model.state_dict() and pass --arch, or pass "
-                "--trust-checkpoint if you trust this file"
+                "could run code when loaded; save model.state_dict() and pass --arch"
+                f"{trust_hint}"
+            ) from None
+        if _is_plain_pickle(path):
+            raise CheckpointError(
+                f"{str(path)!r} was written by pickle, not torch.save, and the safe loader "
+                "reads only torch.save's format; re-save it with "
+                f"torch.save(model.state_dict(), path){trust_hint}"
             ) from None
         raise _corrupt(path, exc) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise _corrupt(path, exc) from None
+
+
+def _is_plain_pickle(path: Path) -> bool:
+    """A file ``pickle.dump`` wrote starts with the PROTO opcode (0x80) and a version."""
+    with path.open("rb") as f:
+        head = f.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 
 def _corrupt(path: Path, exc: Exception) -> CheckpointError:
