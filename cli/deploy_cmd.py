@@ -15,6 +15,35 @@ def _kb(n: int) -> str:
     return f"{n / 1024:.1f} KiB"
 
 
+def _print_inspection(info: dict[str, Any]) -> None:
+    from moonprune.cli.app import console
+
+    table = Table(title=f"{info['path']} ({info['format']})")
+    for col in ("layer", "shape", "parameters", "nonzeros", "sparsity %"):
+        table.add_column(col, justify="left" if col in ("layer", "shape") else "right")
+    for row in info["layers"]:
+        table.add_row(row["name"], "x".join(map(str, row["shape"])), str(row["parameters"]),
+                      str(row["nonzeros"]), f"{100 * row['sparsity']:.1f}")  # fmt: skip
+    table.add_row("total", "", str(info["parameters"]), str(info["nonzeros"]),
+                  f"{100 * info['prunable_sparsity']:.1f}", style="bold")  # fmt: skip
+    console.print(table)
+    console.print(f"file {_kb(info['bytes'])}, gzip {_kb(info['gzip_bytes'])}")
+    structure = info.get("structure")
+    if structure:
+        console.print(
+            f"channel-pruned: MACs {structure['dense_macs']:,} -> {structure['macs']:,} "
+            f"({100 * structure['macs'] / structure['dense_macs']:.1f}%), parameters "
+            f"{structure['dense_params']:,} -> {structure['params']:,}"
+        )
+        for name, change in structure["changed_layers"].items():
+            b, a = change["before"], change["after"]
+            diff = ", ".join(f"{k} {b[k]}->{a[k]}" for k in b if b[k] != a[k])
+            console.print(f"  {name}: {diff}", highlight=False)
+    for key, value in info["metadata"].items():
+        # metadata is the file's text (class names, paths): never rich markup
+        console.print(f"  {escape(key)}: {escape(str(value))}", highlight=False)
+
+
 def register(app: typer.Typer) -> None:
     """Add ``export``, ``inspect`` and ``bench`` to ``app``."""
 
@@ -109,40 +138,28 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option("--json", help="Print JSON instead of tables.")
         ] = False,
     ) -> None:
-        """Layers, sparsity, size and metadata of a .pt or .onnx file."""
-        from moonprune.cli.app import console, run_guarded
+        """Layers, sparsity, size and metadata of a .pt or .onnx file.
+
+        An .onnx file whose metadata disagrees with its graph (e.g. a threshold edited in
+        the metadata only) is shown in full, then named on stderr with exit code 2.
+        """
+        from moonprune.cli.app import run_guarded
         from moonprune.exporters.inspection import inspect_checkpoint, inspect_onnx
 
+        is_onnx = Path(path).suffix.lower() == ".onnx"
         info: dict[str, Any] = run_guarded(
-            lambda: inspect_onnx(path) if str(path).endswith(".onnx") else inspect_checkpoint(path)
+            lambda: inspect_onnx(path) if is_onnx else inspect_checkpoint(path)
         )
         if as_json:
             typer.echo(json.dumps(info, indent=2))
-            return
-        table = Table(title=f"{info['path']} ({info['format']})")
-        for col in ("layer", "shape", "parameters", "nonzeros", "sparsity %"):
-            table.add_column(col, justify="left" if col in ("layer", "shape") else "right")
-        for row in info["layers"]:
-            table.add_row(row["name"], "x".join(map(str, row["shape"])), str(row["parameters"]),
-                          str(row["nonzeros"]), f"{100 * row['sparsity']:.1f}")  # fmt: skip
-        table.add_row("total", "", str(info["parameters"]), str(info["nonzeros"]),
-                      f"{100 * info['prunable_sparsity']:.1f}", style="bold")  # fmt: skip
-        console.print(table)
-        console.print(f"file {_kb(info['bytes'])}, gzip {_kb(info['gzip_bytes'])}")
-        structure = info.get("structure")
-        if structure:
-            console.print(
-                f"channel-pruned: MACs {structure['dense_macs']:,} -> {structure['macs']:,} "
-                f"({100 * structure['macs'] / structure['dense_macs']:.1f}%), parameters "
-                f"{structure['dense_params']:,} -> {structure['params']:,}"
-            )
-            for name, change in structure["changed_layers"].items():
-                b, a = change["before"], change["after"]
-                diff = ", ".join(f"{k} {b[k]}->{a[k]}" for k in b if b[k] != a[k])
-                console.print(f"  {name}: {diff}", highlight=False)
-        for key, value in info["metadata"].items():
-            # metadata is the file's text (class names, paths): never rich markup
-            console.print(f"  {escape(key)}: {escape(str(value))}", highlight=False)
+        else:
+            _print_inspection(info)
+        if info.get("problems"):
+            from moonprune.cli.app import err_console
+
+            err_console.print(f"[red]error:[/] {escape('; '.join(info['problems']))}",
+                              highlight=False, soft_wrap=True)  # fmt: skip
+            raise typer.Exit(2)
 
     @app.command()
     def bench(
@@ -153,7 +170,10 @@ def register(app: typer.Typer) -> None:
         runs: Annotated[int, typer.Option(help="Timed runs per batch size.")] = 100,
         warmup: Annotated[int, typer.Option(help="Untimed warm-up runs.")] = 10,
     ) -> None:
-        """onnxruntime latency (p50/p95 at batch 1) and throughput at --batch."""
+        """onnxruntime latency (p50/p95 at batch 1) and throughput at --batch.
+
+        A file with a fixed batch size B (a foreign export) is measured at batch B only.
+        """
         from moonprune.cli.app import console, run_guarded
         from moonprune.exporters.inspection import bench_onnx
 
@@ -167,15 +187,25 @@ def register(app: typer.Typer) -> None:
         for col in ("file", "p50 ms (b=1)", "p95 ms (b=1)", f"images/s (b={batch})"):
             table.add_column(col, justify="left" if col == "file" else "right")
         for r in results:
-            b1, bn = r["batches"]["1"], r["batches"][str(batch)]
+            b1, bn = _at(r, "1"), _at(r, str(batch))
             table.add_row(
                 r["path"], f"{b1['p50_ms']:.3f}", f"{b1['p95_ms']:.3f}", f"{bn['throughput']:.0f}"
             )
         console.print(table)
-        if vs:
+        for r in results:
+            if r["fixed_batch"] is not None:
+                console.print(f"{r['path']} takes a fixed batch of {r['fixed_batch']}: measured "
+                              "at that batch size only", highlight=False)  # fmt: skip
+        if vs and all(r["fixed_batch"] is None for r in results):
             base, other = results[1]["batches"], results[0]["batches"]
             console.print(
                 f"{path} vs {vs}: {base['1']['p50_ms'] / other['1']['p50_ms']:.2f}x at batch 1, "
                 f"{other[str(batch)]['throughput'] / base[str(batch)]['throughput']:.2f}x "
                 f"throughput at batch {batch}"
             )
+
+
+def _at(result: dict[str, Any], batch: str) -> dict[str, float]:
+    """The measurement at ``batch``, or the only one of a fixed-batch file."""
+    batches: dict[str, dict[str, float]] = result["batches"]
+    return batches.get(batch) or next(iter(batches.values()))

@@ -9,7 +9,9 @@ of quantization is reported, not assumed.
 
 from __future__ import annotations
 
+import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,55 @@ def evaluate_onnx(
     }
 
 
+def check_out_path(out: Path, inputs: Iterable[str | Path]) -> None:
+    """Refuse an ``--out`` that is a folder, sits in a missing or read-only folder, or
+    is one of ``inputs`` (a file this export reads), before anything is computed."""
+    if out.is_dir():
+        raise ConfigError(
+            f"--out {str(out)!r} is a folder; give the file to write, e.g. "
+            f"{str(out / 'model.onnx')!r}"
+        )
+    for given in map(Path, inputs):
+        if given.is_file() and (out.resolve() == given.resolve() or _same_file(out, given)):
+            raise ConfigError(
+                f"--out {str(out)!r} is the input {str(given)!r}; refusing to write over it: "
+                f"choose another file, e.g. {str(out.with_suffix('.onnx'))!r}"
+            )
+    folder = out.parent
+    if not folder.is_dir():
+        raise ConfigError(
+            f"--out {str(out)!r}: the folder {str(folder)!r} does not exist; create it first "
+            "or choose another path"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"--out {str(out)!r}: the folder {str(folder)!r} is not writable; choose another path"
+        )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _recorded_data(cfg: dict[str, Any], source: str) -> tuple[str, list[str], int]:
+    """The data spec, OOD specs and seed a checkpoint's config records, checked."""
+    data, ood = cfg.get("data"), cfg.get("ood") or []
+    train = cfg.get("train") or {}
+    seed = train.get("seed", 0) if isinstance(train, dict) else None
+    if not data or not isinstance(data, str):
+        raise ConfigError(f"{source} records no data spec to calibrate the threshold on")
+    if not isinstance(ood, list) or not all(isinstance(o, str) for o in ood):
+        raise ConfigError(f"{source}: the recorded OOD sets are not a list of specs; "
+                          "recreate it with `moonprune compress`")  # fmt: skip
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(f"{source}: the recorded seed {seed!r} is not an integer; "
+                          "recreate it with `moonprune compress`")  # fmt: skip
+    return data, ood, seed
+
+
 def export_checkpoint(
     model_path: str | Path,
     out: str | Path,
@@ -68,13 +119,13 @@ def export_checkpoint(
         raise ConfigError(f"--tpr must be in (0, 1), got {tpr}")
     if opset is not None:
         check_opset(opset)
+    out = Path(out)
+    check_out_path(out, [model_path])
     ckpt = load_checkpoint(model_path)
-    cfg = ckpt.config
-    if not cfg.get("data"):
-        raise ConfigError(f"{model_path} records no data spec to calibrate the threshold on")
-    seed = int(cfg.get("train", {}).get("seed", 0))
-    splits = load_splits(cfg["data"], seed=seed, preprocessing=ckpt.preprocessing)
-    ood = {s: load_ood(s, ckpt.preprocessing, seed=seed) for s in cfg.get("ood", [])}
+    data, ood_specs, seed = _recorded_data(ckpt.config, str(model_path))
+    check_out_path(out, [data, *ood_specs])  # data given as files
+    splits = load_splits(data, seed=seed, preprocessing=ckpt.preprocessing)
+    ood = {s: load_ood(s, ckpt.preprocessing, seed=seed) for s in ood_specs}
     tpr = ckpt.tpr if tpr is None else tpr
     score = score or ckpt.score
     threshold, t = ckpt.threshold, ckpt.temperature
@@ -82,7 +133,6 @@ def export_checkpoint(
         refit = assess(ckpt.model, splits, {}, score=score, tpr=tpr, n_boot=1,
                        temperature=t if temperature is None else temperature)  # fmt: skip
         threshold, t = refit.threshold, refit.temperature
-    out = Path(out)
     kwargs: dict[str, Any] = dict(
         num_known=ckpt.num_known, input_shape=ckpt.preprocessing.input_shape,
         threshold=threshold, tpr=tpr, score=score, classes=list(ckpt.classes),
@@ -114,13 +164,14 @@ def export_checkpoint(
         report["threshold"] = threshold
         report["temperature"] = t
         return report
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        float_path = Path(tmp) / "float.onnx"
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        float_path, int8_path = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
         float_report = export_onnx(ckpt.model, float_path, **kwargs).as_dict()
         float_metrics = evaluate_onnx(float_path, **arrays)
-        quantize_int8(float_path, out, raw(splits.train.x.numpy()))
-        recal = recalibrate_threshold(out, arrays["val_x"], tpr)
-    int8_metrics = evaluate_onnx(out, **arrays)
+        quantize_int8(float_path, int8_path, raw(splits.train.x.numpy()))
+        recal = recalibrate_threshold(int8_path, arrays["val_x"], tpr)
+        int8_metrics = evaluate_onnx(int8_path, **arrays)
+        os.replace(int8_path, out)  # the finished file, in one rename
     return {
         "path": str(out),
         "opset": written_opset(onnx.load(str(out))),

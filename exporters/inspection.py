@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -12,7 +13,10 @@ import numpy as np
 from moonprune.exporters.onnx_export import gzip_size
 from moonprune.exporters.opsets import written_opset
 
-from moonprune.errors import ExportError
+from moonprune.errors import ConfigError, ExportError
+
+#: The graph initializer holding the rejection threshold (RejectingClassifier's buffer).
+THRESHOLD_NAME = "threshold"
 
 
 def _layer_rows(named: list[tuple[str, np.ndarray]]) -> dict[str, Any]:
@@ -40,21 +44,31 @@ def inspect_onnx(path: str | Path) -> dict[str, Any]:
 
     Weights stored as ``sparse_initializer`` (``--sparse-storage``) count like dense
     ones: their parameters are the product of ``dims``, their nonzeros the nonzero
-    ``values``, so a file reads the same however its zeros are stored.
+    ``values``, so a file reads the same however its zeros are stored. ``problems``
+    lists what makes the file inconsistent: metadata that is not JSON, or a
+    ``moonprune.threshold`` that differs from the threshold inside the graph.
     """
     import onnx
 
     path = Path(path)
     if not path.is_file():
-        raise ExportError(f"{str(path)!r} does not exist")
+        raise ExportError(f"{str(path)!r} does not exist or is not a file; check the path")
     try:
         model = onnx.load(str(path))
     except Exception as exc:
-        raise ExportError(f"{str(path)!r} is not a readable ONNX file ({exc})") from None
-    meta = {p.key: p.value for p in model.metadata_props}
+        raise ExportError(
+            f"{str(path)!r} is not a readable ONNX file ({_first_line(exc)})"
+        ) from None
+    meta: dict[str, Any] = {p.key: p.value for p in model.metadata_props}
+    problems = []
     for key in ("moonprune.classes", "moonprune.preprocessing"):
         if key in meta:
-            meta[key] = json.loads(meta[key])
+            try:
+                meta[key] = json.loads(meta[key])
+            except ValueError:
+                problems.append(f"metadata {key} is not valid JSON")
+    if "moonprune.threshold" in meta:
+        problems += threshold_problems(meta["moonprune.threshold"], graph_threshold(model))
     return {
         "path": str(path),
         "format": "onnx",
@@ -62,8 +76,48 @@ def inspect_onnx(path: str | Path) -> dict[str, Any]:
         "gzip_bytes": gzip_size(path),
         "opset": written_opset(model),
         "metadata": meta,
+        "problems": problems,
         **_layer_rows(_onnx_weights(model)),
     }
+
+
+def graph_threshold(model: Any) -> float | None:
+    """The threshold the graph compares the confidence with (an onnx ModelProto's
+    ``threshold`` initializer or Constant), or None when it has none."""
+    from onnx import numpy_helper
+
+    for init in model.graph.initializer:
+        if init.name == THRESHOLD_NAME:
+            return float(numpy_helper.to_array(init).reshape(-1)[0])
+    for node in model.graph.node:
+        if node.op_type == "Constant" and list(node.output) == [THRESHOLD_NAME]:
+            return float(numpy_helper.to_array(node.attribute[0].t).reshape(-1)[0])
+    return None
+
+
+def threshold_problems(recorded: str, in_graph: float | None) -> list[str]:
+    """What is wrong between the metadata's ``moonprune.threshold`` (what a client
+    reads) and the threshold inside the graph (what decides ``label``)."""
+    try:
+        meta_value = float(recorded)
+    except ValueError:
+        return [f"metadata moonprune.threshold {recorded!r} is not a number"]
+    if in_graph is None:
+        return [f"the graph has no {THRESHOLD_NAME!r} constant to compare with the metadata"]
+    if not (math.isfinite(meta_value) and math.isfinite(in_graph)):
+        return [f"threshold is not finite (metadata {meta_value}, graph {in_graph})"]
+    if np.float32(meta_value) != np.float32(in_graph):
+        return [
+            f"metadata moonprune.threshold {meta_value!r} differs from the graph's threshold "
+            f"{in_graph!r}: clients reading the metadata will disagree with its labels; "
+            "re-export the model"
+        ]
+    return []
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _onnx_weights(model: Any) -> list[tuple[str, np.ndarray]]:
@@ -154,6 +208,19 @@ def _structure_view(ckpt: Any) -> dict[str, Any]:
     return {"changed_layers": layers, **size_vs_dense(ckpt.model, dense, x)}
 
 
+def check_bench_options(
+    batch_sizes: tuple[int, ...], threads: int | None, warmup: int, runs: int
+) -> None:
+    """Raise :class:`ConfigError` naming the option and the fix for a count below 1
+    (``--warmup``: below 0)."""
+    counts = [("--runs", runs, 1), ("--warmup", warmup, 0)]
+    counts += [("--batch", b, 1) for b in batch_sizes]
+    counts += [("--threads", threads, 1)] if threads is not None else []
+    for name, value, least in counts:
+        if value < least:
+            raise ConfigError(f"{name} {value} is not allowed; use {name} {least} or more")
+
+
 def bench_onnx(
     path: str | Path,
     *,
@@ -162,9 +229,17 @@ def bench_onnx(
     warmup: int = 10,
     runs: int = 100,
 ) -> dict[str, Any]:
-    """onnxruntime latency (p50/p95, ms) per batch size and throughput (images/s)."""
+    """onnxruntime latency (p50/p95, ms) per batch size and throughput (images/s).
+
+    A file whose input has a fixed batch dimension B (a foreign export) is measured at
+    batch B only; ``fixed_batch`` then says so.
+    """
     import onnxruntime as ort
 
+    check_bench_options(batch_sizes, threads, warmup, runs)
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{str(path)!r} does not exist or is not a file; check the path")
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
@@ -172,20 +247,27 @@ def bench_onnx(
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise ExportError(f"onnxruntime cannot load {str(path)!r}: {exc}") from None
-    shape = session.get_inputs()[0].shape
-    c, h, w = (int(d) for d in shape[1:])
+        hint = "; bench takes an .onnx file" if path.suffix.lower() != ".onnx" else ""
+        raise ExportError(
+            f"onnxruntime cannot load {str(path)!r}: {_first_line(exc)}{hint}"
+        ) from None
+    name, fixed_batch, sample_shape = _bench_input(session, path)
+    if fixed_batch is not None:
+        batch_sizes = (fixed_batch,)
     rng = np.random.default_rng(0)
     results = {}
-    for batch in batch_sizes:
-        x = rng.standard_normal((batch, c, h, w)).astype(np.float32)
-        for _ in range(warmup):
-            session.run(None, {"input": x})
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            session.run(None, {"input": x})
-            times.append(time.perf_counter() - t0)
+    for batch in dict.fromkeys(batch_sizes):
+        x = rng.standard_normal((batch, *sample_shape)).astype(np.float32)
+        try:
+            for _ in range(warmup):
+                session.run(None, {name: x})
+            times = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                session.run(None, {name: x})
+                times.append(time.perf_counter() - t0)
+        except Exception as exc:
+            raise ExportError(f"onnxruntime cannot run {str(path)!r}: {_first_line(exc)}") from None
         times.sort()
         p50 = statistics.median(times)
         results[str(batch)] = {
@@ -193,4 +275,25 @@ def bench_onnx(
             "p95_ms": 1000 * times[min(len(times) - 1, int(0.95 * len(times)))],
             "throughput": batch / p50,
         }
-    return {"path": str(path), "threads": threads, "runs": runs, "batches": results}
+    return {"path": str(path), "threads": threads, "runs": runs, "batches": results,
+            "fixed_batch": fixed_batch}  # fmt: skip
+
+
+def _bench_input(session: Any, path: Path) -> tuple[str, int | None, tuple[int, ...]]:
+    """The input's name, its fixed batch size (None when dynamic) and the shape of one
+    sample; :class:`ExportError` for what bench cannot feed random float32 data to."""
+    inputs = session.get_inputs()
+    if len(inputs) != 1 or inputs[0].type != "tensor(float)" or not inputs[0].shape:
+        raise ExportError(
+            f"{str(path)!r} does not take one float32 tensor (it takes "
+            f"{', '.join(f'{i.name}: {i.type} {i.shape}' for i in inputs)}); bench measures "
+            "files with a single float32 input, like moonprune's exports"
+        )
+    batch, *rest = inputs[0].shape
+    if not all(isinstance(d, int) and d > 0 for d in rest):
+        raise ExportError(
+            f"{str(path)!r}: input {inputs[0].name!r} has shape {inputs[0].shape}; bench needs "
+            "every dimension but the first fixed; export it with a fixed sample shape"
+        )
+    fixed = batch if isinstance(batch, int) and batch > 0 else None
+    return inputs[0].name, fixed, tuple(rest)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from moonprune.exporters.opsets import EXPORTER_OPSET, check_opset, convert_opset, written_opset
-from moonprune.exporters.rejector import RejectingClassifier
+from moonprune.exporters.rejector import RejectingClassifier, hostile_rows
 from torch import nn
 
 from moonprune.errors import ExportError
@@ -138,23 +138,47 @@ def run_onnx(path: str | Path, x: np.ndarray) -> dict[str, np.ndarray]:
     return {o.name: v for o, v in zip(session.get_outputs(), outputs, strict=True)}
 
 
+def check_rejects_hostile_rows(got: dict[str, np.ndarray], n_hostile: int, path: Path) -> None:
+    """Raise :class:`ExportError` unless the last ``n_hostile`` rows of ``got`` (the
+    outputs of ``path``) are all rejected: label -1 and is_unknown true."""
+    label, unknown = got["label"][-n_hostile:], got["is_unknown"][-n_hostile:]
+    if not ((label == -1).all() and unknown.all()):
+        raise ExportError(
+            f"{path.name} accepts input rows holding NaN, inf or 3e38 (labels "
+            f"{label.tolist()}); nothing was written; this is a moonprune bug, please report it"
+        )
+
+
+def check_hostile_rows(path: Path, clean: np.ndarray) -> None:
+    """Run ``path`` in onnxruntime on ``clean`` rows plus :func:`hostile_rows`; raise
+    :class:`ExportError` unless every hostile row is rejected."""
+    hostile = hostile_rows(clean)
+    got = run_onnx(path, np.concatenate([np.asarray(clean, np.float32), hostile]))
+    check_rejects_hostile_rows(got, len(hostile), path)
+
+
 def parity(wrapper: RejectingClassifier, path: Path, x: torch.Tensor) -> tuple[float, bool]:
     """Max |logit difference| and whether labels and rejections agree, torch vs ORT.
 
-    Rows whose confidence lies within ``BORDERLINE`` of the threshold are left out of
-    the label comparison: the threshold is itself an ID validation score, so that
-    row sits exactly on the boundary, and a 1e-6 difference between two correct
-    float32 implementations may put it on either side.
+    ``x`` (finite rows) is followed by :func:`hostile_rows`, which both must reject
+    (:class:`ExportError` otherwise). Rows whose confidence lies within ``BORDERLINE``
+    of the threshold are left out of the label comparison: the threshold is itself an
+    ID validation score, so that row sits exactly on the boundary, and a 1e-6
+    difference between two correct float32 implementations may put it on either side.
     """
+    hostile = hostile_rows(x.cpu().numpy())
+    full = np.concatenate([x.cpu().numpy(), hostile])
     with torch.no_grad():
-        ref = [t.cpu().numpy() for t in wrapper(x)]
-    got = run_onnx(path, x.cpu().numpy())
-    finite = np.isfinite(x.cpu().numpy()).reshape(len(x), -1).all(axis=1)
-    diff = float(np.abs(ref[0][finite] - got["logits"][finite]).max()) if finite.any() else 0.0
-    clear = np.abs(ref[2] - float(wrapper.threshold)) > BORDERLINE
+        ref = [t.cpu().numpy() for t in wrapper(torch.from_numpy(full))]
+    got = run_onnx(path, full)
+    check_rejects_hostile_rows(got, len(hostile), path)
+    n = len(x)
+    diff = float(np.abs(ref[0][:n] - got["logits"][:n]).max()) if n else 0.0
+    clear = np.abs(ref[2] - float(wrapper.threshold)) > BORDERLINE  # NaN: left out
     agree = bool(
         np.array_equal(ref[3][clear], got["label"][clear])
         and np.array_equal(ref[4][clear], got["is_unknown"][clear])
+        and (ref[3][n:] == -1).all()
     )
     return diff, agree
 
@@ -179,9 +203,9 @@ def export_onnx(
 ) -> ExportReport:
     """Write ``model`` + rejector to ``path`` (see the module docstring); return the report.
 
-    ``example_inputs`` (normalised model inputs) drive the parity check; a row of NaN
-    and a row of inf are added to it so the rejection of non-finite input is checked
-    too. With ``bake_preprocessing`` the graph takes raw pixels and ``preprocessing``
+    ``example_inputs`` (normalised model inputs) drive the parity check; rows holding
+    NaN, +-inf and 3e38 are added to them (:func:`hostile_rows`), which the file must
+    reject. With ``bake_preprocessing`` the graph takes raw pixels and ``preprocessing``
     (``scale``, ``mean``, ``std``) is applied inside it.
 
     Example::
@@ -269,8 +293,4 @@ def _parity_inputs(
         mean = torch.tensor(raw["mean"]).view(1, -1, 1, 1)
         std = torch.tensor(raw["std"]).view(1, -1, 1, 1)
         x = (x * std + mean) / raw["scale"]
-    nan_row = x[:1].clone()
-    nan_row.view(-1)[0] = float("nan")
-    inf_row = x[:1].clone()
-    inf_row.view(-1)[-1] = float("inf")
-    return torch.cat([x, nan_row, inf_row])
+    return x

@@ -10,6 +10,13 @@ depends on the CPU's int8 instructions and onnxruntime's kernels, so measure it 
 smaller file but, in an earlier measurement on x86 CPUs (not in the table), ran
 6-15x slower than float: QDQ it is.
 
+The quantizer puts one QuantizeLinear/DequantizeLinear pair on the graph input
+(the first Conv reads it) and hands the dequantized copy to every reader, the
+rejector's finiteness test included, which would then see a clipped, always finite
+copy and accept NaN rows. So every reader of the input that is not a quantized
+operator gets the raw input back, as in the float graph, and the written file is
+run on rows holding NaN, +-inf and 3e38, which it must reject.
+
 Quantization shifts the scores a little, so the rejection threshold is chosen again
 on the quantized model's own confidence over ID validation inputs and written back
 into the graph (the ``threshold`` initializer) and the metadata.
@@ -22,7 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from moonprune.exporters.onnx_export import run_onnx, set_metadata, strip_debug_info
+from moonprune.exporters.onnx_export import (
+    check_hostile_rows,
+    run_onnx,
+    set_metadata,
+    strip_debug_info,
+)
 
 from moonprune.errors import ExportError
 from moonprune.outputs import atomic_path
@@ -72,12 +84,37 @@ def quantize_int8(float_path: str | Path, out_path: str | Path, calibration: np.
             set_metadata(model, {p.key: p.value for p in source.metadata_props})
             strip_debug_info(model)
             set_metadata(model, {"moonprune.quantization": "int8-static-per-channel"})
+            raw_input_for_float_readers_(model)
             onnx.save(model, str(tmp))
+            check_hostile_rows(tmp, calibration[:8])
+    except ExportError:
+        raise
     except Exception as exc:
-        raise ExportError(f"int8 quantization failed: {exc}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"int8 quantization failed: {first}") from exc
     finally:
         root.setLevel(level)
     return out_path
+
+
+def raw_input_for_float_readers_(model: Any) -> None:
+    """Rewire every node of ``model`` (a QDQ onnx ModelProto) that reads the
+    dequantized copy of a graph input, and is not itself a quantized operator, to the
+    raw graph input."""
+    graph = model.graph
+    inputs = {value.name for value in graph.input}
+    quantized_from = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "QuantizeLinear"}
+    raw_of = {
+        n.output[0]: quantized_from[n.input[0]]
+        for n in graph.node
+        if n.op_type == "DequantizeLinear" and quantized_from.get(n.input[0]) in inputs
+    }
+    for node in graph.node:
+        if node.op_type in QUANTIZED_OPS:
+            continue
+        for i, name in enumerate(node.input):
+            if name in raw_of:
+                node.input[i] = raw_of[name]
 
 
 def set_threshold(path: str | Path, threshold: float) -> None:
@@ -86,6 +123,8 @@ def set_threshold(path: str | Path, threshold: float) -> None:
     from onnx import numpy_helper
 
     path = Path(path)
+    if not np.isfinite(threshold):
+        raise ExportError(f"the recalibrated threshold is {threshold}; check the ID data")
     model = onnx.load(str(path))
     for init in model.graph.initializer:
         if init.name == THRESHOLD_INITIALIZER:

@@ -8,25 +8,49 @@ tests and, exported, inside the ONNX graph. Outputs (DESIGN.md "ONNX contract"):
 ``probabilities`` [N, K]     known part of softmax(logits / T) over all columns
 ``confidence``  [N]          the OOD score (higher = in-distribution)
 ``label``       int64 [N]    argmax over the K known classes, or -1 when rejected
-``is_unknown``  bool [N]     confidence < threshold, or a non-finite input value
+``is_unknown``  bool [N]     not confidence >= threshold, or a non-finite input
 ==============  ===========  =====================================================
 
-A row with any NaN or infinite input is rejected. It is detected from the row's sum
-(NaN and +-inf propagate through a sum; a finite row whose sum overflows float32 is
-rejected too, which no normalised image reaches): one reduction instead of an
-element-wise test and replacement over the whole input, which cost 2-3% of a
-ResNet-20's latency at batch 1. Such a row's logits and confidence may be NaN; every
-layer in eval mode works row by row, so the other rows of the batch are unaffected.
+A row with any NaN or infinite input is rejected, and so is a row holding a finite
+value too large for float32 arithmetic (|x| above about 1.8e19, far beyond any image,
+normalised or raw): the model's layers would overflow on it, and an int8 model would
+silently clip it to its calibrated range and answer confidently. Both are detected by
+one reduction over the squared input, ``isfinite(sum(x * x))`` (NaN and +-inf
+propagate through it; 3e38 squared overflows to inf), read from the raw graph input;
+an element-wise test and replacement over the whole input cost 2-3% of a ResNet-20's
+latency at batch 1. A confidence that is NaN (any overflow inside the network) is
+never accepted either: the test is ``not confidence >= threshold``. A rejected row's
+logits and confidence may be NaN; every layer in eval mode works row by row, so the
+other rows of the batch are unaffected.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
+from moonprune.errors import ConfigError
 from moonprune.reliability.scores import compute_score, known_probabilities
+
+#: Input values every exported graph must reject wherever they appear in a row: NaN,
+#: +-inf, and finite values whose square overflows float32 (an int8 graph would
+#: otherwise clip them to its calibrated range and answer confidently).
+HOSTILE_VALUES = (float("nan"), float("inf"), float("-inf"), 3e38, -3e38)
+
+
+def hostile_rows(clean: np.ndarray) -> np.ndarray:
+    """Copies of ``clean[0]`` (float32 NCHW) with one hostile value each, then a row
+    that is 3e38 everywhere."""
+    rows = np.repeat(np.asarray(clean[:1], np.float32), len(HOSTILE_VALUES) + 1, axis=0)
+    flat = rows.reshape(len(rows), -1)
+    for i, value in enumerate(HOSTILE_VALUES):
+        flat[i, (7 * i) % flat.shape[1]] = value
+    flat[-1] = 3e38
+    return rows
 
 
 class RejectingClassifier(nn.Module):
@@ -63,8 +87,10 @@ class RejectingClassifier(nn.Module):
         normalization: tuple[float, Sequence[float], Sequence[float]] | None = None,
     ) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not math.isfinite(temperature) or temperature <= 0:
+            raise ConfigError(f"temperature must be a finite number > 0, got {temperature}")
+        if not math.isfinite(threshold):
+            raise ConfigError(f"threshold must be a finite number, got {threshold}")
         compute_score(torch.zeros(1, num_known), num_known, score)  # validates the name
         self.classifier = classifier
         self.num_known = num_known
@@ -82,14 +108,14 @@ class RejectingClassifier(nn.Module):
     def forward(
         self, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        bad_row = ~torch.isfinite(x.flatten(1).sum(dim=1))
+        bad_row = ~torch.isfinite((x * x).flatten(1).sum(dim=1))
         if self.normalize:
             x = (x * self.pixel_scale - self.mean) / self.std
         logits = self.classifier(x)
         t = self.temperature
         probabilities = known_probabilities(logits, self.num_known, t)  # type: ignore[arg-type]
         confidence = compute_score(logits, self.num_known, self.score, t)  # type: ignore[arg-type]
-        is_unknown = (confidence < self.threshold) | bad_row
+        is_unknown = ~(confidence >= self.threshold) | bad_row  # NaN: rejected
         label = probabilities.argmax(dim=-1)
         label = torch.where(is_unknown, torch.full_like(label, -1), label)
         return logits, probabilities, confidence, label, is_unknown

@@ -130,3 +130,138 @@ def test_inspect_as_subprocess(demo_files: Path) -> None:
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert bad.returncode == 2
     _one_error_line(bad.stderr, "missing.onnx")
+
+
+def _foreign_onnx(path: Path, shape: list[int | str]) -> Path:
+    """A non-moonprune file: one Relu on an input called ``pixels`` of ``shape``."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["pixels"], ["out"])], "foreign",
+        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, shape)],
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return path
+
+
+def test_bench_measures_a_fixed_batch_file_at_its_batch(demo_files: Path) -> None:
+    _foreign_onnx(Path("fixed.onnx"), [1, 3, 8, 8])
+    result = runner.invoke(app, ["bench", "fixed.onnx", "--runs", "2", "--warmup", "0",
+                                 "--batch", "16"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "takes a fixed batch of 1" in result.output and "Traceback" not in result.output
+
+
+def test_bench_of_a_file_with_a_symbolic_sample_shape_exits_2(demo_files: Path) -> None:
+    _foreign_onnx(Path("open.onnx"), ["N", 3, "H", 8])
+    result = runner.invoke(app, ["bench", "open.onnx", "--runs", "1"])
+    assert result.exit_code == 2
+    _one_error_line(result.output, "every dimension but the first fixed")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--runs", "0"], ["--batch", "0"], ["--warmup", "-1"], ["--threads", "0"],
+     ["--threads", "-2"]],
+)  # fmt: skip
+def test_bench_bad_counts_exit_2_naming_the_option(demo_files: Path, args: list[str]) -> None:
+    result = runner.invoke(app, ["bench", "model.onnx", *args])
+    assert result.exit_code == 2, result.output
+    _one_error_line(result.output, f"{args[0]} {args[1]} is not allowed; use {args[0]}")
+
+
+def test_bench_of_a_checkpoint_says_it_takes_onnx(demo_files: Path) -> None:
+    result = runner.invoke(app, ["bench", "model.pt", "--runs", "1"])
+    assert result.exit_code == 2
+    _one_error_line(result.output, "bench takes an .onnx file")
+
+
+def test_upper_case_onnx_suffix_is_onnx(demo_files: Path) -> None:
+    shutil.copy("model.onnx", "MODEL.ONNX")
+    result = runner.invoke(app, ["inspect", "MODEL.ONNX", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["format"] == "onnx"
+    bench = runner.invoke(app, ["bench", "MODEL.ONNX", "--runs", "1", "--warmup", "0"])
+    assert bench.exit_code == 0, bench.output
+
+
+def _edit_metadata(path: str, **props: str) -> None:
+    model = onnx.load(path)
+    for entry in model.metadata_props:
+        if entry.key in props:
+            entry.value = props[entry.key]
+    onnx.save(model, path)
+
+
+def test_inspect_names_a_metadata_threshold_the_graph_does_not_use(demo_files: Path) -> None:
+    _edit_metadata("model.onnx", **{"moonprune.threshold": "0.123"})
+    result = runner.invoke(app, ["inspect", "model.onnx", "--json"])
+    assert result.exit_code == 2
+    assert json.loads(result.stdout)["metadata"]["moonprune.threshold"] == "0.123"
+    _one_error_line(result.stderr, "differs from the graph's threshold")
+    table = runner.invoke(app, ["inspect", "model.onnx"])
+    assert table.exit_code == 2 and "total" in table.stdout
+    _one_error_line(table.stderr, "re-export the model")
+
+
+def test_inspect_of_an_untouched_export_reports_no_problem(demo_files: Path) -> None:
+    result = runner.invoke(app, ["inspect", "model.onnx", "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["problems"] == []
+
+
+@pytest.mark.parametrize(
+    ("props", "needle"),
+    [({"moonprune.classes": "[not json"}, "moonprune.classes is not valid JSON"),
+     ({"moonprune.threshold": "abc"}, "'abc' is not a number"),
+     ({"moonprune.threshold": "nan"}, "not finite")],
+)  # fmt: skip
+def test_inspect_of_damaged_metadata_exits_2(demo_files: Path, props: dict, needle: str) -> None:
+    _edit_metadata("model.onnx", **props)
+    result = runner.invoke(app, ["inspect", "model.onnx"])
+    assert result.exit_code == 2, result.output
+    _one_error_line(result.stderr, needle)
+
+
+@pytest.mark.parametrize("out", ["model.pt", "./model.pt"])
+@pytest.mark.parametrize("quantize", [[], ["--quantize", "int8"]])
+def test_export_refuses_to_write_over_its_input(
+    demo_files: Path, out: str, quantize: list[str]
+) -> None:
+    before = Path("model.pt").read_bytes()
+    result = runner.invoke(app, ["export", "model.pt", "--out", out, *quantize])
+    assert result.exit_code == 2, result.output
+    _one_error_line(result.output, "refusing to write over it")
+    assert Path("model.pt").read_bytes() == before
+    assert sorted(p.name for p in demo_files.iterdir()) == ["model.onnx", "model.pt"]
+
+
+@pytest.mark.parametrize("quantize", [[], ["--quantize", "int8"]])
+def test_export_into_a_missing_folder_exits_2(demo_files: Path, quantize: list[str]) -> None:
+    result = runner.invoke(app, ["export", "model.pt", "--out", "missing/m.onnx", *quantize])
+    assert result.exit_code == 2, result.output
+    _one_error_line(result.output, "the folder 'missing' does not exist")
+    assert not Path("missing").exists()
+
+
+def test_export_to_a_folder_exits_2(demo_files: Path) -> None:
+    Path("models").mkdir()
+    result = runner.invoke(app, ["export", "model.pt", "--out", "models"])
+    assert result.exit_code == 2, result.output
+    _one_error_line(result.output, "is a folder")
+    assert list(Path("models").iterdir()) == []
+
+
+@pytest.mark.parametrize("threshold", [float("nan"), 5.0])
+def test_export_refuses_a_stored_threshold_outside_the_score(
+    demo_files: Path, threshold: float
+) -> None:
+    import torch
+
+    ckpt = torch.load("model.pt", weights_only=True)
+    ckpt["threshold"] = threshold
+    torch.save(ckpt, "tampered.pt")
+    result = runner.invoke(app, ["export", "tampered.pt", "--out", "t.onnx"])
+    assert result.exit_code == 2, result.output
+    _one_error_line(result.output, "threshold")
+    assert not Path("t.onnx").exists()
