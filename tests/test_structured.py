@@ -12,6 +12,7 @@ from moonprune.exporters import export_onnx
 from typer.testing import CliRunner, Result
 
 from moonprune import models
+from moonprune.conventions import unknown_rows
 from moonprune.errors import ConfigError
 from moonprune.heads import add_unknown_output_
 from moonprune.structured import ChannelPruner, apply_structure_, module_structure
@@ -47,6 +48,9 @@ def test_prunes_to_target_and_keeps_the_unknown_output(
     out = model(x)
     assert out.shape == (4, 6)  # K + 1 columns survive
     assert model.get_submodule(head).out_features == 6
+    # the unknown row keeps its mark and its weights (on the channels that remain)
+    assert unknown_rows(model) == {f"{head}.weight": 5}
+    assert bool((model.get_submodule(head).weight[5] != 0).all())
 
     fresh = factory(num_classes=5, in_channels=3).eval()
     add_unknown_output_(fresh, layer=head)

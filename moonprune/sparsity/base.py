@@ -17,17 +17,32 @@ averaging, export) carry only plain weights with exact zeros. When an optimizer 
 given, its per-weight state (momentum, Adam moments: every state tensor with the
 weight's shape) is zeroed where the mask is off, so a weight that is grown later
 starts from zero value *and* zero momentum.
+
+The unknown row of a K+1 head (marked by :func:`moonprune.heads.add_unknown_output_`,
+read with :func:`moonprune.conventions.unknown_rows`) is never pruned: a masked-away
+row makes the unknown logit a constant, and magnitude top-k would rank it low. Only
+that row is exempt, not the whole classifier (the MOON paper masks every conv and
+linear layer, the classifier included). Its weights count as kept weights of their
+layer within the global budget: the layer keeps its ERK (or uniform) count, at least
+the row's length, and the row takes that much of it (when the row is longer than the
+layer's share, the other layers give up the difference), so the density over all
+prunable weights is the target, as ``measured_sparsity`` counts it. The base class
+enforces this for every masker, plug-ins included: after ``initial_masks`` and after
+every ``update`` an inactive row weight is switched on in place of the active weight
+of smallest ``|w|`` elsewhere in its layer (the layer's count is kept); SET and RigL
+never drop the row in the first place.
 """
 
 from __future__ import annotations
 
 import abc
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from moonprune.conventions import prunable_weights
+from moonprune.conventions import prunable_weights, unknown_rows
 from moonprune.errors import ConfigError
 from moonprune.sparsity.distributions import keep_counts, layer_densities
 
@@ -176,6 +191,7 @@ class Masker(abc.ABC):
         self.step_count = 0
         self.updates = 0
         self._params: dict[str, torch.Tensor] = {}
+        self._pinned: dict[str, torch.Tensor] = {}
         self._optimizer: torch.optim.Optimizer | None = None
         self._schedule: TopologySchedule | None = None
 
@@ -220,11 +236,21 @@ class Masker(abc.ABC):
         """The masked weights by parameter name."""
         return self._params
 
+    def pinned(self, name: str) -> torch.Tensor:
+        """Bool mask (the weight's shape) of the entries of ``name`` that always stay
+        active: the unknown row of a K+1 head, else nothing."""
+        found = self._pinned.get(name)
+        if found is None:
+            return torch.zeros_like(self._params[name], dtype=torch.bool)
+        return found
+
     def target_counts(self) -> dict[str, int]:
-        """Kept weights per layer at the target density (ERK or uniform)."""
+        """Kept weights per layer at the target density (ERK or uniform); a layer with
+        pinned entries keeps at least those (module docstring)."""
         shapes = {n: p.shape for n, p in self._params.items()}
         densities = layer_densities(shapes, self.config.density, self.config.distribution)
-        return keep_counts(shapes, densities)
+        minimum = {n: int(m.sum()) for n, m in self._pinned.items()}
+        return keep_counts(shapes, densities, minimum)
 
     def magnitude_masks(self, counts: dict[str, int]) -> dict[str, torch.Tensor]:
         """Per layer, keep the ``counts[name]`` weights of largest ``|w|``."""
@@ -247,12 +273,19 @@ class Masker(abc.ABC):
                 f"{type(model).__name__} has no conv or linear layer to prune; "
                 "sparse methods need nn.Conv*d or nn.Linear weights"
             )
+        self._pinned = {}
+        for name, row in unknown_rows(model).items():
+            if name in self._params:
+                pinned = torch.zeros_like(self._params[name], dtype=torch.bool)
+                pinned[row] = True
+                self._pinned[name] = pinned
         self._schedule = schedule
         self._optimizer = optimizer
         self.step_count = 0
         self.updates = 0
         with torch.no_grad():
             self.masks = self.initial_masks()
+            self._keep_pinned_()
         self.apply_masks_()
 
     def step(self) -> None:
@@ -267,8 +300,22 @@ class Masker(abc.ABC):
         if self.step_count < self.schedule.end_step and self.update_due(self.step_count):
             with torch.no_grad():
                 self.update()
+                self._keep_pinned_()
             self.updates += 1
             self.apply_masks_()
+
+    def _keep_pinned_(self) -> None:
+        """Switch on every inactive pinned entry, each in place of the active unpinned
+        entry of smallest ``|w|`` in its layer (the layer's count is kept)."""
+        for name, pinned in self._pinned.items():
+            mask = self.masks[name]
+            missing = int((pinned & ~mask).sum())
+            if missing == 0:
+                continue
+            candidates = mask & ~pinned
+            magnitude = self._params[name].detach().abs().masked_fill(~candidates, math.inf)
+            off = top_k_mask(-magnitude, min(missing, int(candidates.sum())))
+            self.masks[name] = (mask & ~off) | pinned
 
     def apply_masks_(self) -> None:
         """Set pruned weights (and their optimizer state) to exactly ``+0.0``."""
@@ -335,4 +382,6 @@ class Masker(abc.ABC):
         self.step_count = int(state["step_count"])
         self.updates = int(state["updates"])
         self.load_extra_state(state["extra"])
+        with torch.no_grad():
+            self._keep_pinned_()
         self.apply_masks_()

@@ -122,11 +122,12 @@ class GradualMagnitudeMasker(Masker):
 class DynamicMasker(Masker):
     """Drop-and-grow at constant density, shared by SET and RigL.
 
-    At an update at step ``t``, per layer with ``a`` active weights:
+    At an update at step ``t``, per layer with ``a`` active weights that are not pinned
+    (the unknown row of a K+1 head is pinned: never dropped, see :mod:`.base`):
 
     1. ``k = floor(r_t * a)`` with ``r_t = r_0 / 2 * (1 + cos(pi * t / end_step))``
        (cosine decay to 0 over the update window; no updates from ``end_step`` on);
-    2. drop the ``k`` active weights of smallest ``|w|``;
+    2. drop the ``k`` unpinned active weights of smallest ``|w|``;
     3. grow the ``k`` weights of highest :meth:`grow_scores` among all weights not
        kept in step 2 -- including those just dropped, as in RigL's Algorithm 1 and
        its reference code (``ArgTopK`` over ``i not in theta \\ I_drop``). A weight
@@ -170,10 +171,11 @@ class DynamicMasker(Masker):
         r = self.drop_fraction(self.step_count)
         for name, param in self.params.items():
             mask = self.masks[name]
-            k = math.floor(r * int(mask.sum()))
+            pinned = self.pinned(name)
+            k = math.floor(r * int((mask & ~pinned).sum()))
             if k == 0:
                 continue
-            magnitude = param.detach().abs().masked_fill(~mask, math.inf)
+            magnitude = param.detach().abs().masked_fill(~mask | pinned, math.inf)
             kept = mask & ~top_k_mask(-magnitude, k)
             scores = self.grow_scores(name, param).masked_fill(kept, -math.inf)
             self.masks[name] = kept | top_k_mask(scores, k)
