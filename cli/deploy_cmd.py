@@ -10,6 +10,11 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+ARCH_HELP = (
+    "Factory of a network of your own (package.module:factory); a checkpoint's recorded "
+    "factory is called only when it is a moonprune built-in."
+)
+
 
 def _kb(n: int) -> str:
     return f"{n / 1024:.1f} KiB"
@@ -80,6 +85,7 @@ def register(app: typer.Typer) -> None:
                 "--bake-preprocessing", help="The graph takes raw pixels and normalises inside."
             ),
         ] = False,
+        arch: Annotated[str | None, typer.Option(help=ARCH_HELP)] = None,
     ) -> None:
         """Export a compressed model to ONNX with the in-graph rejector (label -1 = unknown).
 
@@ -92,7 +98,7 @@ def register(app: typer.Typer) -> None:
         report = run_guarded(
             lambda: export_checkpoint(model, out, tpr=tpr, score=score, opset=opset,
                                       quantize=quantize, bake_preprocessing=bake_preprocessing,
-                                      sparse_storage=sparse_storage,
+                                      sparse_storage=sparse_storage, arch=arch,
                                       temperature=parse_temperature(temperature))
         )  # fmt: skip
         table = Table(title=f"exported {out}")
@@ -137,6 +143,7 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[
             bool, typer.Option("--json", help="Print JSON instead of tables.")
         ] = False,
+        arch: Annotated[str | None, typer.Option(help=ARCH_HELP)] = None,
     ) -> None:
         """Layers, sparsity, size and metadata of a .pt or .onnx file.
 
@@ -148,7 +155,7 @@ def register(app: typer.Typer) -> None:
 
         is_onnx = Path(path).suffix.lower() == ".onnx"
         info: dict[str, Any] = run_guarded(
-            lambda: inspect_onnx(path) if is_onnx else inspect_checkpoint(path)
+            lambda: inspect_onnx(path) if is_onnx else inspect_checkpoint(path, arch)
         )
         if as_json:
             typer.echo(json.dumps(info, indent=2))

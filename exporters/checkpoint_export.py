@@ -22,6 +22,7 @@ from moonprune.exporters.quantize import quantize_int8, recalibrate_threshold
 from moonprune.exporters.sparse_storage import to_sparse_storage
 
 from moonprune.errors import ConfigError
+from moonprune.outputs import refuse_input_overwrite
 
 
 def evaluate_onnx(
@@ -51,12 +52,7 @@ def check_out_path(out: Path, inputs: Iterable[str | Path]) -> None:
             f"--out {str(out)!r} is a folder; give the file to write, e.g. "
             f"{str(out / 'model.onnx')!r}"
         )
-    for given in map(Path, inputs):
-        if given.is_file() and (out.resolve() == given.resolve() or _same_file(out, given)):
-            raise ConfigError(
-                f"--out {str(out)!r} is the input {str(given)!r}; refusing to write over it: "
-                f"choose another file, e.g. {str(out.with_suffix('.onnx'))!r}"
-            )
+    refuse_input_overwrite(out, inputs, "--out")
     folder = out.parent
     if not folder.is_dir():
         raise ConfigError(
@@ -67,13 +63,6 @@ def check_out_path(out: Path, inputs: Iterable[str | Path]) -> None:
         raise ConfigError(
             f"--out {str(out)!r}: the folder {str(folder)!r} is not writable; choose another path"
         )
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 def _recorded_data(cfg: dict[str, Any], source: str) -> tuple[str, list[str], int]:
@@ -103,8 +92,13 @@ def export_checkpoint(
     bake_preprocessing: bool = False,
     sparse_storage: bool = False,
     temperature: str | float | None = None,
+    arch: str | None = None,
 ) -> dict[str, Any]:
-    """Export ``model_path`` to ``out``; returns a report of sizes, thresholds, metrics."""
+    """Export ``model_path`` to ``out``; returns a report of sizes, thresholds, metrics.
+
+    ``arch`` (``--arch``) names the factory of a network of your own: the factory a
+    checkpoint records is called only when it is a moonprune built-in.
+    """
     import onnx
 
     from moonprune.assessment import assess
@@ -121,7 +115,12 @@ def export_checkpoint(
         check_opset(opset)
     out = Path(out)
     check_out_path(out, [model_path])
-    ckpt = load_checkpoint(model_path)
+    if Path(model_path).suffix.lower() == ".onnx":
+        raise ConfigError(
+            f"{str(model_path)!r} is already an ONNX file; export takes the moonprune "
+            "checkpoint it came from (model.pt)"
+        )
+    ckpt = load_checkpoint(model_path, arch)
     data, ood_specs, seed = _recorded_data(ckpt.config, str(model_path))
     check_out_path(out, [data, *ood_specs])  # data given as files
     splits = load_splits(data, seed=seed, preprocessing=ckpt.preprocessing)

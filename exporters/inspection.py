@@ -59,6 +59,8 @@ def inspect_onnx(path: str | Path) -> dict[str, Any]:
         raise ExportError(
             f"{str(path)!r} is not a readable ONNX file ({_first_line(exc)})"
         ) from None
+    if not model.graph.input or not model.graph.output:
+        raise ExportError(f"{str(path)!r} holds no ONNX graph (no inputs or outputs)")
     meta: dict[str, Any] = {p.key: p.value for p in model.metadata_props}
     problems = []
     for key in ("moonprune.classes", "moonprune.preprocessing"):
@@ -158,13 +160,14 @@ def _densify(sparse: Any) -> np.ndarray:
     return dense.reshape(shape)
 
 
-def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The same view of a moonprune checkpoint (model.pt), plus what it records."""
+def inspect_checkpoint(path: str | Path, arch: str | None = None) -> dict[str, Any]:
+    """The same view of a moonprune checkpoint (model.pt), plus what it records;
+    ``arch`` as for :func:`moonprune.checkpoints.load_checkpoint`."""
     from moonprune.checkpoints import load_checkpoint
     from moonprune.conventions import prunable_weights
 
     path = Path(path)
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, arch)
     named = [(n, w.detach().cpu().numpy()) for n, w in prunable_weights(ckpt.model)]
     structure = _structure_view(ckpt) if ckpt.structure else None
     return {

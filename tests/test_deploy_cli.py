@@ -231,7 +231,7 @@ def test_export_refuses_to_write_over_its_input(
     before = Path("model.pt").read_bytes()
     result = runner.invoke(app, ["export", "model.pt", "--out", out, *quantize])
     assert result.exit_code == 2, result.output
-    _one_error_line(result.output, "refusing to write over it")
+    _one_error_line(result.output, "moonprune never writes over what it reads")
     assert Path("model.pt").read_bytes() == before
     assert sorted(p.name for p in demo_files.iterdir()) == ["model.onnx", "model.pt"]
 
@@ -265,3 +265,17 @@ def test_export_refuses_a_stored_threshold_outside_the_score(
     assert result.exit_code == 2, result.output
     _one_error_line(result.output, "threshold")
     assert not Path("t.onnx").exists()
+
+
+def test_export_of_an_onnx_file_names_the_checkpoint(demo_files: Path) -> None:
+    result = runner.invoke(app, ["export", "model.onnx", "--out", "again.onnx"])
+    assert result.exit_code == 2, result.output
+    _one_error_line(result.output, "export takes the moonprune checkpoint")
+    assert not Path("again.onnx").exists()
+
+
+def test_inspect_of_an_empty_onnx_file_exits_2(demo_files: Path) -> None:
+    Path("empty.onnx").write_bytes(b"")
+    result = runner.invoke(app, ["inspect", "empty.onnx"])
+    assert result.exit_code == 2, result.output
+    _one_error_line(result.output, "holds no ONNX graph")

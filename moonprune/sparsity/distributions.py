@@ -69,20 +69,16 @@ def layer_densities(shapes: Shapes, density: float, kind: str = "erk") -> dict[s
         dense.update(too_dense)
 
 
-def keep_counts(
-    shapes: Shapes, densities: Mapping[str, float], minimum: Mapping[str, int] | None = None
-) -> dict[str, int]:
+def keep_counts(shapes: Shapes, densities: Mapping[str, float]) -> dict[str, int]:
     """Whole numbers of kept weights per layer, summing to ``round(sum_l p_l * n_l)``.
 
     Rounding each layer on its own can miss the global target by up to half a weight
-    per layer. Instead every layer gets ``max(m_l, floor(p_l * n_l))`` with the floor
-    ``m_l = max(1, minimum[l])`` (a layer is never cut off entirely; ``minimum`` holds
-    weights that must stay, such as the unknown row), and the difference to the target
-    is made up one weight at a time, each going to (or taken from) the non-dense layer
-    whose count is furthest below (above) its exact share ``p_l * n_l``
-    (largest-remainder rounding), never below its floor; dense layers stay dense. So a
-    floor above a layer's share is paid for by the other layers. The sum is exact
-    unless the floors force more.
+    per layer. Instead every layer gets ``max(1, floor(p_l * n_l))`` (a layer is never
+    cut off entirely), and the difference to the target is made up one weight at a
+    time, each going to the non-dense layer whose count is furthest below its exact
+    share ``p_l * n_l`` (largest-remainder rounding); dense layers stay dense. The sum
+    is exact unless the one-weight minimum forces more (a target below one weight per
+    layer).
 
     Example::
 
@@ -94,14 +90,13 @@ def keep_counts(
     if missing:
         raise ConfigError(f"no density given for layers {sorted(missing)}")
     exact = {n: densities[n] * sizes[n] for n in shapes}
-    floor = {n: min(sizes[n], max(1, (minimum or {}).get(n, 0))) for n in shapes}
-    counts = {n: min(sizes[n], max(floor[n], math.floor(exact[n]))) for n in shapes}
+    counts = {n: min(sizes[n], max(1, math.floor(exact[n]))) for n in shapes}
     target = min(sum(sizes.values()), round(sum(exact.values())))
     adjustable = [n for n in shapes if densities[n] < 1.0]
     delta = target - sum(counts.values())
     step = 1 if delta > 0 else -1
     while delta != 0:
-        open_ = [n for n in adjustable if floor[n] <= counts[n] + step <= sizes[n]]
+        open_ = [n for n in adjustable if 1 <= counts[n] + step <= sizes[n]]
         if not open_:
             break
         # add where the count is furthest below its exact share; take where furthest above
