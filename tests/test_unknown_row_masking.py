@@ -15,8 +15,16 @@ from torch import nn
 
 from moonprune import models
 from moonprune.conventions import unknown_rows
+from moonprune.errors import ConfigError
 from moonprune.heads import add_unknown_output_
-from moonprune.sparsity import MASKERS, Masker, MaskerConfig, TopologySchedule
+from moonprune.sparsity import (
+    MASKERS,
+    Masker,
+    MaskerConfig,
+    TopologySchedule,
+    keep_counts,
+    layer_densities,
+)
 
 STEPS, END, EPOCH, INTERVAL = 12, 9, 3, 2
 SCHEDULE = TopologySchedule(total_steps=STEPS, end_step=END, steps_per_epoch=EPOCH)
@@ -76,29 +84,33 @@ def test_unknown_row_stays_active(name: str, sparsity: float, arch: str) -> None
     assert bool(masks[layer][row].all())
 
 
-def test_the_row_counts_within_its_layer_budget() -> None:
-    # the unknown row's weights are kept weights of the head: the head keeps its
-    # ERK count (at least the row), and the global count is the target
+@pytest.mark.parametrize("distribution", ["erk", "uniform"])
+@pytest.mark.parametrize("sparsity", [0.95, 0.99])
+def test_the_row_counts_in_the_global_budget(distribution: str, sparsity: float) -> None:
+    # the row's weights are kept weights: the global count is the target; the rest is
+    # spread over the other weights, the head's known rows as a (K, in) layer
     model, _ = _model("resnet20")
-    masker = MASKERS.create("magnitude", MaskerConfig(sparsity=0.99))
-    masker.prepare(model, SCHEDULE)
-    counts = masker.target_counts()
-    ((name, row),) = unknown_rows(model).items()
-    assert int(masker.masks[name].sum()) == counts[name] >= masker.masks[name].shape[1]
-    total = sum(m.numel() for m in masker.masks.values())
-    assert sum(int(m.sum()) for m in masker.masks.values()) == round(0.01 * total)
-    del row
-
-
-def test_uniform_layer_budget_smaller_than_the_row_takes_from_other_layers() -> None:
-    # uniform 99%: the head (11 x 64) would keep 7 weights, fewer than the 64 of the row
-    model, _ = _model("resnet20")
-    masker = MASKERS.create("magnitude", MaskerConfig(sparsity=0.99, distribution="uniform"))
+    masker = MASKERS.create("magnitude", MaskerConfig(sparsity=sparsity, distribution=distribution))
     masker.prepare(model, SCHEDULE)
     ((name, row),) = unknown_rows(model).items()
-    assert bool(masker.masks[name][row].all())
     total = sum(m.numel() for m in masker.masks.values())
-    assert sum(int(m.sum()) for m in masker.masks.values()) == round(0.01 * total)
+    assert sum(int(m.sum()) for m in masker.masks.values()) == round((1 - sparsity) * total)
+    mask = masker.masks[name]
+    shapes = {n: m.shape for n, m in masker.masks.items()}
+    free = {**shapes, name: (row, mask.shape[1])}
+    rest = ((1 - sparsity) * total - mask.shape[1]) / (total - mask.shape[1])
+    expected = keep_counts(free, layer_densities(free, rest, distribution))
+    assert bool(mask[row].all())
+    assert int(mask[:row].sum()) == expected[name] > 0  # the known rows keep their share
+    assert {n: int(m.sum()) for n, m in masker.masks.items() if n != name} == {
+        n: c for n, c in expected.items() if n != name
+    }
+
+
+def test_a_budget_below_the_row_is_an_error() -> None:
+    model, _ = _model("demo_cnn")  # 6184 weights, a row of 32: 99.5% keeps 31
+    with pytest.raises(ConfigError, match="unknown output"):
+        MASKERS.create("magnitude", MaskerConfig(sparsity=0.995)).prepare(model, SCHEDULE)
 
 
 def test_state_dict_round_trip_keeps_the_row() -> None:

@@ -22,15 +22,18 @@ The unknown row of a K+1 head (marked by :func:`moonprune.heads.add_unknown_outp
 read with :func:`moonprune.conventions.unknown_rows`) is never pruned: a masked-away
 row makes the unknown logit a constant, and magnitude top-k would rank it low. Only
 that row is exempt, not the whole classifier (the MOON paper masks every conv and
-linear layer, the classifier included). Its weights count as kept weights of their
-layer within the global budget: the layer keeps its ERK (or uniform) count, at least
-the row's length, and the row takes that much of it (when the row is longer than the
-layer's share, the other layers give up the difference), so the density over all
-prunable weights is the target, as ``measured_sparsity`` counts it. The base class
-enforces this for every masker, plug-ins included: after ``initial_masks`` and after
-every ``update`` an inactive row weight is switched on in place of the active weight
-of smallest ``|w|`` elsewhere in its layer (the layer's count is kept); SET and RigL
-never drop the row in the first place.
+linear layer, the classifier included). The row's weights count as kept weights in
+the global budget, and the rest of the budget is spread over the other weights as
+usual: with ``N`` prunable weights of which ``P`` are pinned, the layer densities
+(ERK or uniform) are computed for the global density ``(d N - P) / (N - P)`` over the
+unpinned weights (the head as a ``(K, in)`` layer), and the head then keeps its share
+plus the row. So the density over all prunable weights is the target ``d``, as
+``measured_sparsity`` counts it, and the known rows of the head keep their share
+(charging the row to the head alone would empty them at 95% uniform). The base class
+enforces the row for every masker, plug-ins included: after ``initial_masks`` and
+after every ``update`` an inactive row weight is switched on in place of the active
+weight of smallest ``|w|`` elsewhere in its layer (the layer's count is kept); SET and
+RigL never drop the row in the first place.
 """
 
 from __future__ import annotations
@@ -245,12 +248,24 @@ class Masker(abc.ABC):
         return found
 
     def target_counts(self) -> dict[str, int]:
-        """Kept weights per layer at the target density (ERK or uniform); a layer with
-        pinned entries keeps at least those (module docstring)."""
+        """Kept weights per layer at the target density (ERK or uniform), pinned entries
+        included and counted in the budget (module docstring)."""
         shapes = {n: p.shape for n, p in self._params.items()}
-        densities = layer_densities(shapes, self.config.density, self.config.distribution)
-        minimum = {n: int(m.sum()) for n, m in self._pinned.items()}
-        return keep_counts(shapes, densities, minimum)
+        if not self._pinned:
+            densities = layer_densities(shapes, self.config.density, self.config.distribution)
+            return keep_counts(shapes, densities)
+        pinned = {n: int(m.sum()) for n, m in self._pinned.items()}
+        # pinned entries are whole output rows: the rest of the layer is a smaller layer
+        free = {n: (s[0] - pinned.get(n, 0) // math.prod(s[1:]), *s[1:]) for n, s in shapes.items()}
+        total, n_pinned = sum(math.prod(s) for s in shapes.values()), sum(pinned.values())
+        density = (self.config.density * total - n_pinned) / (total - n_pinned)
+        if density <= 0:
+            raise ConfigError(
+                f"sparsity {self.config.sparsity} keeps fewer weights than the {n_pinned} of "
+                "the unknown output's row alone; lower --sparsity"
+            )
+        counts = keep_counts(free, layer_densities(free, density, self.config.distribution))
+        return {n: counts[n] + pinned.get(n, 0) for n in shapes}
 
     def magnitude_masks(self, counts: dict[str, int]) -> dict[str, torch.Tensor]:
         """Per layer, keep the ``counts[name]`` weights of largest ``|w|``."""
