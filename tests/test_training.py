@@ -68,12 +68,12 @@ def test_averaging_keeps_zeros_and_topology_freezes_first(digits06) -> None:
     last = dict(model.named_parameters())
     assert any(not torch.equal(averaged[k], last[k]) for k in result.masks)
     # the history records the a each epoch trained with: none in warm-up, then a ramp
-    # by a_step that ends one step short of a_final (a_final is reached as it ends)
+    # by a_step whose last epoch trains with a_final, as in the reference
     a = [h.a for h in result.history]
     schedule_a = trainer.schedule
     assert schedule_a is not None and a[0] is None
     assert a[2] - a[1] == pytest.approx(schedule_a.a_step)
-    assert a[-1] + schedule_a.a_step == pytest.approx(schedule_a.config.a_final)
+    assert a[-1] == pytest.approx(schedule_a.config.a_final)
 
 
 # stop after epoch 1 (before averaging) or epoch 3 (the first averaging epoch, so the
