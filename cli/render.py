@@ -143,8 +143,32 @@ def temperature_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def method_lines(report: dict[str, Any]) -> list[str]:
+    """AUROC at T = 1 (the paper's protocol) and p(unknown) per set: is the unknown
+    output alive?"""
+    lines = []
+    t1 = report.get("auroc_t1")
+    if t1:
+        cells = ", ".join(
+            f"{name} {100 * t1['dense'][name]:.2f} -> {100 * value:.2f}"
+            for name, value in t1["compressed"].items()
+        )
+        lines.append(f"AUROC at T = 1 (the paper's protocol), dense -> compressed: {cells}")
+    p_unknown = report["models"]["compressed"].get("p_unknown")
+    if p_unknown:
+        cells = ", ".join(f"{name} {v['mean']:.3g}" for name, v in p_unknown.items())
+        lines.append(f"mean p(unknown) of the compressed model: {cells}")
+    for rollback in report.get("rollbacks", []):
+        lines.append(
+            f"[yellow]epoch {rollback['epoch'] + 1} diverged ({rollback['reason']}): rolled "
+            f"back, lr x{rollback['lr_scale_after']:g}[/]"
+        )
+    lines += [f"[yellow]warning:[/] {w}" for w in report.get("warnings", [])]
+    return lines
+
+
 def summary_lines(report: dict[str, Any], files: dict[str, Any]) -> list[str]:
     """A few lines under the table: threshold, acceptance, temperature, outputs."""
-    lines = acceptance_lines(report) + temperature_lines(report)
+    lines = acceptance_lines(report) + temperature_lines(report) + method_lines(report)
     lines.append("wrote " + ", ".join(str(p) for p in files.values()))
     return lines

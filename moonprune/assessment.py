@@ -14,6 +14,7 @@ runs once per data set; every number is computed from those logits:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -59,6 +60,9 @@ class Assessment:
     id_correct: np.ndarray = field(repr=False)
     temperature: float = 1.0
     temperature_fit: TemperatureChoice | None = None
+    #: p(unknown) per row of the ID test split (``"id_test"``) and of each OOD set, at the
+    #: assessment's T; empty for a model without the K+1 head.
+    p_unknown: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.metrics, "threshold": self.threshold, "acceptance": self.acceptance,
@@ -174,6 +178,9 @@ def assess_logits(
         for name in names
     }
     known = known_probabilities(logits.test.double(), k, t)
+    p_unknown = unknown_probabilities(logits, k, t)
+    if p_unknown:
+        metrics["p_unknown"] = {name: _summary(v) for name, v in p_unknown.items()}
     return Assessment(
         metrics=metrics,
         threshold=float(threshold),
@@ -184,4 +191,24 @@ def assess_logits(
         id_correct=(known.argmax(dim=-1) == splits.test.y).numpy(),
         temperature=t,
         temperature_fit=temperature,
+        p_unknown=p_unknown,
     )
+
+
+def unknown_probabilities(logits: ModelLogits, k: int, t: float) -> dict[str, np.ndarray]:
+    """p(unknown) = softmax(logits / T)[:, K] for the ID test rows and each OOD set
+    (empty without the K+1 head): shows whether MOON's unknown output is alive."""
+    if logits.test.shape[-1] != k + 1:
+        return {}
+    sets = {"id_test": logits.test, **logits.ood}
+    return {
+        name: torch.softmax(v.double() / t, dim=-1)[:, k].cpu().numpy() for name, v in sets.items()
+    }
+
+
+def _summary(values: np.ndarray) -> dict[str, float]:
+    """Mean and quantiles (the report's view of a p(unknown) distribution)."""
+    if values.size == 0:
+        return {"mean": math.nan, "q10": math.nan, "q50": math.nan, "q90": math.nan}
+    q10, q50, q90 = np.quantile(values, [0.1, 0.5, 0.9])
+    return {"mean": float(values.mean()), "q10": float(q10), "q50": float(q50), "q90": float(q90)}

@@ -28,6 +28,14 @@ class TrainConfig:
     0.05, not 0.1, and the epoch count to 30, not 100, because moonprune fine-tunes a
     *pretrained* dense model instead of training from scratch.
 
+    Additions for fine-tuning (not in the reference, which trains from scratch): the lr
+    ramps linearly from ~0 to its schedule over the first ``lr_warmup_epochs`` (a
+    pretrained model's first steps under a fresh optimizer and a new head are where
+    fine-tuning spikes), and a divergence guard: an epoch whose loss is non-finite, or
+    more than ``divergence_factor`` times the first epoch's, is undone (the last good
+    epoch's state restored), the lr halved and the epoch rerun, at most
+    ``max_rollbacks`` times; each rollback is recorded in the report.
+
     Example::
 
         >>> TrainConfig(epochs=10).lr
@@ -47,6 +55,9 @@ class TrainConfig:
     lr_floor_factor: float = 0.08
     update_end: float = 0.75
     seed: int = 0
+    lr_warmup_epochs: float = 1.0
+    max_rollbacks: int = 3
+    divergence_factor: float = 3.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -65,6 +76,12 @@ class TrainConfig:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 < self.update_end <= 1:
             raise ConfigError(f"update_end must be in (0, 1], got {self.update_end}")
+        if not (math.isfinite(self.lr_warmup_epochs) and self.lr_warmup_epochs >= 0):
+            raise ConfigError(f"lr_warmup_epochs must be >= 0, got {self.lr_warmup_epochs}")
+        if self.max_rollbacks < 0:
+            raise ConfigError(f"max_rollbacks must be >= 0, got {self.max_rollbacks}")
+        if not (math.isfinite(self.divergence_factor) and self.divergence_factor > 1):
+            raise ConfigError(f"divergence_factor must be > 1, got {self.divergence_factor}")
 
 
 @dataclass(frozen=True)

@@ -357,6 +357,13 @@ def _compress(
             {"epoch": h.epoch, "loss": h.loss, "lr": h.lr, "a": h.a, "density": h.density}
             for h in result.history
         ],
+        "rollbacks": [vars(r) for r in getattr(result, "rollbacks", [])],
+        # the method's figure (the paper reports T = 1) beside the deployed one
+        "auroc_t1": {
+            "dense": _aurocs(dense_calibrated.before),
+            "compressed": _aurocs(calibrated.before),
+        },
+        "warnings": accuracy_warnings(dense_metrics, compressed_metrics),
         "config": cfg.as_dict(),
     }
     ckpt = MoonpruneCheckpoint(
@@ -395,6 +402,26 @@ def _compress(
     final = out.commit()
     files = {name: final / name for name in [*files, "report.json", "report.html", "recipe.json"]}
     return CompressResult(final, report, ckpt, files, checks)
+
+
+#: A compressed model this far (accuracy, absolute) below the dense one is flagged.
+ACCURACY_DROP_WARNING = 0.05
+
+
+def accuracy_warnings(dense: dict[str, Any], compressed: dict[str, Any]) -> list[str]:
+    """The report's and console's warning when fine-tuning lost much accuracy."""
+    drop = dense["accuracy"] - compressed["accuracy"]
+    if drop <= ACCURACY_DROP_WARNING:
+        return []
+    return [
+        f"the compressed model's accuracy is {100 * drop:.1f} points below the dense model's "
+        f"({100 * compressed['accuracy']:.1f}% vs {100 * dense['accuracy']:.1f}%); try more "
+        "--epochs, a lower --sparsity or a lower --lr"
+    ]
+
+
+def _aurocs(assessment: Assessment) -> dict[str, float]:
+    return {name: m["auroc"] for name, m in assessment.metrics["ood"].items()}
 
 
 def _export(

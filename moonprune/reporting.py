@@ -100,6 +100,16 @@ def _figures(
             ax.set(title=f"{label}: scores, ID vs {name}", xlabel="score (higher = ID)")
             ax.legend(fontsize=8)
         figures.append((f"{label}: score histograms", _png(fig)))
+    for label, a in models.items():
+        if a.p_unknown:
+            fig, ax = plt.subplots(figsize=(5.5, 3.2))
+            edges_u = [i / 40 for i in range(41)]
+            for name, values in a.p_unknown.items():
+                ax.hist(values, bins=edges_u, alpha=0.5, density=True,
+                        label=f"{'ID test' if name == 'id_test' else name}")  # fmt: skip
+            ax.set(title=f"{label}: p(unknown)", xlabel="p(unknown)", yscale="log")
+            ax.legend(fontsize=8)
+            figures.append((f"{label}: p(unknown) per set", _png(fig)))
     fig, ax = plt.subplots(figsize=(4.5, 4))
     for label, a in models.items():
         edges = np.linspace(0, 1, 16)
@@ -138,10 +148,13 @@ def write_html_report(
     """Render the page to ``path`` atomically; returns ``path``."""
     figures = _figures(models, sparsity)
     rows = []
+    t1 = report.get("auroc_t1") or {}
     for label, a in models.items():
         m = a.metrics
         cells = [f"{100 * m['accuracy']:.2f}", f"{100 * m['ece']:.2f}", f"{m['nll']:.4f}"]
         cells += [f"{100 * o['auroc']:.2f} / {100 * o['fpr95']:.2f}" for o in m["ood"].values()]
+        if t1:
+            cells += [f"{100 * v:.2f}" for v in t1.get(label, {}).values()]
         rows.append(
             "<tr><th>"
             + html.escape(label)
@@ -149,9 +162,13 @@ def write_html_report(
             + "".join(f"<td>{c}</td>" for c in cells)
             + "</tr>"
         )
-    ood_heads = "".join(
-        f"<th>AUROC / FPR95 % vs {html.escape(n)}</th>"
-        for n in next(iter(models.values())).metrics["ood"]
+    ood_names = list(next(iter(models.values())).metrics["ood"])
+    ood_heads = "".join(f"<th>AUROC / FPR95 % vs {html.escape(n)}</th>" for n in ood_names)
+    if t1:
+        ood_heads += "".join(f"<th>AUROC % at T = 1 vs {html.escape(n)}</th>" for n in ood_names)
+    warnings = "".join(
+        f'<p style="color:#a60"><b>warning:</b> {html.escape(w)}</p>'
+        for w in report.get("warnings", [])
     )
     images = "\n".join(
         f'<figure><img alt="{html.escape(t)}" src="data:image/png;base64,{b64}">'
@@ -174,6 +191,7 @@ pre {{ background: #f6f6f6; padding: 1em; overflow: auto; max-height: 30em; }}
 threshold {float(report.get("threshold", 0)):.4f} at TPR {report.get("tpr")}</p>
 <table><tr><th>model</th><th>accuracy %</th><th>ECE %</th><th>NLL</th>{ood_heads}</tr>
 {"".join(rows)}</table>
+{warnings}
 {images}
 <h2>report.json</h2><pre>{html.escape(json.dumps(report, indent=2))}</pre>
 </body></html>

@@ -82,10 +82,26 @@ class TrainResult:
     model: nn.Module
     masks: dict[str, torch.Tensor]
     history: list[EpochInfo]
+    rollbacks: list[Rollback] = field(default_factory=list)
 
 
 class StopTraining(Exception):
     """Raised by a callback (or ``stop_after_epoch``) to interrupt after a saved epoch."""
+
+
+class _Diverged(Exception):
+    """An epoch's loss went non-finite or far above the first epoch's (see ``run``)."""
+
+
+@dataclass(frozen=True)
+class Rollback:
+    """One undone epoch: what went wrong, and the lr scale before and after."""
+
+    epoch: int
+    loss: float
+    reason: str
+    lr_scale_before: float
+    lr_scale_after: float
 
 
 def lr_factor(epoch_float: float, config: TrainConfig, main_epochs: int) -> float:
@@ -234,6 +250,8 @@ class Trainer:
         )
         self.start_epoch = 0
         self.history: list[EpochInfo] = []
+        self.lr_scale = 1.0  # halved by each rollback of a diverged epoch
+        self.rollbacks: list[Rollback] = []
 
     # -- state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -247,6 +265,8 @@ class Trainer:
             "schedule": None if self.schedule is None else self.schedule.state_dict(),
             "averaging": None if self.averaging is None else self.averaging.state_dict(),
             "history": [vars(h) for h in self.history],
+            "lr_scale": self.lr_scale,
+            "rollbacks": [vars(r) for r in self.rollbacks],
         }
 
     def _fingerprint(self) -> dict[str, Any]:
@@ -277,17 +297,22 @@ class Trainer:
                 "resume with the same command and options, or start afresh without --resume"
             )
         try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.masker.load_state_dict(state["masker"])
-            if self.schedule is not None:
-                self.schedule.load_state_dict(state["schedule"])
-            if self.averaging is not None:
-                self.averaging.load_state_dict(state["averaging"], copy.deepcopy(self.model))
-            self.history = [EpochInfo(**h) for h in state["history"]]
-            self.start_epoch = int(state["epoch"])
+            self._load(state)
         except (KeyError, TypeError, ValueError, RuntimeError):
             raise CheckpointError(damaged) from None
+
+    def _load(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.masker.load_state_dict(state["masker"])
+        if self.schedule is not None:
+            self.schedule.load_state_dict(state["schedule"])
+        if self.averaging is not None:
+            self.averaging.load_state_dict(state["averaging"], copy.deepcopy(self.model))
+        self.history = [EpochInfo(**h) for h in state["history"]]
+        self.start_epoch = int(state["epoch"])
+        self.lr_scale = float(state["lr_scale"])
+        self.rollbacks = [Rollback(**r) for r in state["rollbacks"]]
 
     # -- loop -----------------------------------------------------------------------
     def _loss(
@@ -309,21 +334,68 @@ class Trainer:
         return self.dist.share_of_mean(loss, n_global), loss.item()
 
     def run(self, stop_after_epoch: int | None = None) -> TrainResult:
-        """Train from ``start_epoch`` to the end; ``stop_after_epoch`` interrupts (tests)."""
-        for epoch in range(self.start_epoch, self.cfg.epochs):
-            self._run_epoch(epoch)
+        """Train from ``start_epoch`` to the end; ``stop_after_epoch`` interrupts (tests).
+
+        A diverged epoch (non-finite loss, or an epoch loss above ``divergence_factor``
+        times the first epoch's) is rolled back to the last good epoch's state and rerun
+        at half the lr, at most ``max_rollbacks`` times; then a ConfigError says which lr
+        to try. The last good state is kept in memory (one copy of the training state).
+        """
+        good = copy.deepcopy(self.state_dict())
+        epoch = self.start_epoch
+        while epoch < self.cfg.epochs:
+            try:
+                self._run_epoch(epoch)
+                self._check_divergence(epoch)
+            except _Diverged as exc:
+                self._roll_back(good, epoch, str(exc))
+                continue
             self.start_epoch = epoch + 1
+            good = copy.deepcopy(self.state_dict())
             if self.state_path is not None and self.dist.is_main:
                 with atomic_path(self.state_path) as tmp:
-                    torch.save(self.state_dict(), tmp)
+                    torch.save(good, tmp)
             if stop_after_epoch is not None and epoch >= stop_after_epoch:
                 raise StopTraining(f"stopped after epoch {epoch}")
+            epoch += 1
         masks = self.masker.finalize()
         final = self.model
         if self.averaging is not None and self.averaging.result() is not None:
             final = self.averaging.result()  # type: ignore[assignment]
         final.eval()
-        return TrainResult(final, masks, self.history)
+        return TrainResult(final, masks, self.history, list(self.rollbacks))
+
+    def _check_divergence(self, epoch: int) -> None:
+        """Raise :class:`_Diverged` when this epoch's loss is far above the first's."""
+        loss = self.history[-1].loss
+        first = self.history[0].loss
+        if not math.isfinite(loss):
+            raise _Diverged(f"the epoch loss became {loss}")
+        if epoch > 0 and loss > self.cfg.divergence_factor * first:
+            raise _Diverged(
+                f"the epoch loss {loss:.4g} is over {self.cfg.divergence_factor:g}x the first "
+                f"epoch's ({first:.4g})"
+            )
+
+    def _roll_back(self, good: dict[str, Any], epoch: int, reason: str) -> None:
+        """Restore ``good``, halve the lr, record it; stop after ``max_rollbacks``."""
+        loss = self.history[-1].loss if len(self.history) > len(good["history"]) else math.nan
+        before = self.lr_scale
+        rollbacks = list(self.rollbacks)
+        if len(rollbacks) >= self.cfg.max_rollbacks:
+            lr = self.cfg.lr * before
+            raise ConfigError(
+                f"training diverged at epoch {epoch + 1} ({reason}) even at lr {lr:.3g}, after "
+                f"{len(rollbacks)} rollback(s); rerun with a lower --lr (e.g. --lr {lr / 4:.2g}) "
+                "or check the data for NaN or mislabelled rows"
+            )
+        self._load(copy.deepcopy(good))
+        self.lr_scale = before / 2
+        self.rollbacks = [*rollbacks, Rollback(epoch, loss, reason, before, self.lr_scale)]
+        logger.warning(
+            "epoch %d diverged (%s): restored the last good state, rerunning at lr x%g",
+            epoch + 1, reason, self.lr_scale,
+        )  # fmt: skip
 
     def _run_epoch(self, epoch: int) -> None:
         start = time.perf_counter()
@@ -337,9 +409,7 @@ class Trainer:
             self.data, self.cfg.batch_size, seed, self.device, min_last=self.min_last
         )
         for i, (x, y) in enumerate(batches):
-            lr = self.cfg.lr * lr_factor(
-                epoch + i / self.steps_per_epoch, self.cfg, self.main_epochs
-            )
+            lr = self.cfg.lr * self.lr_scale * self._lr_shape(epoch, i)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             n_global = len(y)
@@ -347,10 +417,12 @@ class Trainer:
             logits = self.forward(x)
             loss, row_sum = self._loss(logits, y, epoch, n_global)
             if not torch.isfinite(loss):
-                raise ConfigError(
-                    f"the loss became {loss.item()} at epoch {epoch}, step {i}; "
-                    "lower the learning rate (--lr) or check the data for NaN"
-                )
+                if self.dist.enabled:  # ranks cannot agree on a rollback mid-epoch
+                    raise ConfigError(
+                        f"the loss became {loss.item()} at epoch {epoch + 1}, step {i}; "
+                        "lower the learning rate (--lr) or check the data for NaN"
+                    )
+                raise _Diverged(f"the loss became {loss.item()} at step {i}")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -389,6 +461,15 @@ class Trainer:
         self.history.append(info)
         if self.callback is not None:
             self.callback.on_epoch_end(info)
+
+    def _lr_shape(self, epoch: int, step: int) -> float:
+        """The schedule's factor at this step: cosine (reference) times a linear warm-up
+        over the first ``lr_warmup_epochs`` (reaching 1 at its last step)."""
+        t = epoch + step / self.steps_per_epoch
+        factor = lr_factor(t, self.cfg, self.main_epochs)
+        if self.cfg.lr_warmup_epochs > 0:
+            factor *= min(1.0, (t + 1 / self.steps_per_epoch) / self.cfg.lr_warmup_epochs)
+        return factor
 
     def _a(self) -> float | None:
         return None if self.schedule is None else self.schedule.a
