@@ -55,10 +55,15 @@ def torch_load(path: Path, trust: bool, trust_flag: bool = True) -> Any:
         # torch's safe unpickler says "weights_only" about garbage bytes too: only a named
         # class, or a file torch.save wrote (a zip archive), means "a pickled object".
         if not trust and (_NAMES_A_GLOBAL.search(str(exc)) or zipfile.is_zipfile(path)):
+            fix = (
+                f"save model.state_dict() and pass --arch{trust_hint}"
+                if trust_flag
+                else "pass the model.pt that `moonprune compress` wrote (a whole module of "
+                "your own goes to `moonprune compress ... --trust-checkpoint` first)"
+            )
             raise CheckpointError(
                 f"{str(path)!r} holds pickled Python objects (e.g. a whole nn.Module), which "
-                "could run code when loaded; save model.state_dict() and pass --arch"
-                f"{trust_hint}"
+                f"could run code when loaded; {fix}"
             ) from None
         if _is_plain_pickle(path):
             raise CheckpointError(
