@@ -136,6 +136,13 @@ def register(app: typer.Typer) -> None:
         epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs. Default 30.")] = None,
         lr: Annotated[float | None, typer.Option(help="Base learning rate. Default 0.05.")] = None,
         batch_size: Annotated[int | None, typer.Option(help="Batch size. Default 64.")] = None,
+        augment: Annotated[
+            str | None,
+            typer.Option(
+                help="Training-row augmentation: crop (random crop with padding, default), "
+                "crop+flip (natural images), none."
+            ),
+        ] = None,
         macs_target: Annotated[
             float | None,
             typer.Option(
@@ -276,6 +283,7 @@ def register(app: typer.Typer) -> None:
                 "train.epochs": epochs,
                 "train.lr": lr,
                 "train.batch_size": batch_size,
+                "train.augment": augment,
                 "train.seed": seed,
                 "moon.enabled": False if no_moon else None,
                 "gates.min_auroc": min_auroc,

@@ -13,6 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from moonprune.augment import check_augment
 from moonprune.errors import ConfigError
 from moonprune.recipe import check_types
 from moonprune.sparsity.base import MaskerConfig
@@ -34,7 +35,8 @@ class TrainConfig:
     fine-tuning spikes), and a divergence guard: an epoch whose loss is non-finite, or
     more than ``divergence_factor`` times the first epoch's, is undone (the last good
     epoch's state restored), the lr halved and the epoch rerun, at most
-    ``max_rollbacks`` times; each rollback is recorded in the report.
+    ``max_rollbacks`` times; each rollback is recorded in the report. ``augment``
+    (training rows only; :mod:`moonprune.augment`): ``crop``, ``crop+flip`` or ``none``.
 
     Example::
 
@@ -56,6 +58,7 @@ class TrainConfig:
     update_end: float = 0.75
     seed: int = 0
     lr_warmup_epochs: float = 1.0
+    augment: str = "crop"
     max_rollbacks: int = 3
     divergence_factor: float = 3.0
 
@@ -78,6 +81,7 @@ class TrainConfig:
             raise ConfigError(f"update_end must be in (0, 1], got {self.update_end}")
         if not (math.isfinite(self.lr_warmup_epochs) and self.lr_warmup_epochs >= 0):
             raise ConfigError(f"lr_warmup_epochs must be >= 0, got {self.lr_warmup_epochs}")
+        check_augment(self.augment)
         if self.max_rollbacks < 0:
             raise ConfigError(f"max_rollbacks must be >= 0, got {self.max_rollbacks}")
         if not (math.isfinite(self.divergence_factor) and self.divergence_factor > 1):

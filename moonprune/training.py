@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moonprune.augment import augment_batch
 from moonprune.averaging import WeightAveraging
 from moonprune.config import MoonConfig, TrainConfig
 from moonprune.data import ImageSet
@@ -408,7 +409,10 @@ class Trainer:
         batches = iterate_batches(
             self.data, self.cfg.batch_size, seed, self.device, min_last=self.min_last
         )
+        # augmentation draws: seeded per epoch, the same on every rank (before sharding)
+        draws = torch.Generator().manual_seed(seed + 7_919)
         for i, (x, y) in enumerate(batches):
+            x = augment_batch(x, self.cfg.augment, draws)
             lr = self.cfg.lr * self.lr_scale * self._lr_shape(epoch, i)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
