@@ -127,17 +127,19 @@ def export_checkpoint(
     ood = {s: load_ood(s, ckpt.preprocessing, seed=seed) for s in ood_specs}
     tpr = ckpt.tpr if tpr is None else tpr
     score = score or ckpt.score
-    threshold, t = ckpt.threshold, ckpt.temperature
+    threshold, t, stats = ckpt.threshold, ckpt.temperature, ckpt.feature_stats
     if threshold is None or tpr != ckpt.tpr or score != ckpt.score or temperature is not None:
         refit = assess(ckpt.model, splits, {}, score=score, tpr=tpr, n_boot=1,
-                       temperature=t if temperature is None else temperature)  # fmt: skip
-        threshold, t = refit.threshold, refit.temperature
+                       temperature=t if temperature is None else temperature,
+                       feature_stats=stats)  # fmt: skip
+        threshold, t, stats = refit.threshold, refit.temperature, refit.feature_stats
     kwargs: dict[str, Any] = dict(
         num_known=ckpt.num_known, input_shape=ckpt.preprocessing.input_shape,
         threshold=threshold, tpr=tpr, score=score, classes=list(ckpt.classes),
         preprocessing=ckpt.preprocessing.as_dict(), sparsity=measured_sparsity(ckpt.model),
         temperature=t,
         opset=opset, example_inputs=splits.val.x, bake_preprocessing=bake_preprocessing,
+        feature_stats=stats,
     )  # fmt: skip
     pre = ckpt.preprocessing
 

@@ -21,12 +21,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from moonprune.exporters.feature_rejector import mark_score_nodes_, score_metadata
 from moonprune.exporters.opsets import EXPORTER_OPSET, check_opset, convert_opset, written_opset
 from moonprune.exporters.rejector import RejectingClassifier, hostile_rows
 from torch import nn
 
 from moonprune.errors import ExportError
+from moonprune.heads import find_classifier
 from moonprune.outputs import atomic_path
+from moonprune.reliability.features import FeatureStats
+from moonprune.reliability.scores import is_feature_score
 
 OUTPUT_NAMES = ("logits", "probabilities", "confidence", "label", "is_unknown")
 DEFAULT_OPSET = 18
@@ -200,13 +204,15 @@ def export_onnx(
     example_inputs: torch.Tensor | None = None,
     bake_preprocessing: bool = False,
     extra_metadata: dict[str, str] | None = None,
+    feature_stats: FeatureStats | None = None,
 ) -> ExportReport:
     """Write ``model`` + rejector to ``path`` (see the module docstring); return the report.
 
     ``example_inputs`` (normalised model inputs) drive the parity check; rows holding
     NaN, +-inf and 3e38 are added to them (:func:`hostile_rows`), which the file must
     reject. With ``bake_preprocessing`` the graph takes raw pixels and ``preprocessing``
-    (``scale``, ``mean``, ``std``) is applied inside it.
+    (``scale``, ``mean``, ``std``) is applied inside it. A feature ``score``
+    (``mahalanobis``, ``knn``) reads the classifier's input and needs ``feature_stats``.
 
     Example::
 
@@ -232,10 +238,14 @@ def export_onnx(
             )
         normalization = (preprocessing["scale"], preprocessing["mean"], preprocessing["std"])
     device_model = model.cpu().eval()
-    wrapper = RejectingClassifier(
-        device_model, num_known, threshold, score, temperature, normalization
-    ).eval()
     x = _parity_inputs(example_inputs, input_shape, preprocessing if bake_preprocessing else None)
+    layer = None
+    if is_feature_score(score):
+        layer = find_classifier(device_model, torch.zeros(2, *input_shape))
+    wrapper = RejectingClassifier(
+        device_model, num_known, threshold, score, temperature, normalization,
+        feature_stats, layer,
+    ).eval()  # fmt: skip
     try:
         with atomic_path(path) as tmp:
             with quiet_exporter():
@@ -252,11 +262,13 @@ def export_onnx(
                     verbose=False,
                 )
             proto = convert_opset(onnx.load(str(tmp)), opset)
+            mark_score_nodes_(proto)
             strip_debug_info(proto)
             set_metadata(proto, metadata(
                 threshold=threshold, tpr=tpr, score=score, classes=list(classes or []),
                 preprocessing={**preprocessing, "baked": bake_preprocessing}, sparsity=sparsity,
-                temperature=temperature, extra=extra_metadata,
+                temperature=temperature,
+                extra={**score_metadata(score, feature_stats), **(extra_metadata or {})},
             ))  # fmt: skip
             onnx.checker.check_model(proto)
             onnx.save(proto, str(tmp))

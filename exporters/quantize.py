@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from moonprune.exporters.feature_rejector import float_score_inputs_, score_node_names
 from moonprune.exporters.onnx_export import (
     check_hostile_rows,
     run_onnx,
@@ -41,8 +42,8 @@ from moonprune.outputs import atomic_path
 from moonprune.reliability.metrics import calibrate_threshold
 
 THRESHOLD_INITIALIZER = "threshold"
-# The rejector's own arithmetic (softmax, comparisons) stays in float: only the
-# weight-heavy operators are quantized.
+# The rejector's own arithmetic (softmax, comparisons, a feature score's MatMul against
+# its statistics) stays in float: only the network's weight-heavy operators are quantized.
 QUANTIZED_OPS = ["Conv", "Gemm", "MatMul"]
 
 
@@ -63,6 +64,7 @@ def quantize_int8(float_path: str | Path, out_path: str | Path, calibration: np.
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     out_path = Path(out_path)
+    score_nodes = score_node_names(onnx.load(str(float_path)))
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # onnxruntime advises pre-processing via the root logger
@@ -77,6 +79,7 @@ def quantize_int8(float_path: str | Path, out_path: str | Path, calibration: np.
                 weight_type=QuantType.QInt8,
                 activation_type=QuantType.QInt8,
                 op_types_to_quantize=QUANTIZED_OPS,
+                nodes_to_exclude=score_nodes,
                 extra_options={"QuantizeBias": False},
             )
             source = onnx.load(str(float_path))
@@ -85,6 +88,7 @@ def quantize_int8(float_path: str | Path, out_path: str | Path, calibration: np.
             strip_debug_info(model)
             set_metadata(model, {"moonprune.quantization": "int8-static-per-channel"})
             raw_input_for_float_readers_(model)
+            float_score_inputs_(model)
             onnx.save(model, str(tmp))
             check_hostile_rows(tmp, calibration[:8])
     except ExportError:

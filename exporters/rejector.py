@@ -34,7 +34,13 @@ import torch
 from torch import nn
 
 from moonprune.errors import ConfigError
-from moonprune.reliability.scores import compute_score, known_probabilities
+from moonprune.reliability.features import FeatureScore, FeatureStats, tapped_input
+from moonprune.reliability.scores import (
+    check_score,
+    compute_score,
+    is_feature_score,
+    known_probabilities,
+)
 
 #: Input values every exported graph must reject wherever they appear in a row: NaN,
 #: +-inf, and finite values whose square overflows float32 (an int8 graph would
@@ -58,6 +64,11 @@ class RejectingClassifier(nn.Module):
 
     ``normalization`` = ``(scale, mean, std)`` bakes preprocessing into the graph: the
     input is then raw pixels and becomes ``(x * scale - mean[c]) / std[c]`` first.
+
+    A feature score (``mahalanobis``, ``knn``) needs ``feature_stats`` and
+    ``feature_layer`` (the classifier's name): the input of that layer is tapped during
+    the forward pass and scored by :class:`~moonprune.reliability.features.FeatureScore`,
+    whose statistics become graph constants.
 
     Example::
 
@@ -85,13 +96,23 @@ class RejectingClassifier(nn.Module):
         score: str = "msp",
         temperature: float = 1.0,
         normalization: tuple[float, Sequence[float], Sequence[float]] | None = None,
+        feature_stats: FeatureStats | None = None,
+        feature_layer: str | None = None,
     ) -> None:
         super().__init__()
         if not math.isfinite(temperature) or temperature <= 0:
             raise ConfigError(f"temperature must be a finite number > 0, got {temperature}")
         if not math.isfinite(threshold):
             raise ConfigError(f"threshold must be a finite number, got {threshold}")
-        compute_score(torch.zeros(1, num_known), num_known, score)  # validates the name
+        self.feature_score: FeatureScore | None = None
+        if is_feature_score(check_score(score)):
+            if feature_stats is None or feature_layer is None:
+                raise ConfigError(
+                    f"the {score!r} score needs the feature statistics fitted on the training "
+                    "split; export a moonprune checkpoint written by `moonprune compress`"
+                )
+            self.feature_score = FeatureScore(score, feature_stats)
+        self.feature_layer = feature_layer
         self.classifier = classifier
         self.num_known = num_known
         self.score = score
@@ -111,10 +132,15 @@ class RejectingClassifier(nn.Module):
         bad_row = ~torch.isfinite((x * x).flatten(1).sum(dim=1))
         if self.normalize:
             x = (x * self.pixel_scale - self.mean) / self.std
-        logits = self.classifier(x)
         t = self.temperature
+        if self.feature_score is not None and self.feature_layer is not None:
+            with tapped_input(self.classifier.get_submodule(self.feature_layer)) as seen:
+                logits = self.classifier(x)
+            confidence = self.feature_score(seen[-1])
+        else:
+            logits = self.classifier(x)
+            confidence = compute_score(logits, self.num_known, self.score, t)  # type: ignore[arg-type]
         probabilities = known_probabilities(logits, self.num_known, t)  # type: ignore[arg-type]
-        confidence = compute_score(logits, self.num_known, self.score, t)  # type: ignore[arg-type]
         is_unknown = ~(confidence >= self.threshold) | bad_row  # NaN: rejected
         label = probabilities.argmax(dim=-1)
         label = torch.where(is_unknown, torch.full_like(label, -1), label)

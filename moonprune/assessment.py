@@ -9,6 +9,8 @@ runs once per data set; every number is computed from those logits:
 - the rejection threshold on the ID *validation* split (accepts ``tpr`` of it), with
   the ID acceptance and the per-OOD rejection it gives;
 - seeded bootstrap 95% intervals for AUROC and FPR95 per OOD set;
+- AUROC and FPR95 of *every* score (logit and feature scores), so a user sees which
+  one works on their data; the chosen ``score`` is the one the threshold is set on;
 - the raw scores and confidences, kept for the HTML report's plots.
 """
 
@@ -26,16 +28,20 @@ from torch import nn
 
 from moonprune.calibration import TemperatureChoice, choose_temperature
 from moonprune.data import ImageSet, Splits
+from moonprune.errors import ConfigError
+from moonprune.feature_scores import FeatureOptions, FeatureScores, collect_outputs
 from moonprune.reliability import (
     auroc,
     bootstrap_ci,
     calibrate_threshold,
-    collect_logits,
     compute_score,
     evaluate_logits,
     fpr_at_tpr,
     known_probabilities,
+    ood_metrics,
 )
+from moonprune.reliability.features import FeatureStats
+from moonprune.reliability.scores import SCORES, check_score, is_feature_score
 
 
 @dataclass
@@ -63,6 +69,10 @@ class Assessment:
     #: p(unknown) per row of the ID test split (``"id_test"``) and of each OOD set, at the
     #: assessment's T; empty for a model without the K+1 head.
     p_unknown: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    #: AUROC and FPR95 of every available score: ``{score: {ood: {"auroc", "fpr95"}}}``.
+    score_table: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    #: The feature statistics the feature scores used (None without a final linear layer).
+    feature_stats: FeatureStats | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.metrics, "threshold": self.threshold, "acceptance": self.acceptance,
@@ -76,20 +86,34 @@ class Assessment:
 
 @dataclass
 class ModelLogits:
-    """One forward pass of a model over the test and validation splits and OOD sets."""
+    """One forward pass of a model over the test and validation splits and OOD sets,
+    with the feature scores of the same rows (keyed ``id_test``, ``id_val``, OOD name)."""
 
     test: torch.Tensor
     val: torch.Tensor
     ood: dict[str, torch.Tensor]
+    features: FeatureScores | None = None
 
 
-def collect(model: nn.Module, splits: Splits, ood: Mapping[str, ImageSet]) -> ModelLogits:
-    """Run ``model`` once over everything an assessment needs."""
-    return ModelLogits(
-        collect_logits(model, splits.test.x),
-        collect_logits(model, splits.val.x),
-        {name: collect_logits(model, s.x) for name, s in ood.items()},
-    )
+def collect(
+    model: nn.Module,
+    splits: Splits,
+    ood: Mapping[str, ImageSet],
+    *,
+    feature_stats: FeatureStats | None = None,
+    fit_on: ImageSet | None = None,
+    options: FeatureOptions | None = None,
+) -> ModelLogits:
+    """Run ``model`` once over everything an assessment needs. The feature scores use
+    ``feature_stats`` (a checkpoint's), else statistics fitted on ``fit_on`` (default:
+    the training split) with ``options``."""
+    if feature_stats is None and fit_on is None:
+        fit_on = splits.train
+    sets = {"id_test": splits.test.x, "id_val": splits.val.x, **{n: s.x for n, s in ood.items()}}
+    logits, features = collect_outputs(model, sets, splits.num_classes, train=fit_on,
+                                       stats=feature_stats, options=options)  # fmt: skip
+    ood_logits = {name: logits[name] for name in ood}
+    return ModelLogits(logits["id_test"], logits["id_val"], ood_logits, features)
 
 
 def assess(
@@ -104,8 +128,12 @@ def assess(
     seed: int = 0,
     threshold: float | None = None,
     temperature: str | float = 1.0,
+    feature_stats: FeatureStats | None = None,
+    fit_on: ImageSet | None = None,
 ) -> Assessment:
     """Evaluate ``model``; ``temperature="auto"`` fits T on the validation split.
+    Feature scores use ``feature_stats``, else fit them on ``fit_on`` (default: the
+    training split) as :func:`collect` does.
 
     Example::
 
@@ -117,7 +145,7 @@ def assess(
         >>> sorted(result.metrics["ood"]["noise"])
         ['aupr_in', 'aupr_out', 'auroc', 'fpr95']
     """
-    logits = collect(model, splits, ood)
+    logits = collect(model, splits, ood, feature_stats=feature_stats, fit_on=fit_on)
     choice = choose_temperature(temperature, logits.val, splits.val.y)
     return assess_logits(logits, splits, score=score, tpr=tpr, ece_bins=ece_bins,
                          n_boot=n_boot, seed=seed, threshold=threshold,
@@ -148,16 +176,12 @@ def assess_logits(
         temperature = TemperatureChoice(temperature, None, float(temperature))
     k = splits.num_classes
     t = temperature.used
+    scores = score_sets(logits, k, check_score(score), t)
     metrics = evaluate_logits(
         logits.test / t, splits.test.y, {n: v / t for n, v in logits.ood.items()}, k,
         score=score, ece_bins=ece_bins, tpr=tpr,
+        scores=scores if is_feature_score(score) else None,
     ).as_dict()  # fmt: skip
-
-    def scores_of(values: torch.Tensor) -> np.ndarray:
-        return compute_score(values, k, score, t).detach().cpu().double().numpy()
-
-    scores = {"id_test": scores_of(logits.test), "id_val": scores_of(logits.val)}
-    scores.update({name: scores_of(values) for name, values in logits.ood.items()})
     if threshold is None:
         threshold = calibrate_threshold(scores["id_val"], tpr)
     names = list(logits.ood)
@@ -192,7 +216,45 @@ def assess_logits(
         temperature=t,
         temperature_fit=temperature,
         p_unknown=p_unknown,
+        score_table=score_table(logits, k, t, tpr),
+        feature_stats=None if logits.features is None else logits.features.stats,
     )
+
+
+def score_sets(logits: ModelLogits, k: int, score: str, t: float) -> dict[str, np.ndarray]:
+    """``(N,)`` float64 scores ``score`` of ``id_test``, ``id_val`` and each OOD set; a
+    logit score at temperature ``t``, a feature score from ``logits.features``."""
+    if is_feature_score(score):
+        if logits.features is None:
+            raise ConfigError(
+                f"the {score!r} score reads the input of the model's final nn.Linear, and "
+                "this model has none; choose a logit score (msp, energy, max_logit, unknown)"
+            )
+        return dict(logits.features.values[score])
+
+    def of(values: torch.Tensor) -> np.ndarray:
+        return compute_score(values, k, score, t).detach().cpu().double().numpy()
+
+    return {"id_test": of(logits.test), "id_val": of(logits.val),
+            **{name: of(values) for name, values in logits.ood.items()}}  # fmt: skip
+
+
+def score_table(
+    logits: ModelLogits, k: int, t: float, tpr: float
+) -> dict[str, dict[str, dict[str, float]]]:
+    """AUROC and FPR95 (ID test vs each OOD set) of every score this model offers: the
+    logit scores at ``t`` (``unknown`` only with the K+1 head) and the feature scores."""
+    names = [s for s in SCORES if s != "unknown" or logits.test.shape[-1] == k + 1]
+    names += list(logits.features.values) if logits.features is not None else []
+    table = {}
+    for name in names:
+        sets = score_sets(logits, k, name, t)
+        table[name] = {
+            ood: {key: ood_metrics(sets["id_test"], sets[ood], tpr).as_dict()[key]
+                  for key in ("auroc", "fpr95")}
+            for ood in logits.ood
+        }  # fmt: skip
+    return table
 
 
 def unknown_probabilities(logits: ModelLogits, k: int, t: float) -> dict[str, np.ndarray]:

@@ -30,6 +30,7 @@ from moonprune.data import Preprocessing
 from moonprune.errors import CheckpointError
 from moonprune.heads import add_unknown_output_
 from moonprune.outputs import atomic_path
+from moonprune.reliability.features import FeatureStats
 from moonprune.trust import check_fields, recorded_arch
 from moonprune.weights import (
     NESTED_KEYS,
@@ -225,6 +226,9 @@ class MoonpruneCheckpoint:
     metrics: dict[str, Any] = field(default_factory=dict)
     version: str = ""
     structure: dict[str, dict[str, int]] | None = None
+    #: Mahalanobis/KNN statistics of the classifier's input, fitted on the training
+    #: split of this model (None in checkpoints written before they existed).
+    feature_stats: FeatureStats | None = None
 
     @property
     def num_known(self) -> int:
@@ -254,6 +258,7 @@ class MoonpruneCheckpoint:
             "config": self.config,
             "metrics": self.metrics,
             "structure": self.structure,
+            "feature_stats": None if self.feature_stats is None else self.feature_stats.to_dict(),
         }
 
 
@@ -299,6 +304,13 @@ def checkpoint_from_dict(
     check_finite(state, source)
     load_weights_(model, state, source)
     model.eval()
+    stats = obj.get("feature_stats")
+    feature_stats = None if stats is None else FeatureStats.from_dict(stats, source)
+    if feature_stats is not None and len(feature_stats.means) != len(obj["classes"]):
+        raise CheckpointError(
+            f"{source}: the feature statistics hold {len(feature_stats.means)} class means for "
+            f"{len(obj['classes'])} classes; recreate it with `moonprune compress`"
+        )
     return MoonpruneCheckpoint(
         model=model,
         arch=spec,
@@ -314,6 +326,7 @@ def checkpoint_from_dict(
         metrics=dict(obj["metrics"]),
         version=str(obj["moonprune_version"]),
         structure=obj.get("structure"),
+        feature_stats=feature_stats,
     )
 
 

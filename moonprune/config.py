@@ -289,6 +289,9 @@ class CompressConfig:
     tpr: float = 0.95
     ece_bins: int = 15
     temperature: str | float = "auto"
+    #: KNN score: at most this many training features in the graph, k-th nearest.
+    feature_bank: int = 2000
+    knn_k: int = 10
     train: TrainConfig = field(default_factory=TrainConfig)
     moon: MoonConfig = field(default_factory=MoonConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
@@ -308,6 +311,11 @@ class CompressConfig:
             )
         if self.ece_bins < 1:
             raise ConfigError(f"ece_bins must be >= 1, got {self.ece_bins}")
+        if not 1 <= self.knn_k <= self.feature_bank:
+            raise ConfigError(
+                f"knn_k ({self.knn_k}) must be >= 1 and at most feature_bank "
+                f"({self.feature_bank}); e.g. knn_k = 10, feature_bank = 2000"
+            )
         if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
             raise ConfigError(f"image_size must be [height, width], got {self.image_size}")
         if self.channels not in (None, 1, 3):

@@ -36,9 +36,10 @@ from moonprune.config import CompressConfig
 from moonprune.data import ImageSet, ReadOptions, Splits, load_ood, load_splits, parse_spec
 from moonprune.distributed import DistContext, from_env
 from moonprune.errors import CheckpointError, ConfigError
+from moonprune.feature_scores import FeatureOptions
 from moonprune.heads import add_unknown_output_, find_classifier, output_width
 from moonprune.outputs import OutputDir, write_json
-from moonprune.reliability.scores import get_score
+from moonprune.reliability.scores import check_score
 from moonprune.reporting import layer_sparsity, write_html_report
 from moonprune.sparsity import MASKERS
 from moonprune.structured import module_structure
@@ -128,7 +129,7 @@ def prepare_inputs(cfg: CompressConfig, dense: DenseModel | None = None) -> Inpu
             "a whole pickled module cannot be rebuilt for the saved checkpoint; "
             "also pass --arch package.module:factory"
         )
-    get_score(cfg.score)
+    check_score(cfg.score)
     if cfg.sparsity.method != CHANNEL:
         MASKERS.create(cfg.sparsity.method, cfg.sparsity.masker_config(cfg.train.seed))
     return Inputs(dense, splits, ood)
@@ -174,7 +175,8 @@ class Calibrated:
 
 def _assess(model: nn.Module, inputs: Inputs, cfg: CompressConfig) -> Calibrated:
     """Assess ``model`` at T = 1 and at its temperature (fitted on val, or given)."""
-    logits = collect(model, inputs.splits, inputs.ood)
+    options = FeatureOptions(cfg.feature_bank, cfg.knn_k, cfg.train.seed)
+    logits = collect(model, inputs.splits, inputs.ood, options=options)
     choice = choose_temperature(cfg.temperature, logits.val, inputs.splits.val.y)
     kwargs: dict[str, Any] = {"score": cfg.score, "tpr": cfg.tpr, "ece_bins": cfg.ece_bins,
                               "seed": cfg.train.seed}  # fmt: skip
@@ -232,7 +234,7 @@ def input_paths(cfg: CompressConfig) -> list[str]:
 
 #: Settings that do not change the trained weights (a resumed run may change them).
 _NOT_TRAINING = ("out", "ood", "gates", "export", "device", "score", "tpr", "temperature",
-                 "ece_bins", "trust_checkpoint")  # fmt: skip
+                 "ece_bins", "trust_checkpoint", "feature_bank", "knn_k")  # fmt: skip
 
 
 def training_settings(cfg: CompressConfig, splits: Splits) -> dict[str, Any]:
@@ -364,6 +366,8 @@ def _compress(
             "compressed": _aurocs(calibrated.before),
         },
         "warnings": accuracy_warnings(dense_metrics, compressed_metrics),
+        # AUROC / FPR95 of every score, so the user sees which one works on this data
+        "scores": {"dense": dense_assessment.score_table, "compressed": assessment.score_table},
         "config": cfg.as_dict(),
     }
     ckpt = MoonpruneCheckpoint(
@@ -382,6 +386,7 @@ def _compress(
         score=cfg.score,
         config=cfg.as_dict(),
         metrics={"dense": dense_metrics, "compressed": compressed_metrics},
+        feature_stats=assessment.feature_stats,
     )
     if not dist.is_main:  # data-parallel: rank 0 writes the outputs
         return CompressResult(out.final, report, ckpt, {}, checks)
@@ -443,6 +448,7 @@ def _export(
         sparsity=sparsity,
         temperature=ckpt.temperature,
         example_inputs=inputs.splits.val.x[:64],
+        feature_stats=ckpt.feature_stats,
     )
     return path, export_report.as_dict()
 

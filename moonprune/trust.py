@@ -106,7 +106,7 @@ def _finite(value: Any) -> TypeGuard[float]:
 
 
 #: Where each score's values lie; a threshold outside can accept all or nothing.
-_SCORE_RANGE = {"msp": (0.0, 1.0), "unknown": (0.0, 1.0)}
+_SCORE_RANGE = {"msp": (0.0, 1.0), "unknown": (0.0, 1.0), "mahalanobis": (-math.inf, 0.0)}
 
 
 def check_fields(obj: Mapping[str, Any], source: str, format_version: int) -> None:
@@ -134,9 +134,9 @@ def check_fields(obj: Mapping[str, Any], source: str, format_version: int) -> No
             f"{_short(classes)}; {fix}"
         )
     score = obj.get("score")
-    from moonprune.reliability.scores import SCORES
+    from moonprune.reliability.scores import score_names
 
-    if score not in SCORES:
+    if score not in score_names():
         raise CheckpointError(f"{source}: unknown OOD score {_short(score)}; {fix}")
     threshold = obj.get("threshold")
     if threshold is not None:

@@ -28,7 +28,7 @@ from moonprune.checkpoints import (
 )
 from moonprune.config import Gates
 from moonprune.data import ImageSet, ReadOptions, Splits, load_ood, load_splits
-from moonprune.errors import CheckpointError, ConfigError
+from moonprune.errors import CheckpointError, ConfigError, MoonpruneError
 from moonprune.heads import add_unknown_output_
 from moonprune.outputs import refuse_input_overwrite, write_json
 from moonprune.reporting import layer_sparsity, write_html_report
@@ -153,7 +153,11 @@ def verify(
     data). ``split="all"`` (the default for any other ``data``: a held-out set)
     evaluates every row and measures the checkpoint's own threshold on it, so a client
     running the exported file on the same rows gets the same numbers. The dense
-    baseline gets its own temperature the same way the checkpoint's was set. ``arch``
+    baseline gets its own temperature the same way the checkpoint's was set. Feature
+    scores use the statistics the checkpoint stores; where it has none (an older
+    checkpoint) and for the baseline they are fitted on the ID training split (with
+    ``split="all"``, that of the data the checkpoint records, never the rows
+    evaluated). ``arch``
     names the factory of a network that is not a moonprune built-in
     (:mod:`moonprune.trust`).
 
@@ -196,7 +200,10 @@ def verify(
             f"the model knows {ckpt.num_known} classes but {data!r} has {splits.num_classes}; "
             "use the class subset the model was compressed on"
         )
+    fit_on, fitted_on = splits.train, f"{data} (training split)"
     if split == "all":
+        if ckpt.feature_stats is None or baseline is not None:
+            fit_on, fitted_on = _training_split(cfg, seed, options, ckpt, fit_on, data)
         splits = whole(splits)
     ood_sets: dict[str, ImageSet] = {
         spec: load_ood(spec, ckpt.preprocessing, seed=seed, options=options) for spec in ood
@@ -214,12 +221,14 @@ def verify(
     deployed = (score, tpr, t_model) == (ckpt.score, ckpt.tpr, ckpt.temperature)
     fixed = ckpt.threshold if split == "all" and deployed else None
     compressed = assess(
-        ckpt.model, splits, ood_sets, temperature=t_model, threshold=fixed, **kwargs
-    )
+        ckpt.model, splits, ood_sets, temperature=t_model, threshold=fixed,
+        feature_stats=ckpt.feature_stats, fit_on=fit_on, **kwargs,
+    )  # fmt: skip
     compressed_s = time.perf_counter() - t0
     dense = None
     if dense_model is not None:
-        dense = assess(dense_model, splits, ood_sets, temperature=t_dense, **kwargs)
+        dense = assess(dense_model, splits, ood_sets, temperature=t_dense, fit_on=fit_on,
+                       **kwargs)  # fmt: skip
     timing = {"compressed_eval_s": compressed_s, "total_eval_s": time.perf_counter() - t0}
     checks = check_gates(gates, compressed, dense)
     models = {"compressed": compressed.metrics}
@@ -249,12 +258,22 @@ def verify(
         "acceptance": compressed.acceptance,
         "models": models,
         "ci": ci,
+        "scores": {
+            name: a.score_table
+            for name, a in (("dense", dense), ("compressed", compressed))
+            if a is not None
+        },
         "data": {
             "id": data,
             "ood": list(ood),
             "seed": seed,
             "split": split,
             "n_test": len(splits.test),
+            # where the feature scores' statistics come from
+            "features_fitted_on": {
+                "compressed": "checkpoint" if ckpt.feature_stats else fitted_on,
+                **({"dense": fitted_on} if dense is not None else {}),
+            },
         },
         "gates": [c.as_dict() for c in checks],
         "passed": all(c.passed for c in checks),
@@ -267,6 +286,24 @@ def verify(
 
 
 SPLITS = ("test", "all")
+
+
+def _training_split(
+    cfg: dict[str, Any], seed: int, options: ReadOptions, ckpt: MoonpruneCheckpoint,
+    fallback: ImageSet, data: str,
+) -> tuple[ImageSet, str]:  # fmt: skip
+    """The training split of the data ``cfg`` records (feature statistics are fitted on
+    it when a held-out set is evaluated whole), and what it is; when that data cannot be
+    read, ``fallback`` (the held-out set's own training split, which is also evaluated)."""
+    recorded = cfg.get("data")
+    if isinstance(recorded, str) and recorded:
+        try:
+            train = load_splits(recorded, seed=seed, options=options,
+                                preprocessing=ckpt.preprocessing).train  # fmt: skip
+            return train, f"{recorded} (training split)"
+        except MoonpruneError:
+            pass  # the recorded data moved: fall back, and say so in the report
+    return fallback, f"{data} (training split, also evaluated: the recorded data is unreadable)"
 
 
 def _choose_split(

@@ -107,12 +107,15 @@ def evaluate_logits(
     score: str = "msp",
     ece_bins: int = 15,
     tpr: float = 0.95,
+    scores: Mapping[str, np.ndarray] | None = None,
 ) -> ModelMetrics:
     """Metrics from precomputed logits (see the module docstring for the conventions).
 
     ``id_logits`` (N, K) or (N, K + 1), ``id_labels`` (N,) in [0, K), each
     ``ood_logits[name]`` (M, same width). ECE uses ``ece_bins`` equal-width bins;
     ``fpr95`` is the OOD acceptance at the threshold accepting ``tpr`` of ID.
+    ``scores`` (``"id_test"`` and each OOD name -> (N,)) are precomputed OOD scores,
+    e.g. of the classifier's input features; they replace ``score``.
     """
     if isinstance(num_known, bool) or not isinstance(num_known, int) or num_known < 1:
         raise ConfigError(f"num_known must be a positive integer, got {num_known!r}")
@@ -142,17 +145,18 @@ def evaluate_logits(
     probs = torch.softmax(logits64, dim=-1)
     known = known_probabilities(logits64, num_known)
     predictions = known.argmax(dim=-1).numpy()
-    id_scores = _ood_scores(id_logits, num_known, score)
+    if scores is None:
+        id_scores = _ood_scores(id_logits, num_known, score)
+        ood_scores = {n: _ood_scores(v, num_known, score) for n, v in ood_logits.items()}
+    else:
+        id_scores, ood_scores = scores["id_test"], {n: scores[n] for n in ood_logits}
     return ModelMetrics(
         accuracy=accuracy(predictions, labels),
         ece=expected_calibration_error(
             known.amax(dim=-1).numpy(), predictions == labels, n_bins=ece_bins
         ),
         nll=negative_log_likelihood(probs.numpy(), labels),
-        ood={
-            name: ood_metrics(id_scores, _ood_scores(logits, num_known, score), tpr)
-            for name, logits in ood_logits.items()
-        },
+        ood={name: ood_metrics(id_scores, values, tpr) for name, values in ood_scores.items()},
     )
 
 

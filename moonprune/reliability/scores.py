@@ -11,6 +11,10 @@ with the unknown column at index ``K`` (see :mod:`moonprune.conventions`).
 ``max_logit`` max known logit
 ``unknown``  ``1 - p_unknown`` (needs the K + 1 head; equals 1 on a plain model)
 =========  ===============================================================
+
+The scores of the classifier's input features (``mahalanobis``, ``knn``) need
+statistics fitted on training data; they live in :mod:`.features` and are named
+here only so every score name is validated in one place (:func:`check_score`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from collections.abc import Callable
 import torch
 
 from moonprune.errors import ConfigError
+from moonprune.reliability.features import FEATURE_SCORES
 
 ScoreFn = Callable[[torch.Tensor, int, float], torch.Tensor]
 
@@ -60,14 +65,31 @@ SCORES: dict[str, tuple[ScoreFn, str]] = {
 }
 
 
+def score_names() -> list[str]:
+    """Every OOD score: the logit scores, then the feature scores."""
+    return [*SCORES, *FEATURE_SCORES]
+
+
+def is_feature_score(name: str) -> bool:
+    """True for a score of the classifier's input (:mod:`.features`)."""
+    return name in FEATURE_SCORES
+
+
+def check_score(name: str) -> str:
+    """``name`` if it is a score (of logits or features); else a ConfigError listing all."""
+    if name not in SCORES and name not in FEATURE_SCORES:
+        raise ConfigError(f"unknown OOD score {name!r}; choose one of: {', '.join(score_names())}")
+    return name
+
+
 def get_score(name: str) -> ScoreFn:
-    """The score function called ``name``; unknown names list the valid ones."""
-    try:
-        return SCORES[name][0]
-    except KeyError:
+    """The logit score function called ``name``; unknown names list the valid ones."""
+    if check_score(name) in FEATURE_SCORES:
         raise ConfigError(
-            f"unknown OOD score {name!r}; choose one of: {', '.join(SCORES)}"
-        ) from None
+            f"the {name!r} score reads the classifier's input features, not the logits; "
+            "evaluate it with moonprune.assessment (it fits the statistics)"
+        )
+    return SCORES[name][0]
 
 
 def compute_score(
