@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
-from moonprune.cli.render import RichProgress, comparison_table, summary_lines
+from moonprune.cli.render import RichProgress, comparison_table, scores_table, summary_lines
 
 METHOD_HELP = (
     "Sparse method: rigl, set, gmp (gradual magnitude), magnitude (one-shot), torch-ao, "
@@ -89,6 +89,9 @@ def _show(result: Any) -> None:
     from moonprune.cli.verify_cmd import enforce_gates, gate_table
 
     console.print(comparison_table(result.report))
+    table = scores_table(result.report)
+    if table is not None:
+        console.print(table)
     for line in summary_lines(result.report, result.files):
         console.print(line, highlight=False)
     if result.checks:
@@ -180,7 +183,11 @@ def register(app: typer.Typer) -> None:
             ),
         ] = False,
         score: Annotated[
-            str | None, typer.Option(help="OOD score: msp (default), energy, max_logit, unknown.")
+            str | None,
+            typer.Option(
+                help="OOD score: msp (default), energy, max_logit, unknown, or a score of the "
+                "classifier's input: mahalanobis, knn (fitted on the training split)."
+            ),
         ] = None,
         temperature: Annotated[
             str | None,

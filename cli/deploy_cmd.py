@@ -61,7 +61,8 @@ def register(app: typer.Typer) -> None:
             typer.Option(help="Share of ID inputs accepted (default: the model's, 0.95)."),
         ] = None,
         score: Annotated[
-            str | None, typer.Option(help="OOD score: msp, energy, max_logit, unknown.")
+            str | None,
+            typer.Option(help="OOD score: msp, energy, max_logit, unknown, mahalanobis, knn."),
         ] = None,
         opset: Annotated[
             int | None, typer.Option(help="ONNX opset (default 18); an unsupported one is refused.")

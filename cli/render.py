@@ -99,6 +99,30 @@ def comparison_table(report: dict[str, Any]) -> Table:
     return table
 
 
+def scores_table(report: dict[str, Any]) -> Table | None:
+    """Every score's mean AUROC / FPR95 over the OOD sets, per model; the deployed
+    score (``--score``: threshold and ONNX confidence) is marked."""
+    per_model = report.get("scores")
+    if not per_model:
+        return None
+    models = list(per_model)
+    table = Table(title="OOD scores, mean over the OOD sets (* = deployed, --score)")
+    table.add_column("score")
+    for model in models:
+        table.add_column(f"{model} AUROC %", justify="right")
+        table.add_column(f"{model} FPR95 %", justify="right")
+    names = list(dict.fromkeys(name for m in models for name in per_model[m]))
+    for name in names:
+        cells = []
+        for model in models:
+            per_ood = per_model[model].get(name)
+            for key in ("auroc", "fpr95"):
+                values = [v[key] for v in per_ood.values()] if per_ood else []
+                cells.append(f"{100 * sum(values) / len(values):.1f}" if values else "-")
+        table.add_row(f"{name} *" if name == report.get("score") else name, *cells)
+    return table
+
+
 def acceptance_lines(report: dict[str, Any]) -> list[str]:
     """The threshold's ID validation acceptance and each OOD set's rejection."""
     acc = report["acceptance"]

@@ -143,7 +143,7 @@ def register(app: typer.Typer) -> None:
         """
         from moonprune.cli.app import console, run_guarded
         from moonprune.cli.compress_cmd import parse_temperature
-        from moonprune.cli.render import acceptance_lines, temperature_lines
+        from moonprune.cli.render import acceptance_lines, scores_table, temperature_lines
 
         from moonprune.config import Gates
         from moonprune.verification import check_output_path, save_outputs
@@ -178,6 +178,9 @@ def register(app: typer.Typer) -> None:
 
             console.print(f"channel-pruned: {structure_phrase(structure)}", highlight=False)
         console.print(metrics_table(result.report))
+        table = scores_table(result.report)
+        if table is not None:
+            console.print(table)
         for line in acceptance_lines(result.report) + temperature_lines(result.report):
             console.print(line, highlight=False)
         if result.checks:
