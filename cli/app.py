@@ -97,9 +97,23 @@ _register_commands()
 
 
 def main(argv: list[str] | None = None) -> Any:
-    """Console-script entry point; an exception no command caught is exit 3, one line."""
+    """Console-script entry point. A usage error (an option typed wrong) is one line and
+    exit 2, like every bad input; an exception no command caught is exit 3, one line."""
+    from typer._click.exceptions import ClickException
+
+    args = argv if argv is not None else sys.argv[1:]
     try:
-        return app(args=argv if argv is not None else sys.argv[1:], prog_name="moonprune")
+        code = app(args=args, prog_name="moonprune", standalone_mode=False)
+    except ClickException as exc:
+        if exc.format_message():  # empty when the help was shown (no arguments)
+            err_console.print(
+                f"[red]error:[/] {escape(exc.format_message())} (see moonprune --help)",
+                highlight=False,
+                soft_wrap=True,
+            )
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(130)
     except Exception as exc:
         if _state["debug"]:
             raise
@@ -112,3 +126,4 @@ def main(argv: list[str] | None = None) -> Any:
             run_guarded(reraise)
         except typer.Exit as done:
             sys.exit(done.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
