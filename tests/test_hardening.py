@@ -372,3 +372,51 @@ def test_verify_on_another_file_evaluates_all_of_it(run_dir: Path, tmp_path: Pat
     result = runner.invoke(app, ["verify", str(model), "--data", str(tmp_path / "held.npz")])
     assert result.exit_code == 0, result.output
     assert f"all {len(y)} rows" in result.output
+
+
+# -- 11. low: one line on stderr, hints only for options the command has -------------------
+
+
+def test_a_plain_pickle_is_named_in_one_stderr_line(tmp_path: Path) -> None:
+    import pickle
+    import subprocess
+    import sys
+
+    path = tmp_path / "weights.pkl"
+    with path.open("wb") as f:
+        pickle.dump(demo_cnn(num_classes=3, width=4).state_dict(), f)
+    proc = subprocess.run(
+        [sys.executable, "-m", "moonprune", "inspect", str(path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr  # no torch warning lines
+    assert "written by pickle, not torch.save" in lines[0]
+    assert "--trust-checkpoint" not in lines[0]  # inspect has no such option
+
+
+def test_verify_on_a_pickled_module_does_not_suggest_a_missing_option(tmp_path: Path) -> None:
+    path = tmp_path / "module.pt"
+    torch.save(demo_cnn(num_classes=3, width=4), path)
+    line = _one_line_exit_2(runner.invoke(app, ["verify", str(path)]), "pickled Python objects")
+    assert "moonprune compress" in line
+    result = runner.invoke(app, _compress_args_for(path, tmp_path))
+    line = _one_line_exit_2(result, "pickled Python objects")
+    assert "--trust-checkpoint" in line  # compress has it
+
+
+def _compress_args_for(path: Path, tmp_path: Path) -> list[str]:
+    return ["compress", str(path), "--arch", ARCH, "--data", "digits:0-2",
+            "--out", str(tmp_path / "out"), "--no-export"]  # fmt: skip
+
+
+def test_usage_errors_are_one_line_as_a_subprocess(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "moonprune", "verify", "m.pt", "--min-auroc", "high"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "--min-auroc" in lines[0], proc.stderr
