@@ -185,8 +185,8 @@ def register(app: typer.Typer) -> None:
         score: Annotated[
             str | None,
             typer.Option(
-                help="OOD score: msp (default), energy, max_logit, unknown, or a score of the "
-                "classifier's input: mahalanobis, knn (fitted on the training split)."
+                help="OOD score: mahalanobis (default) or knn, of the classifier's input "
+                "(fitted on the training split), or of the logits: msp, energy, max_logit, unknown."
             ),
         ] = None,
         temperature: Annotated[
@@ -196,6 +196,15 @@ def register(app: typer.Typer) -> None:
         tpr: Annotated[
             float | None,
             typer.Option(help="Share of ID inputs the threshold accepts. Default 0.95."),
+        ] = None,
+        normalize: Annotated[
+            str | None,
+            typer.Option(
+                help="How the dense model's inputs were normalised: auto (default: the most "
+                "accurate on validation data), none ([0, 1]), dataset (the training split's "
+                "mean/std), symmetric ([-1, 1]), imagenet, 0-255, or 'mean=..;std=..' on "
+                "pixels in [0, 1]."
+            ),
         ] = None,
         head_layer: Annotated[
             str | None, typer.Option(help="Name of the final nn.Linear (found automatically).")
@@ -274,6 +283,7 @@ def register(app: typer.Typer) -> None:
                 "score": score,
                 "tpr": tpr,
                 "temperature": parse_temperature(temperature),
+                "normalize": normalize,
                 "image_size": parse_size(image_size),
                 "channels": channels,
                 "on_bad_image": on_bad_image,

@@ -83,7 +83,9 @@ def register(app: typer.Typer) -> None:
         bake_preprocessing: Annotated[
             bool,
             typer.Option(
-                "--bake-preprocessing", help="The graph takes raw pixels and normalises inside."
+                "--bake-preprocessing",
+                help="The graph takes raw pixels (e.g. 0-255) and applies the checkpoint's "
+                "recorded --normalize inside: (x * scale - mean) / std.",
             ),
         ] = False,
         arch: Annotated[str | None, typer.Option(help=ARCH_HELP)] = None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -191,8 +192,18 @@ def method_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def preprocessing_lines(report: dict[str, Any]) -> list[str]:
+    """How the inputs were normalised (``--normalize``) and the dense accuracy under each
+    candidate."""
+    pre = report.get("preprocessing", {})
+    if "summary" not in pre:
+        return []
+    return [f"normalize {pre['choice']}: {escape(pre['summary'])}"]
+
+
 def summary_lines(report: dict[str, Any], files: dict[str, Any]) -> list[str]:
-    """A few lines under the table: threshold, acceptance, temperature, outputs."""
-    lines = acceptance_lines(report) + temperature_lines(report) + method_lines(report)
+    """A few lines under the table: inputs, threshold, acceptance, temperature, outputs."""
+    lines = preprocessing_lines(report) + acceptance_lines(report) + temperature_lines(report)
+    lines += method_lines(report)
     lines.append("wrote " + ", ".join(str(p) for p in files.values()))
     return lines

@@ -148,13 +148,15 @@ class DenseModel:
     """The model a user brings; ``arch`` is None for a trusted pickled module.
 
     Starting from a moonprune checkpoint (e.g. a channel-pruned one, to sparsify it
-    further), ``head_layer`` names its unknown output and ``structure`` its shapes.
+    further), ``head_layer`` names its unknown output, ``structure`` its shapes and
+    ``preprocessing`` the inputs it was fine-tuned on (kept by the next run).
     """
 
     model: nn.Module
     arch: ArchSpec | None
     head_layer: str | None = None
     structure: dict[str, dict[str, int]] | None = None
+    preprocessing: Preprocessing | None = None
 
 
 def load_dense(
@@ -189,7 +191,9 @@ def load_dense(
             return DenseModel(obj, arch)
         if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
             ckpt = checkpoint_from_dict(obj, str(p), arch.factory if arch else None)
-            return DenseModel(ckpt.model, ckpt.arch, ckpt.head_layer, ckpt.structure)
+            return DenseModel(
+                ckpt.model, ckpt.arch, ckpt.head_layer, ckpt.structure, ckpt.preprocessing
+            )
         found = obj.state_dict() if isinstance(obj, nn.Module) else find_state_dict(obj)
         if found is None:
             raise CheckpointError(

@@ -15,6 +15,7 @@ from typing import Any
 
 from moonprune.augment import check_augment
 from moonprune.errors import ConfigError
+from moonprune.normalization import check_normalize
 from moonprune.recipe import check_types
 from moonprune.sparsity.base import MaskerConfig
 
@@ -265,6 +266,10 @@ class Gates:
 class CompressConfig:
     """Everything ``moonprune compress`` needs; :func:`load_recipe` builds it.
 
+    ``normalize`` (``--normalize``): how the dense model's inputs were normalised,
+    ``auto`` (default), ``none``, ``dataset``, ``symmetric``, ``imagenet``, ``0-255`` or
+    ``mean=...;std=...`` (:mod:`moonprune.normalization`).
+
     Example::
 
         >>> cfg = CompressConfig(checkpoint="dense.pt", data="digits:0-5", out="run")
@@ -292,6 +297,7 @@ class CompressConfig:
     #: KNN score: at most this many training features in the graph, k-th nearest.
     feature_bank: int = 2000
     knn_k: int = 10
+    normalize: str = "auto"
     train: TrainConfig = field(default_factory=TrainConfig)
     moon: MoonConfig = field(default_factory=MoonConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
@@ -311,6 +317,7 @@ class CompressConfig:
             )
         if self.ece_bins < 1:
             raise ConfigError(f"ece_bins must be >= 1, got {self.ece_bins}")
+        check_normalize(self.normalize)
         if not 1 <= self.knn_k <= self.feature_bank:
             raise ConfigError(
                 f"knn_k ({self.knn_k}) must be >= 1 and at most feature_bank "

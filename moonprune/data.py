@@ -33,7 +33,12 @@ SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How raw pixels become model input: ``((raw * scale) - mean[c]) / std[c]``."""
+    """How raw pixels become model input: ``((raw * scale) - mean[c]) / std[c]``.
+
+    ``raw * scale`` is the pixel in [0, 1]; ``normalize`` names the convention that
+    chose ``mean``/``std`` (``--normalize``: ``none``, ``dataset``, ``imagenet``, ...;
+    ``None`` in a checkpoint written before the option existed, which used ``dataset``).
+    """
 
     channels: int
     height: int
@@ -41,6 +46,7 @@ class Preprocessing:
     scale: float
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    normalize: str | None = None
 
     def normalise(self, images01: np.ndarray) -> torch.Tensor:
         """``(N, C, H, W)`` images in [0, 1] -> float32 model input."""
@@ -54,7 +60,7 @@ class Preprocessing:
         return (self.channels, self.height, self.width)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "channels": self.channels,
             "height": self.height,
             "width": self.width,
@@ -62,6 +68,9 @@ class Preprocessing:
             "mean": list(self.mean),
             "std": list(self.std),
         }
+        if self.normalize is not None:
+            d["normalize"] = self.normalize
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
@@ -72,6 +81,7 @@ class Preprocessing:
             scale=float(d["scale"]),
             mean=tuple(float(v) for v in d["mean"]),
             std=tuple(float(v) for v in d["std"]),
+            normalize=d.get("normalize"),
         )
 
 
@@ -188,8 +198,9 @@ def load_splits(
     splits; a missing ``val``/``test`` is carved from ``train``. Otherwise the whole
     set is split 60/20/20, stratified, deterministically in ``seed``.
 
-    With ``preprocessing`` (a saved model's), images are converted to its input and
-    normalised with its statistics instead of the training split's.
+    With ``preprocessing`` (a saved model's, or one :mod:`moonprune.normalization`
+    chose), images are converted to its input and normalised with its statistics
+    instead of the training split's.
 
     Example::
 
@@ -198,6 +209,13 @@ def load_splits(
         >>> splits.num_classes, len(splits.train), len(splits.val), len(splits.test)
         (6, 650, 216, 217)
     """
+    return make_splits(spec, read_split_images(spec, seed, options), preprocessing)
+
+
+def read_split_images(
+    spec: str, seed: int = 0, options: ReadOptions | None = None
+) -> dict[str, RawImages]:
+    """The ``train``/``val``/``test`` images of ``spec`` in [0, 1], not yet normalised."""
     options = options or ReadOptions()
     given = _predefined_splits(spec, options)
     if given is None:
@@ -229,24 +247,36 @@ def load_splits(
                 train.images[tr], train.labels[tr], train.classes, train.pixel_scale
             )
     _require_two_classes(parts["train"], spec)
+    return parts
+
+
+def dataset_preprocessing(train: RawImages) -> Preprocessing:
+    """The training split's own per-channel mean/std (``--normalize dataset``)."""
+    mean = train.images.mean(axis=(0, 2, 3))
+    std = np.maximum(train.images.std(axis=(0, 2, 3)), 1e-3)
+    _, c, h, w = train.images.shape
+    return Preprocessing(
+        c, h, w, float(train.pixel_scale), tuple(map(float, mean)), tuple(map(float, std)),
+        "dataset",
+    )  # fmt: skip
+
+
+def conform_to(raw: RawImages, pre: Preprocessing) -> RawImages:
+    """``raw`` converted to ``pre``'s channels and size (unchanged when they match)."""
+    images = sources.conform(raw.images, pre.channels, (pre.height, pre.width))
+    return RawImages(images, raw.labels, raw.classes, raw.pixel_scale)
+
+
+def make_splits(
+    spec: str, parts: dict[str, RawImages], preprocessing: Preprocessing | None = None
+) -> Splits:
+    """:func:`read_split_images`' parts normalised with ``preprocessing`` (default: the
+    training split's mean/std)."""
     if preprocessing is None:
-        train_images = parts["train"].images
-        mean = train_images.mean(axis=(0, 2, 3))
-        std = np.maximum(train_images.std(axis=(0, 2, 3)), 1e-3)
-        _, c, h, w = train_images.shape
-        scale = float(parts["train"].pixel_scale)
-        pre = Preprocessing(c, h, w, scale, tuple(map(float, mean)), tuple(map(float, std)))
+        pre = dataset_preprocessing(parts["train"])
     else:
         pre = preprocessing
-        parts = {
-            name: RawImages(
-                sources.conform(raw.images, pre.channels, (pre.height, pre.width)),
-                raw.labels,
-                raw.classes,
-                raw.pixel_scale,
-            )
-            for name, raw in parts.items()
-        }
+        parts = {name: conform_to(raw, pre) for name, raw in parts.items()}
 
     def to_set(part: str) -> ImageSet:
         raw = parts[part]

@@ -33,11 +33,20 @@ from moonprune.checkpoints import (
     save_checkpoint,
 )
 from moonprune.config import CompressConfig
-from moonprune.data import ImageSet, ReadOptions, Splits, load_ood, load_splits, parse_spec
+from moonprune.data import (
+    ImageSet,
+    ReadOptions,
+    Splits,
+    load_ood,
+    make_splits,
+    parse_spec,
+    read_split_images,
+)
 from moonprune.distributed import DistContext, from_env
 from moonprune.errors import CheckpointError, ConfigError
 from moonprune.feature_scores import FeatureOptions
 from moonprune.heads import add_unknown_output_, find_classifier, output_width
+from moonprune.normalization import NormalizationChoice, choose_normalization
 from moonprune.outputs import OutputDir, write_json
 from moonprune.reliability.scores import check_score
 from moonprune.reporting import layer_sparsity, write_html_report
@@ -86,16 +95,17 @@ class Inputs:
     dense: DenseModel
     splits: Splits
     ood: dict[str, ImageSet]
+    normalization: NormalizationChoice
 
 
-def prepare_inputs(cfg: CompressConfig, dense: DenseModel | None = None) -> Inputs:
-    """Load data and model and check they fit together (class count, input shape)."""
+def prepare_inputs(
+    cfg: CompressConfig, dense: DenseModel | None = None, device: torch.device | None = None
+) -> Inputs:
+    """Load data and model and check they fit together (class count, input shape), then
+    normalise the data as the model expects (``cfg.normalize``, evaluated on ``device``)."""
     options = ReadOptions(cfg.image_size, cfg.channels, cfg.on_bad_image)
-    splits = load_splits(cfg.data, seed=cfg.train.seed, options=options)
-    ood = {
-        spec: load_ood(spec, splits.preprocessing, seed=cfg.train.seed, options=options)
-        for spec in cfg.ood
-    }
+    parts = read_split_images(cfg.data, seed=cfg.train.seed, options=options)
+    splits = make_splits(cfg.data, parts)
     if dense is None:
         arch = None
         if cfg.arch:
@@ -104,6 +114,8 @@ def prepare_inputs(cfg: CompressConfig, dense: DenseModel | None = None) -> Inpu
                 num_classes=splits.num_classes, in_channels=pre.channels
             )
         dense = _load_for_data(cfg, arch, splits)
+    if dense.preprocessing is not None:  # a moonprune checkpoint keeps its own inputs
+        splits = make_splits(cfg.data, parts, dense.preprocessing)
     try:
         width = output_width(dense.model, splits.train.x[:2])
     except RuntimeError as exc:
@@ -132,7 +144,23 @@ def prepare_inputs(cfg: CompressConfig, dense: DenseModel | None = None) -> Inpu
     check_score(cfg.score)
     if cfg.sparsity.method != CHANNEL:
         MASKERS.create(cfg.sparsity.method, cfg.sparsity.masker_config(cfg.train.seed))
-    return Inputs(dense, splits, ood)
+    if device is not None:  # the candidates are evaluated where the model will train
+        dense.model.to(device)
+    choice = choose_normalization(
+        dense.model,
+        parts["val"],
+        splits.preprocessing,
+        cfg.normalize,
+        splits.num_classes,
+        dense.preprocessing,
+    )
+    if choice.preprocessing != splits.preprocessing:
+        splits = make_splits(cfg.data, parts, choice.preprocessing)
+    ood = {
+        spec: load_ood(spec, splits.preprocessing, seed=cfg.train.seed, options=options)
+        for spec in cfg.ood
+    }
+    return Inputs(dense, splits, ood, choice)
 
 
 def _load_for_data(cfg: CompressConfig, arch: ArchSpec | None, splits: Splits) -> DenseModel:
@@ -260,7 +288,7 @@ def _compress(
     """:func:`compress` once ``--out`` is checked and locked."""
     device = resolve_device(cfg.device, dist)
     torch.manual_seed(cfg.train.seed)
-    inputs = prepare_inputs(cfg, dense)
+    inputs = prepare_inputs(cfg, dense, device)
     settings = training_settings(cfg, inputs.splits)
     if resume:  # before the minutes of dense evaluation
         out.check_settings(settings)
@@ -354,7 +382,7 @@ def _compress(
             "n_test": len(inputs.splits.test),
             "ood": {name: len(s) for name, s in inputs.ood.items()},
         },
-        "preprocessing": inputs.splits.preprocessing.as_dict(),
+        "preprocessing": inputs.normalization.as_dict(),
         "history": [
             {"epoch": h.epoch, "loss": h.loss, "lr": h.lr, "a": h.a, "density": h.density}
             for h in result.history
@@ -365,7 +393,8 @@ def _compress(
             "dense": _aurocs(dense_calibrated.before),
             "compressed": _aurocs(calibrated.before),
         },
-        "warnings": accuracy_warnings(dense_metrics, compressed_metrics),
+        "warnings": inputs.normalization.warnings()
+        + accuracy_warnings(dense_metrics, compressed_metrics),
         # AUROC / FPR95 of every score, so the user sees which one works on this data
         "scores": {"dense": dense_assessment.score_table, "compressed": assessment.score_table},
         "config": cfg.as_dict(),

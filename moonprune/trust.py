@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from typing import Any, TypeGuard
 
 from moonprune.errors import CheckpointError
+from moonprune.normalization import RECORDED_NORMALIZE
 
 BUILTIN_MODULE = "moonprune.models"
 
@@ -178,11 +179,14 @@ def _check_preprocessing(pre: Any, source: str, fix: str) -> None:
             and len(mean) == len(std) == dims[0]
             and all(_finite(m) for m in mean)
             and all(_finite(s) and s > 0 for s in std)
+            # absent in checkpoints written before --normalize (they used "dataset")
+            and pre.get("normalize") in (None, *RECORDED_NORMALIZE)
         )
     if not ok:
         raise CheckpointError(
             f"{source}: the preprocessing record is damaged (channels, height, width > 0; "
-            f"finite mean; std > 0, one per channel), got {_short(pre)}; {fix}"
+            f"finite mean; std > 0, one per channel; normalize one of "
+            f"{', '.join(RECORDED_NORMALIZE)}), got {_short(pre)}; {fix}"
         )
 
 
