@@ -250,7 +250,7 @@ def _cells(rows: list[dict[str, Any]], grid: Grid, dense: bool = False) -> list[
 
 def render(grid: Grid, rows: list[dict[str, Any]], seconds: float, command: str) -> str:
     near, other = grid.ood[0], grid.ood[1]
-    head = (f"| accuracy | ECE | MSP mean AUROC | MSP {near} (near) | MSP {other} | MSP far "
+    head = (f"accuracy | ECE | MSP mean AUROC | MSP {near} (near) | MSP {other} | MSP far "
             "(textures, photos, faces) | MSP noise | energy mean | max_logit mean | "
             "unknown mean |")  # fmt: skip
     lines = [

@@ -15,12 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moonprune.batching import iterate_batches, min_rows_per_batch
 from moonprune.checkpoints import ArchSpec, DenseModel
 from moonprune.config import CompressConfig, MoonConfig, SparsityConfig, TrainConfig
 from moonprune.data import Splits, load_splits
 from moonprune.outputs import MARKER, OutputDir
 from moonprune.pipeline import CompressResult, compress
-from moonprune.training import TrainCallback, iterate_batches, min_rows_per_batch
+from moonprune.training import TrainCallback
 
 DEMO_DATA = "digits:0-5"
 DEMO_OOD = ("digits:6-9", "noise")

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from moonprune.assessment import Assessment, assess_logits, collect
+from moonprune.batching import check_batch_size
 from moonprune.calibration import choose_temperature
 from moonprune.channel_training import check_channel_config, train_channel_pruned
 from moonprune.checkpoints import (
@@ -52,7 +53,7 @@ from moonprune.reliability.scores import check_score
 from moonprune.reporting import layer_sparsity, write_html_report
 from moonprune.sparsity import MASKERS
 from moonprune.structured import module_structure
-from moonprune.training import TrainCallback, check_batch_size, train
+from moonprune.training import TrainCallback, train
 from moonprune.verification import GateCheck, check_gates
 from moonprune.weights import ClassCountMismatch
 

@@ -20,10 +20,8 @@ import logging
 import math
 import pickle
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +29,10 @@ from torch import nn
 
 from moonprune.augment import augment_batch
 from moonprune.averaging import WeightAveraging
+from moonprune.batching import batch_starts as batch_starts
+from moonprune.batching import check_batch_size as check_batch_size
+from moonprune.batching import iterate_batches as iterate_batches
+from moonprune.batching import min_rows_per_batch as min_rows_per_batch
 from moonprune.config import MoonConfig, TrainConfig
 from moonprune.data import ImageSet
 from moonprune.distributed import DistContext
@@ -38,71 +40,17 @@ from moonprune.errors import CheckpointError, ConfigError
 from moonprune.objectives import MoonSchedule, MoonScheduleConfig, Reduction
 from moonprune.outputs import atomic_path
 from moonprune.sparsity.base import Masker, TopologySchedule
+from moonprune.train_records import EpochInfo as EpochInfo
+from moonprune.train_records import Rollback as Rollback
+from moonprune.train_records import StepInfo as StepInfo
+from moonprune.train_records import StopTraining as StopTraining
+from moonprune.train_records import TrainCallback as TrainCallback
+from moonprune.train_records import TrainResult as TrainResult
+from moonprune.train_records import _Diverged
 
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    """What the loop reports after each optimizer step."""
-
-    epoch: int
-    step: int
-    steps_per_epoch: int
-    loss: float
-    lr: float
-    a: float | None
-    density: float
-
-
-@dataclass(frozen=True)
-class EpochInfo:
-    """What the loop reports after each epoch (also kept in ``TrainResult.history``)."""
-
-    epoch: int
-    loss: float
-    lr: float
-    a: float | None
-    density: float
-    seconds: float
-    averaged: bool
-    masker: dict[str, float] = field(default_factory=dict)
-
-
-class TrainCallback(Protocol):
-    def on_step(self, info: StepInfo) -> None: ...
-    def on_epoch_end(self, info: EpochInfo) -> None: ...
-
-
-@dataclass
-class TrainResult:
-    """The output network (the average with MOON), its masks, and the history."""
-
-    model: nn.Module
-    masks: dict[str, torch.Tensor]
-    history: list[EpochInfo]
-    rollbacks: list[Rollback] = field(default_factory=list)
-
-
-class StopTraining(Exception):
-    """Raised by a callback (or ``stop_after_epoch``) to interrupt after a saved epoch."""
-
-
-class _Diverged(Exception):
-    """An epoch's loss went non-finite or far above the first epoch's (see ``run``)."""
-
-
-@dataclass(frozen=True)
-class Rollback:
-    """One undone epoch: what went wrong, and the lr scale before and after."""
-
-    epoch: int
-    loss: float
-    reason: str
-    lr_scale_before: float
-    lr_scale_after: float
 
 
 def lr_factor(epoch_float: float, config: TrainConfig, main_epochs: int) -> float:
@@ -112,53 +60,6 @@ def lr_factor(epoch_float: float, config: TrainConfig, main_epochs: int) -> floa
         return config.lr_floor_factor
     cos = 0.5 * (1 + math.cos(math.pi * epoch_float / main_epochs))
     return config.lr_floor_factor + (config.lr_peak_factor - config.lr_floor_factor) * cos
-
-
-def batch_starts(n: int, batch_size: int, min_last: int = 1) -> list[int]:
-    """Where each batch of ``n`` rows starts; a last batch of fewer than ``min_last``
-    rows joins the one before (BatchNorm cannot train on one row per channel)."""
-    starts = list(range(0, n, batch_size))
-    if len(starts) > 1 and n - starts[-1] < min_last:
-        starts.pop()
-    return starts
-
-
-def min_rows_per_batch(model: nn.Module, world_size: int = 1) -> int:
-    """2 rows per process when ``model`` has BatchNorm (one row has no variance), else 1."""
-    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    return 2 * world_size if has_bn else 1
-
-
-def check_batch_size(model: nn.Module, batch_size: int, world_size: int = 1) -> int:
-    """Refuse a batch BatchNorm cannot train on; returns the rows a batch needs."""
-    min_rows = min_rows_per_batch(model, world_size)
-    if batch_size < min_rows:
-        where = "a process" if world_size > 1 else "a batch"
-        raise ConfigError(
-            f"--batch-size {batch_size} leaves {where} with fewer than 2 rows, on which "
-            f"BatchNorm cannot train; use --batch-size {min_rows} or more"
-        )
-    return min_rows
-
-
-def iterate_batches(
-    data: ImageSet,
-    batch_size: int,
-    seed: int,
-    device: torch.device,
-    shuffle: bool = True,
-    min_last: int = 1,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches of ``data`` in an order fixed by ``seed`` (drop nothing; a last batch
-    smaller than ``min_last`` is folded into the one before)."""
-    if shuffle:
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-    else:
-        order = torch.arange(len(data))
-    starts = batch_starts(len(data), batch_size, min_last)
-    for start, end in zip(starts, [*starts[1:], len(data)], strict=True):
-        idx = order[start:end]
-        yield data.x[idx].to(device), data.y[idx].to(device)
 
 
 class Trainer:

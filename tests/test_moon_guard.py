@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -106,13 +107,36 @@ def test_lr_warm_up_ramps_linearly_over_the_first_epoch(digits06) -> None:
     assert trainer._lr_shape(1, 0) == pytest.approx(cosine(1.0, trainer.cfg, trainer.main_epochs))
 
 
-def test_report_has_auroc_at_t1_and_p_unknown(demo_run) -> None:
+@pytest.fixture(scope="module")
+def msp_run(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A short compress deploying MSP at a fitted temperature (so T = 1 differs)."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("t1")
+    from moonprune.demo import train_dense
+
+    dense = train_dense(
+        moonprune.models.demo_cnn(num_classes=6, width=8),
+        moonprune.load_splits("digits:0-5", seed=0), epochs=5,
+    )  # fmt: skip
+    torch.save(dense.state_dict(), root / "d.pt")
+    return moonprune.compress(moonprune.build_config({
+        "checkpoint": str(root / "d.pt"), "arch": "moonprune.models:demo_cnn",
+        "arch_kwargs": {"width": 8}, "data": "digits:0-5", "ood": ["digits:6-9", "noise"],
+        "out": str(root / "run"), "export": False, "score": "msp", "train": {"epochs": 3},
+        "moon": {"warmup_epochs": 1},
+    }))  # fmt: skip
+
+
+def test_report_has_auroc_at_t1_and_p_unknown(msp_run) -> None:
     """Recomputed from the saved checkpoint on the same split, independently."""
     from sklearn.metrics import roc_auc_score
 
-    report = demo_run.report
-    ckpt = moonprune.load_checkpoint(demo_run.out / "model.pt")
-    splits = moonprune.load_splits(report["config"]["data"], seed=report["config"]["train"]["seed"])
+    report = msp_run.report
+    ckpt = moonprune.load_checkpoint(msp_run.out / "model.pt")
+    splits = moonprune.load_splits(
+        report["config"]["data"], seed=report["config"]["train"]["seed"],
+        preprocessing=ckpt.preprocessing,
+    )  # fmt: skip
     k = ckpt.num_known
     with torch.no_grad():
         test = ckpt.model(splits.test.x).double()
@@ -130,5 +154,5 @@ def test_report_has_auroc_at_t1_and_p_unknown(demo_run) -> None:
     assert p_u["id_test"]["mean"] == pytest.approx(
         float(torch.softmax(test / t, -1)[:, k].mean()), abs=1e-9
     )
-    html = (demo_run.out / "report.html").read_text()
+    html = (msp_run.out / "report.html").read_text()
     assert "compressed: p(unknown) per set" in html and "AUROC % at T = 1" in html
