@@ -14,7 +14,7 @@ from moonprune.cli.app import app
 from typer.testing import CliRunner
 
 from moonprune.checkpoints import ArchSpec, DenseModel, load_checkpoint
-from moonprune.config import build_config
+from moonprune.config import CompressConfig, build_config
 from moonprune.data import Preprocessing, Splits, load_splits, read_split_images
 from moonprune.demo import train_dense
 from moonprune.errors import CheckpointError, ConfigError
@@ -60,10 +60,11 @@ def trained() -> dict[str, torch.nn.Module]:
     return models
 
 
-def _config(out: Path, **values: object) -> object:
-    return build_config({"checkpoint": "dense.pt", "data": DATA, "ood": ["digits:3-5"],
-                         "out": str(out), "arch": ARCH.factory, "arch_kwargs": ARCH.kwargs,
-                         "train": {"epochs": 1}, "moon": {"warmup_epochs": 0}, **values})  # fmt: skip
+def _config(out: Path, **values: object) -> CompressConfig:
+    base = {"checkpoint": "dense.pt", "data": DATA, "ood": ["digits:3-5"], "out": str(out),
+            "arch": ARCH.factory, "arch_kwargs": ARCH.kwargs, "train": {"epochs": 1},
+            "moon": {"warmup_epochs": 0}}  # fmt: skip
+    return build_config({**base, **values})
 
 
 @pytest.mark.parametrize("name", ["none", "dataset", "symmetric"])
@@ -137,7 +138,6 @@ def test_baked_export_takes_raw_pixels(trained, tmp_path) -> None:
     """--bake-preprocessing: the graph takes raw pixels (digits: 0-16) and applies the
     recorded convention inside."""
     import onnxruntime as ort
-
     from moonprune.exporters.checkpoint_export import export_checkpoint
 
     result = compress(_config(tmp_path / "run", export=False, normalize="symmetric"),
