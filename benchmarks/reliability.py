@@ -168,6 +168,7 @@ def run_one(
         "dense": rep["models"]["dense"], "compressed": rep["models"]["compressed"],
         "scores": every_score(result.checkpoint.model, setting.splits, setting.ood),
         "dense_scores": setting.dense_scores, "rollbacks": len(rep["rollbacks"]),
+        "report_scores": rep.get("scores"),
         "epoch_s": rep["timing"]["epoch_s_mean"], "seconds": seconds,
     }  # fmt: skip
 
@@ -245,14 +246,25 @@ def _cells(rows: list[dict[str, Any]], grid: Grid, dense: bool = False) -> list[
         cells.append(_ms([score_mean(r, "msp", names, dense) for r in rows]))
     cells += [_ms([score_mean(r, s, None, dense) for r in rows])
               for s in ("energy", "max_logit", "unknown")]  # fmt: skip
+    for feature in ("mahalanobis", "knn"):  # from the report (fitted on the final model)
+        values = [feature_mean(r, feature, dense) for r in rows]
+        cells.append(_ms([v for v in values if v is not None]) if None not in values else "-")
     return cells
+
+
+def feature_mean(row: dict[str, Any], score: str, dense: bool = False) -> float | None:
+    """Mean AUROC of a feature score (mahalanobis, knn) as compress reported it."""
+    table = (row.get("report_scores") or {}).get("dense" if dense else "compressed", {})
+    if score not in table:
+        return None
+    return float(np.mean([v["auroc"] for v in table[score].values()]))
 
 
 def render(grid: Grid, rows: list[dict[str, Any]], seconds: float, command: str) -> str:
     near, other = grid.ood[0], grid.ood[1]
     head = (f"accuracy | ECE | MSP mean AUROC | MSP {near} (near) | MSP {other} | MSP far "
             "(textures, photos, faces) | MSP noise | energy mean | max_logit mean | "
-            "unknown mean |")  # fmt: skip
+            "unknown mean | mahalanobis mean | knn mean |")  # fmt: skip
     lines = [
         f"## Reliability: MOON vs plain sparse fine-tuning ({grid.name})",
         "",
@@ -264,7 +276,7 @@ def render(grid: Grid, rows: list[dict[str, Any]], seconds: float, command: str)
         "1 - p(unknown) (K+1 head only; constant, so 50, for plain).",
         "",
         "| arch | model | " + head,
-        "|---|---|" + "---|" * 10,
+        "|---|---|" + "---|" * 12,
     ]
     for arch in grid.archs:
         dense_rows = [r for r in rows if r["arch"] == arch and r["method"] == grid.methods[0]
@@ -272,7 +284,7 @@ def render(grid: Grid, rows: list[dict[str, Any]], seconds: float, command: str)
         if dense_rows:
             lines.append(f"| {arch} | dense | " + " | ".join(_cells(dense_rows, grid, True)) + " |")
     lines += ["", "| arch | method | sparsity | variant | " + head + " rollbacks |",
-              "|---|---|---|---|" + "---|" * 11]  # fmt: skip
+              "|---|---|---|---|" + "---|" * 13]  # fmt: skip
     keys = sorted({(r["arch"], r["method"], r["sparsity"]) for r in rows})
     diffs = []
     for key in keys:
