@@ -78,6 +78,7 @@ def inspect_onnx(path: str | Path) -> dict[str, Any]:
         "gzip_bytes": gzip_size(path),
         "opset": written_opset(model),
         "metadata": meta,
+        "score_constant_bytes": score_constant_bytes(model),
         "problems": problems,
         **_layer_rows(_onnx_weights(model)),
     }
@@ -124,8 +125,10 @@ def _first_line(exc: Exception) -> str:
 
 def _onnx_weights(model: Any) -> list[tuple[str, np.ndarray]]:
     """Weight tensors (rank >= 2) of an onnx ModelProto, dense and sparse initializers
-    alike, in the order the graph's nodes first use them."""
+    alike, in the order the graph's nodes first use them. A feature score's statistics
+    (read only by its nodes) are not weights: :func:`score_constant_bytes` counts them."""
     import onnx
+    from moonprune.exporters.feature_rejector import SCORE_PREFIX
     from onnx import numpy_helper
 
     weight_types = (onnx.TensorProto.FLOAT, onnx.TensorProto.INT8, onnx.TensorProto.FLOAT16)
@@ -137,12 +140,25 @@ def _onnx_weights(model: Any) -> list[tuple[str, np.ndarray]]:
     for sparse in model.graph.sparse_initializer:
         if sparse.values.data_type in weight_types and len(sparse.dims) >= 2:
             weights[sparse.values.name] = _densify(sparse)
+    network = {i for n in model.graph.node if not n.name.startswith(SCORE_PREFIX) for i in n.input}
+    weights = {name: w for name, w in weights.items() if name in network}
     order: dict[str, int] = {}
     for node in model.graph.node:
         for name in node.input:
             order.setdefault(name, len(order))
     ranked = sorted(weights, key=lambda name: order.get(name, len(order)))
     return [(name, weights[name]) for name in ranked]
+
+
+def score_constant_bytes(model: Any) -> int:
+    """Bytes of the constants only a feature score's nodes read (its statistics)."""
+    from moonprune.exporters.feature_rejector import SCORE_PREFIX
+    from onnx import numpy_helper
+
+    network = {i for n in model.graph.node if not n.name.startswith(SCORE_PREFIX) for i in n.input}
+    return sum(
+        numpy_helper.to_array(i).nbytes for i in model.graph.initializer if i.name not in network
+    )
 
 
 def _densify(sparse: Any) -> np.ndarray:

@@ -46,7 +46,9 @@ def test_contract_in_a_bare_onnxruntime_session(demo_run) -> None:
         for name, (_, width) in expected.items():
             assert out[name].shape == ((n, width) if width else (n,)), name
     logits, probs, conf, label, unknown = session.run(None, {"input": x})
-    wrapper = RejectingClassifier(ckpt.model, 6, ckpt.threshold or 0.0).eval()
+    wrapper = RejectingClassifier(ckpt.model, 6, ckpt.threshold or 0.0, ckpt.score,
+                                  feature_stats=ckpt.feature_stats,
+                                  feature_layer="classifier").eval()  # fmt: skip
     with torch.no_grad():
         ref = wrapper(torch.from_numpy(x))
     assert np.abs(ref[0].numpy() - logits).max() < 1e-4
@@ -60,7 +62,7 @@ def test_contract_in_a_bare_onnxruntime_session(demo_run) -> None:
     assert float(meta["moonprune.threshold"]) == pytest.approx(ckpt.threshold)
     assert json.loads(meta["moonprune.classes"]) == list(ckpt.classes)
     assert json.loads(meta["moonprune.preprocessing"])["height"] == 8
-    assert meta["moonprune.score"] == "msp" and float(meta["moonprune.tpr"]) == 0.95
+    assert meta["moonprune.score"] == "mahalanobis" and float(meta["moonprune.tpr"]) == 0.95
     assert abs(float(meta["moonprune.sparsity"]) - 0.9) < 0.005
 
 
@@ -145,7 +147,11 @@ def test_sparse_file_gzips_far_smaller_than_dense(demo_run, tmp_path: Path) -> N
 
 def test_int8_export_is_small_and_keeps_the_acceptance(demo_run, tmp_path: Path) -> None:
     report = export_checkpoint(demo_run.out / "model.pt", tmp_path / "q.onnx", quantize="int8")
-    assert report["size_ratio"] >= 3.5 and report["opset"] == 18
+    # the network is int8; the mahalanobis statistics (the default score) stay float32
+    score = int(_bare_session(tmp_path / "q.onnx").get_modelmeta().custom_metadata_map[
+        "moonprune.score_bytes"])  # fmt: skip
+    assert (report["float_bytes"] - score) / (report["bytes"] - score) >= 3.5
+    assert report["opset"] == 18
     assert abs(report["metrics"]["id_val_accepted"] - 0.95) <= 0.02
     assert set(report["metrics"]["auroc"]) == {"digits:6-9", "noise"}
     assert report["metrics"]["accuracy"] >= report["float_metrics"]["accuracy"] - 0.02

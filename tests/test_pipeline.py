@@ -112,13 +112,22 @@ def test_verify_numbers_recomputed_from_the_model_outputs(demo_run, tmp_path: Pa
     nll = -np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean()
     assert verified["nll"] == pytest.approx(nll, abs=1e-9)
 
-    def msp(logits: torch.Tensor) -> np.ndarray:  # float32, as the model and graph score
-        return torch.softmax(logits / t, dim=1)[:, :k].amax(1).double().numpy()
+    def mahalanobis(x: torch.Tensor) -> np.ndarray:  # the deployed (default) score, float32
+        features: list[torch.Tensor] = []
+        hook = ckpt.model.classifier.register_forward_pre_hook(lambda _m, a: features.append(a[0]))
+        _forward(ckpt.model, x)
+        hook.remove()
+        stats = ckpt.feature_stats
+        assert ckpt.score == "mahalanobis" and stats is not None
+        diff = torch.cat(features)[:, None, :] - stats.means[None]  # (N, K, D)
+        # (f - mu)^T W W^T (f - mu) = ||(f - mu) W||^2, in the stored float32 factor
+        distance = torch.einsum("nkd,de->nke", diff, stats.whitening).square().sum(-1)
+        return (-distance.amin(1)).double().numpy()
 
-    id_scores = msp(test_logits)
+    id_scores = mahalanobis(splits.test.x)
     for name in ("digits:6-9", "noise"):
         ood = load_ood(name, ckpt.preprocessing, seed=0)
-        ood_scores = msp(_forward(ckpt.model, ood.x))
+        ood_scores = mahalanobis(ood.x)
         labels = np.r_[np.ones(len(id_scores)), np.zeros(len(ood_scores))]
         pooled = np.r_[id_scores, ood_scores]
         fpr, tpr, _ = roc_curve(labels, pooled, drop_intermediate=False)
@@ -156,7 +165,8 @@ def test_verify_exit_codes_as_subprocess(demo_run, tmp_path: Path) -> None:
     model = str(demo_run.out / "model.pt")
     ok = _moonprune("verify", model, "--min-auroc", "0.5", "--max-ece", "0.5")
     assert ok.returncode == 0, ok.stderr
-    bad = _moonprune("verify", model, "--min-auroc", "1.0", "--json", str(tmp_path / "g.json"))
+    bad = _moonprune("verify", model, "--min-auroc", "1.0", "--score", "msp",
+                     "--json", str(tmp_path / "g.json"))  # fmt: skip
     assert bad.returncode == 1
     assert "gate failed" in bad.stderr and "Traceback" not in bad.stderr
     gates = json.loads((tmp_path / "g.json").read_text())["gates"]
