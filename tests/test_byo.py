@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from moonprune import models
 from moonprune.config import MoonConfig, TrainConfig, build_config
-from moonprune.recipe import read_recipe
 from moonprune.heads import add_unknown_output_
+from moonprune.recipe import read_recipe
 from moonprune.sparsity import MASKERS, MaskerConfig
 from moonprune.training import Trainer
 
