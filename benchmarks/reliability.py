@@ -407,7 +407,7 @@ ABLATIONS: dict[str, tuple[dict[str, Any], dict[str, Any], str | None]] = {
     "- gradient through w (detached)": ({}, {}, "gradient"),
     "- mean-row init (dead unknown row)": ({}, {}, "init"),
     "- unknown-row exemption (prunable)": ({}, {}, "exemption"),
-    "- augmentation (none)": ({}, {"augment": "none"}, None),
+    "augmentation: crop": ({}, {"augment": "crop"}, None),
     "- averaging": ({"average_epochs": 0}, {}, None),
     "- lr warm-up": ({}, {"lr_warmup_epochs": 0.0}, None),
     "lr 0.01 (default 0.05)": ({}, {"lr": 0.01}, None),
@@ -478,7 +478,8 @@ def main() -> None:
     if args.ablation:
         with open(ROOT / "benchmarks" / f"ablation-{tag}.jsonl", "w") as log:
             text = run_ablation(grid, tuple(args.seeds or (0, 1, 2)), log)
-        command = f"python benchmarks/reliability.py --ablation{flags}"
+        seeds = " --seeds " + " ".join(map(str, args.seeds)) if args.seeds else ""
+        command = f"python benchmarks/reliability.py --ablation{flags}{seeds}"
         text += f"\nCommand: `{command}`; wall time {(time.perf_counter() - start) / 60:.1f} min\n"
         update_section(f"ablation-{tag}", text)
         print(text)

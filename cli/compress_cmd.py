@@ -142,8 +142,8 @@ def register(app: typer.Typer) -> None:
         augment: Annotated[
             str | None,
             typer.Option(
-                help="Training-row augmentation: crop (random crop with padding, default), "
-                "crop+flip (natural images), none."
+                help="Training-row augmentation: none (default), crop (random crop with "
+                "padding), crop+flip (natural images)."
             ),
         ] = None,
         macs_target: Annotated[
