@@ -34,7 +34,8 @@ class TrainConfig:
     ramps linearly from ~0 to its schedule over the first ``lr_warmup_epochs`` (a
     pretrained model's first steps under a fresh optimizer and a new head are where
     fine-tuning spikes), and a divergence guard: an epoch whose loss is non-finite, or
-    more than ``divergence_factor`` times the first epoch's, is undone (the last good
+    more than ``divergence_factor`` times the first epoch's *and* above chance level
+    (ln of the output count), is undone (the last good
     epoch's state restored), the lr halved and the epoch rerun, at most
     ``max_rollbacks`` times; each rollback is recorded in the report. ``augment``
     (training rows only; :mod:`moonprune.augment`): ``none`` (default, by evidence: on

@@ -154,6 +154,7 @@ class Trainer:
         self.history: list[EpochInfo] = []
         self.lr_scale = 1.0  # halved by each rollback of a diverged epoch
         self.rollbacks: list[Rollback] = []
+        self._outputs = 2  # the model's output width, read from the first batch
 
     # -- state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -268,15 +269,19 @@ class Trainer:
         return TrainResult(final, masks, self.history, list(self.rollbacks))
 
     def _check_divergence(self, epoch: int) -> None:
-        """Raise :class:`_Diverged` when this epoch's loss is far above the first's."""
+        """Raise :class:`_Diverged` when this epoch's loss is non-finite, or both far
+        above the first epoch's and above chance level, ``ln(outputs)`` (the loss of a
+        uniform prediction). Both conditions: a pretrained model's loss can grow several
+        times from a tiny start (0.02 -> 0.07 as sparsity ramps up) and stay healthy."""
         loss = self.history[-1].loss
         first = self.history[0].loss
         if not math.isfinite(loss):
             raise _Diverged(f"the epoch loss became {loss}")
-        if epoch > 0 and loss > self.cfg.divergence_factor * first:
+        chance = math.log(max(self._outputs, 2))
+        if epoch > 0 and loss > self.cfg.divergence_factor * first and loss > chance:
             raise _Diverged(
                 f"the epoch loss {loss:.4g} is over {self.cfg.divergence_factor:g}x the first "
-                f"epoch's ({first:.4g})"
+                f"epoch's ({first:.4g}) and above chance level ({chance:.3g})"
             )
 
     def _roll_back(self, good: dict[str, Any], epoch: int, reason: str) -> None:
@@ -320,6 +325,7 @@ class Trainer:
             n_global = len(y)
             x, y = self.dist.shard(x), self.dist.shard(y)
             logits = self.forward(x)
+            self._outputs = logits.shape[-1]
             loss, row_sum = self._loss(logits, y, epoch, n_global)
             if not torch.isfinite(loss):
                 if self.dist.enabled:  # ranks cannot agree on a rollback mid-epoch

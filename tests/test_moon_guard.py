@@ -74,6 +74,21 @@ def test_an_epoch_far_above_the_first_is_rolled_back(digits06, monkeypatch) -> N
     assert len(result.rollbacks) == 1 and "over 3x the first epoch's" in result.rollbacks[0].reason
 
 
+def test_a_healthy_rise_from_a_tiny_loss_is_not_divergence(digits06, monkeypatch) -> None:
+    """0.02 -> 0.07 (a pretrained model as sparsity ramps up) is over 3x, but far below
+    chance level: no rollback (this stopped a benchmark run before the chance test)."""
+    trainer = _trainer(digits06, epochs=3)
+    original = Trainer._run_epoch
+
+    def tiny(self, epoch):  # type: ignore[no-untyped-def]
+        original(self, epoch)
+        last = self.history[-1]
+        self.history[-1] = type(last)(**{**vars(last), "loss": 0.02 if epoch == 0 else 0.07})
+
+    monkeypatch.setattr(Trainer, "_run_epoch", tiny)
+    assert trainer.run().rollbacks == []
+
+
 def test_absurd_lr_stops_with_exit_2(tmp_path: Path) -> None:
     torch.manual_seed(0)
     torch.save(moonprune.models.demo_cnn(num_classes=3, width=4).state_dict(), tmp_path / "d.pt")
