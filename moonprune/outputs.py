@@ -164,10 +164,14 @@ class OutputDir:
     def check_state(self) -> None:
         """On ``--resume``: the training state must be a plain dict of tensors and
         numbers (``weights_only``: a pickled object in it is refused, never run)."""
+        import warnings
+
         import torch
 
         try:
-            state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's notes on pickle protocols
+                warnings.simplefilter("ignore")
+                state = torch.load(self.state_path, map_location="cpu", weights_only=True)
         except Exception:  # any unreadable file means the same thing here
             state = None
         if not isinstance(state, dict):

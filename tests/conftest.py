@@ -57,3 +57,47 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory):
 
     out = tmp_path_factory.mktemp("demo") / "out"
     return run_demo(out, epochs=8)
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with ``dense.pt`` (3-class width-4 demo CNN) and ``run/model.pt``, the
+    result of a 1-epoch compress of it (no ONNX): bad-input tests load it in seconds."""
+    from moonprune.config import build_config
+    from moonprune.models import demo_cnn
+    from moonprune.pipeline import compress
+
+    root = tmp_path_factory.mktemp("small-run")
+    torch.manual_seed(0)
+    torch.save(demo_cnn(num_classes=3, width=4).state_dict(), root / "dense.pt")
+    compress(build_config({
+        "checkpoint": str(root / "dense.pt"), "arch": "moonprune.models:demo_cnn",
+        "arch_kwargs": {"width": 4}, "data": "digits:0-2", "ood": ["noise"],
+        "out": str(root / "run"), "export": False, "train": {"epochs": 1},
+        "moon": {"warmup_epochs": 0},
+    }))  # fmt: skip
+    return root
+
+
+@pytest.fixture
+def own_factory_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``run/model.pt`` of a network built by a factory of the user's own
+    (``mynets:net``, importable from the current directory ``tmp_path``)."""
+    from moonprune.config import build_config
+    from moonprune.models import demo_cnn
+    from moonprune.pipeline import compress
+
+    (tmp_path / "mynets.py").write_text(
+        "from moonprune.models import demo_cnn\n"
+        "def net(num_classes=3, in_channels=1):\n"
+        "    return demo_cnn(num_classes=num_classes, in_channels=in_channels, width=4)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(0)
+    torch.save(demo_cnn(num_classes=3, width=4).state_dict(), "dense.pt")
+    compress(build_config({
+        "checkpoint": "dense.pt", "arch": "mynets:net", "data": "digits:0-2",
+        "out": "run", "export": False, "train": {"epochs": 1}, "moon": {"warmup_epochs": 0},
+    }))  # fmt: skip
+    return tmp_path / "run" / "model.pt"

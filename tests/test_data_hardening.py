@@ -22,11 +22,9 @@ from moonprune.cli.app import app
 from PIL import Image
 from typer.testing import CliRunner, Result
 
-from moonprune.config import build_config
 from moonprune.data import ReadOptions, load_ood, load_raw, load_splits
 from moonprune.errors import DataError
 from moonprune.models import demo_cnn
-from moonprune.pipeline import compress
 
 runner = CliRunner()
 ARCH = "moonprune.models:demo_cnn"
@@ -323,17 +321,9 @@ def test_compress_refuses_bad_data_with_one_line(
 
 
 @pytest.fixture(scope="module")
-def compressed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished 1-epoch compress of a 3-class width-4 demo CNN (no ONNX): model.pt."""
-    root = tmp_path_factory.mktemp("compressed")
-    torch.manual_seed(0)
-    torch.save(demo_cnn(num_classes=3, width=4).state_dict(), root / "dense.pt")
-    compress(build_config({
-        "checkpoint": str(root / "dense.pt"), "arch": ARCH, "arch_kwargs": {"width": 4},
-        "data": "digits:0-2", "ood": ["noise"], "out": str(root / "run"), "export": False,
-        "train": {"epochs": 1}, "moon": {"warmup_epochs": 0},
-    }))  # fmt: skip
-    return root / "run" / "model.pt"
+def compressed(small_run: Path) -> Path:
+    """``model.pt`` of a 1-epoch compress of a 3-class width-4 demo CNN (conftest)."""
+    return small_run / "run" / "model.pt"
 
 
 @pytest.mark.parametrize(

@@ -94,30 +94,12 @@ def test_rejector_refuses_non_finite_settings(kwargs: dict, needle: str) -> None
         RejectingClassifier(demo_cnn(num_classes=3, width=4), num_known=3, **kwargs)
 
 
-def test_a_network_of_your_own_exports_with_arch(tmp_path: Path, monkeypatch) -> None:
+def test_a_network_of_your_own_exports_with_arch(own_factory_run: Path) -> None:
     """export reads the checkpoint like inspect and verify: a recorded factory that is
     not a moonprune built-in needs --arch, which export offers."""
-    import torch
     from moonprune.cli.app import app
     from typer.testing import CliRunner
 
-    from moonprune.config import build_config
-    from moonprune.models import demo_cnn
-    from moonprune.pipeline import compress
-
-    (tmp_path / "mynets.py").write_text(
-        "from moonprune.models import demo_cnn\n"
-        "def net(num_classes=3, in_channels=1):\n"
-        "    return demo_cnn(num_classes=num_classes, in_channels=in_channels, width=4)\n"
-    )
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    torch.manual_seed(0)
-    torch.save(demo_cnn(num_classes=3, width=4).state_dict(), "dense.pt")
-    compress(build_config({
-        "checkpoint": "dense.pt", "arch": "mynets:net", "data": "digits:0-2",
-        "out": "run", "export": False, "train": {"epochs": 1}, "moon": {"warmup_epochs": 0},
-    }))  # fmt: skip
     runner = CliRunner()
     refused = runner.invoke(app, ["export", "run/model.pt", "--out", "m.onnx"])
     assert refused.exit_code == 2 and "--arch mynets:net" in refused.output

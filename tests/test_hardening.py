@@ -37,17 +37,9 @@ def _one_line_exit_2(result: Result, needle: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished 1-epoch compress of a 3-class width-4 demo CNN (no ONNX)."""
-    root = tmp_path_factory.mktemp("hardening")
-    torch.manual_seed(0)
-    torch.save(demo_cnn(num_classes=3, width=4).state_dict(), root / "dense.pt")
-    compress(build_config({
-        "checkpoint": str(root / "dense.pt"), "arch": ARCH, "arch_kwargs": {"width": 4},
-        "data": "digits:0-2", "ood": ["noise"], "out": str(root / "run"), "export": False,
-        "train": {"epochs": 1}, "moon": {"warmup_epochs": 0},
-    }))  # fmt: skip
-    return root
+def run_dir(small_run: Path) -> Path:
+    """``dense.pt`` and ``run/model.pt`` of a 1-epoch compress (conftest)."""
+    return small_run
 
 
 def _tampered(run_dir: Path, tmp_path: Path, **fields: Any) -> Path:
@@ -104,24 +96,12 @@ def test_recipe_arch_must_be_named_on_the_command_line(run_dir: Path, tmp_path: 
     assert not pwned.exists()
 
 
-def test_a_factory_of_your_own_loads_with_arch(tmp_path: Path, monkeypatch) -> None:
+def test_a_factory_of_your_own_loads_with_arch(own_factory_run: Path) -> None:
     """The user's own network: refused without --arch, loaded with it."""
-    (tmp_path / "mynets.py").write_text(
-        "from moonprune.models import demo_cnn\n"
-        "def net(num_classes=3, in_channels=1):\n"
-        "    return demo_cnn(num_classes=num_classes, in_channels=in_channels, width=4)\n"
-    )
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    torch.save(demo_cnn(num_classes=3, width=4).state_dict(), "dense.pt")
-    compress(build_config({
-        "checkpoint": "dense.pt", "arch": "mynets:net", "data": "digits:0-2",
-        "out": "run", "export": False, "train": {"epochs": 1}, "moon": {"warmup_epochs": 0},
-    }))  # fmt: skip
     with pytest.raises(CheckpointError, match="--arch mynets:net"):
-        load_checkpoint("run/model.pt")
-    assert load_checkpoint("run/model.pt", arch="mynets:net").num_known == 3
-    result = runner.invoke(app, ["inspect", "run/model.pt", "--arch", "mynets:net"])
+        load_checkpoint(own_factory_run)
+    assert load_checkpoint(own_factory_run, arch="mynets:net").num_known == 3
+    result = runner.invoke(app, ["inspect", str(own_factory_run), "--arch", "mynets:net"])
     assert result.exit_code == 0, result.output
 
 
