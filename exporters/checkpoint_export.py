@@ -22,7 +22,7 @@ from moonprune.exporters.quantize import quantize_int8, recalibrate_threshold
 from moonprune.exporters.sparse_storage import to_sparse_storage
 
 from moonprune.errors import ConfigError
-from moonprune.outputs import refuse_input_overwrite
+from moonprune.outputs import check_output_path
 
 
 def evaluate_onnx(
@@ -52,17 +52,7 @@ def check_out_path(out: Path, inputs: Iterable[str | Path]) -> None:
             f"--out {str(out)!r} is a folder; give the file to write, e.g. "
             f"{str(out / 'model.onnx')!r}"
         )
-    refuse_input_overwrite(out, inputs, "--out")
-    folder = out.parent
-    if not folder.is_dir():
-        raise ConfigError(
-            f"--out {str(out)!r}: the folder {str(folder)!r} does not exist; create it first "
-            "or choose another path"
-        )
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ConfigError(
-            f"--out {str(out)!r}: the folder {str(folder)!r} is not writable; choose another path"
-        )
+    check_output_path(out, "--out", inputs=list(inputs))
 
 
 def _recorded_data(cfg: dict[str, Any], source: str) -> tuple[str, list[str], int]:

@@ -19,7 +19,7 @@ import fcntl
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -257,3 +257,29 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     for key, value in d.items():
         out.update(_flat(value, f"{prefix}{key}."))
     return out
+
+
+def check_output_path(path: str | Path, option: str, inputs: Sequence[str | Path] = ()) -> Path:
+    """``path`` if a file can be written there, else a ConfigError naming it and the fix.
+
+    Called before any evaluation, so a typo in ``--json`` costs no time and reads as
+    bad input (exit 2), not as a failed gate. A path that is one of ``inputs`` (the
+    checkpoint, the data) is refused: an output never replaces what was read.
+    """
+    target = Path(path)
+    refuse_input_overwrite(target, inputs, option)
+    folder = target.parent
+    if target.is_dir():
+        raise ConfigError(f"{option} {str(target)!r} is a folder; pass a file path in it")
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise ConfigError(
+            f"{option} {str(target)!r}: the folder {str(folder)!r} {what}; "
+            "create it first or choose another path"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{option} {str(target)!r}: the folder {str(folder)!r} is not writable; "
+            "choose another path"
+        )
+    return target

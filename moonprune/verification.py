@@ -9,9 +9,7 @@ bound lies inside the interval is flagged ``uncertain`` (noise could flip it).
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,8 @@ from moonprune.config import Gates
 from moonprune.data import ImageSet, ReadOptions, Splits, load_ood, load_splits
 from moonprune.errors import CheckpointError, ConfigError, MoonpruneError
 from moonprune.heads import add_unknown_output_
-from moonprune.outputs import refuse_input_overwrite, write_json
+from moonprune.outputs import check_output_path as check_output_path
+from moonprune.outputs import write_json
 from moonprune.reporting import layer_sparsity, write_html_report
 from moonprune.structured import size_vs_dense
 
@@ -340,32 +339,6 @@ def _dense_arch(arch: ArchSpec) -> ArchSpec:
     if not arch.factory:
         raise CheckpointError("the checkpoint records no architecture; pass --baseline-arch")
     return arch
-
-
-def check_output_path(path: str | Path, option: str, inputs: Sequence[str | Path] = ()) -> Path:
-    """``path`` if a file can be written there, else a ConfigError naming it and the fix.
-
-    Called before any evaluation, so a typo in ``--json`` costs no time and reads as
-    bad input (exit 2), not as a failed gate. A path that is one of ``inputs`` (the
-    checkpoint, the data) is refused: an output never replaces what was read.
-    """
-    target = Path(path)
-    refuse_input_overwrite(target, inputs, option)
-    folder = target.parent
-    if target.is_dir():
-        raise ConfigError(f"{option} {str(target)!r} is a folder; pass a file path in it")
-    if not folder.is_dir():
-        what = "is not a folder" if folder.exists() else "does not exist"
-        raise ConfigError(
-            f"{option} {str(target)!r}: the folder {str(folder)!r} {what}; "
-            "create it first or choose another path"
-        )
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ConfigError(
-            f"{option} {str(target)!r}: the folder {str(folder)!r} is not writable; "
-            "choose another path"
-        )
-    return target
 
 
 def save_outputs(
