@@ -101,3 +101,14 @@ def own_factory_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         "out": "run", "export": False, "train": {"epochs": 1}, "moon": {"warmup_epochs": 0},
     }))  # fmt: skip
     return tmp_path / "run" / "model.pt"
+
+
+@pytest.fixture(scope="session")
+def dense_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained 6-class width-8 demo CNN state_dict: input errors come before training."""
+    from moonprune.models import demo_cnn
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "dense.pt"
+    torch.save(demo_cnn(num_classes=6, width=8).state_dict(), path)
+    return path

@@ -20,15 +20,6 @@ runner = CliRunner()
 ARCH = "moonprune.models:demo_cnn"
 
 
-@pytest.fixture(scope="module")
-def dense_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An (untrained) 6-class demo CNN state_dict: errors are found before training."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "dense.pt"
-    torch.save(demo_cnn(num_classes=6, width=8).state_dict(), path)
-    return path
-
-
 def _args(dense: Path, out: Path, *extra: str) -> list[str]:
     return [
         "compress", str(dense), "--arch", ARCH, "--data", "digits:0-5",

@@ -17,14 +17,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from moonprune.cli.app import app
 from PIL import Image
 from typer.testing import CliRunner, Result
 
 from moonprune.data import ReadOptions, load_ood, load_raw, load_splits
 from moonprune.errors import DataError
-from moonprune.models import demo_cnn
 
 runner = CliRunner()
 ARCH = "moonprune.models:demo_cnn"
@@ -253,15 +251,6 @@ def test_single_class_data_is_refused(tmp_path: Path, digits06) -> None:
 
 
 # -- through the CLI ----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def dense_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained 6-class demo CNN state_dict: every data error comes before training."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "dense.pt"
-    torch.save(demo_cnn(num_classes=6, width=8).state_dict(), path)
-    return path
 
 
 def _refused(result: Result, out: Path | None, needle: str) -> str:
