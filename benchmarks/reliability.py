@@ -61,6 +61,12 @@ class Grid:
     seeds: tuple[int, ...]
     epochs: int
     dense_epochs: int
+    #: MOON variants beyond ``none`` (issue 18): each adds a "MOON+<spec>" row per cell
+    unknowns: tuple[str, ...] = ()
+
+    def variants(self) -> list[tuple[bool, str]]:
+        """(MOON on, --unknowns) per variant: plain, MOON as published, MOON + each."""
+        return [(False, "none"), (True, "none"), *((True, u) for u in self.unknowns)]
 
 
 ARCHS = {
@@ -178,19 +184,20 @@ def run_grid(grid: Grid, log: Any) -> list[dict[str, Any]]:
     for arch_name, arch in grid.archs.items():
         for seed in grid.seeds:
             setting = prepare(grid, arch, seed)
-            for method, sparsity, moon in itertools.product(
-                grid.methods, grid.sparsities, (False, True)
+            for method, sparsity, (moon, unknowns) in itertools.product(
+                grid.methods, grid.sparsities, grid.variants()
             ):
-                moon_cfg = {"enabled": moon, "warmup_epochs": max(1, grid.epochs // 6)}
+                moon_cfg = {"enabled": moon, "warmup_epochs": max(1, grid.epochs // 6),
+                            "unknowns": unknowns}  # fmt: skip
                 row = {"arch": arch_name, "seed": seed, "method": method, "sparsity": sparsity,
-                       "moon": moon,
+                       "moon": moon, "unknowns": unknowns,
                        **run_one(grid, setting, seed, method, sparsity, moon_cfg)}  # fmt: skip
                 rows.append(row)
                 log.write(json.dumps(row) + "\n")
                 log.flush()
                 c = row["scores"]["msp"]
                 print(f"{grid.name} {arch_name} seed {seed} {method} {sparsity} "
-                      f"{'MOON' if moon else 'plain'}: acc "
+                      f"{variant_name(moon, unknowns)}: acc "
                       f"{100 * row['compressed']['accuracy']:.2f} mean AUROC "
                       f"{100 * np.mean(list(c.values())):.2f} ({row['seconds']:.0f}s)",
                       flush=True)  # fmt: skip
@@ -212,9 +219,16 @@ def score_mean(row: dict[str, Any], score: str, names: tuple[str, ...] | None = 
     return float(np.mean([values[n] for n in (names or tuple(values))]))
 
 
-def select(rows: list[dict[str, Any]], key: tuple[str, str, float], moon: bool) -> list[dict]:
-    """Rows of one (arch, method, sparsity) and variant, ordered by seed."""
-    sel = [r for r in rows if (r["arch"], r["method"], r["sparsity"]) == key and r["moon"] == moon]
+def variant_name(moon: bool, unknowns: str = "none") -> str:
+    return "plain" if not moon else "MOON" if unknowns == "none" else f"MOON+{unknowns}"
+
+
+def select(rows: list[dict[str, Any]], key: tuple[str, str, float], moon: bool,
+           unknowns: str = "none") -> list[dict]:  # fmt: skip
+    """Rows of one (arch, method, sparsity) and variant, ordered by seed (rows written
+    before issue 18 have no ``unknowns``: MOON as published)."""
+    sel = [r for r in rows if (r["arch"], r["method"], r["sparsity"]) == key
+           and r["moon"] == moon and r.get("unknowns", "none") == unknowns]  # fmt: skip
     return sorted(sel, key=lambda r: r["seed"])
 
 
@@ -252,12 +266,14 @@ def _cells(rows: list[dict[str, Any]], grid: Grid, dense: bool = False) -> list[
     return cells
 
 
-def feature_mean(row: dict[str, Any], score: str, dense: bool = False) -> float | None:
-    """Mean AUROC of a feature score (mahalanobis, knn) as compress reported it."""
+def feature_mean(row: dict[str, Any], score: str, dense: bool = False,
+                 names: tuple[str, ...] | None = None) -> float | None:  # fmt: skip
+    """Mean AUROC of a feature score (mahalanobis, knn) as compress reported it, over
+    ``names`` (default: every OOD set)."""
     table = (row.get("report_scores") or {}).get("dense" if dense else "compressed", {})
     if score not in table:
         return None
-    return float(np.mean([v["auroc"] for v in table[score].values()]))
+    return float(np.mean([v["auroc"] for n, v in table[score].items() if not names or n in names]))
 
 
 def render(grid: Grid, rows: list[dict[str, Any]], seconds: float, command: str) -> str:
@@ -288,9 +304,9 @@ def render(grid: Grid, rows: list[dict[str, Any]], seconds: float, command: str)
     keys = sorted({(r["arch"], r["method"], r["sparsity"]) for r in rows})
     diffs = []
     for key in keys:
-        for moon in (False, True):
-            sel = select(rows, key, moon)
-            variant = "MOON" if moon else "plain"
+        for moon, unknowns in grid.variants():
+            sel = select(rows, key, moon, unknowns)
+            variant = variant_name(moon, unknowns)
             rollbacks = sum(r.get("rollbacks", 0) for r in sel)
             lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {variant} | "
                          + " | ".join(_cells(sel, grid)) + f" | {rollbacks} |")  # fmt: skip
@@ -318,11 +334,14 @@ def render(grid: Grid, rows: list[dict[str, Any]], seconds: float, command: str)
         p_text = "-" if p is None else f"{p:.3f}"
         lines.append(f"| {arch} | {method} | {sparsity} | {100 * d_auc:+.2f} | "
                      f"{100 * d_near:+.2f} | {100 * d_acc:+.2f} | {p_text} |")  # fmt: skip
+    for u in grid.unknowns:  # each synthesized-unknowns variant against plain and MOON
+        lines += ["", *synth_lines(grid, rows, keys, u)]
     wins = sum(d[3] >= 0 for d in diffs)
     ok_acc = sum(d[3] >= 0 and d[5] >= -0.005 for d in diffs)
     diverged = sum(r.get("rollbacks", 0) for r in rows)
     plain_t = statistics.median(r["epoch_s"] for r in rows if not r["moon"])
-    moon_t = statistics.median(r["epoch_s"] for r in rows if r["moon"])
+    moon_t = statistics.median(r["epoch_s"] for r in rows
+                               if r["moon"] and r.get("unknowns", "none") == "none")  # fmt: skip
     lines += [
         "",
         f"MOON's mean AUROC >= plain's in {wins} of {len(diffs)} cells ({ok_acc} of them with "
@@ -331,6 +350,45 @@ def render(grid: Grid, rows: list[dict[str, Any]], seconds: float, command: str)
         "",
     ]
     return "\n".join(lines)
+
+
+def synth_lines(grid: Grid, rows: list[dict[str, Any]], keys: list, unknowns: str) -> list[str]:
+    """MOON+``unknowns`` against plain and MOON (issue 18's targets): shortfall removed,
+    Δ near-OOD, Δ accuracy, time per epoch; for MSP and the deployed mahalanobis."""
+    near = grid.ood[0]
+    lines = [
+        f"### MOON+{unknowns} vs plain and MOON (points)",
+        "",
+        "| arch | method | sparsity | score | shortfall removed vs plain | Δ mean vs MOON | "
+        f"Δ {near} (near) vs plain | Δ accuracy vs plain | s / epoch ÷ plain's |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key in keys:
+        plain, moon, synth = (select(rows, key, False), select(rows, key, True),
+                              select(rows, key, True, unknowns))  # fmt: skip
+        if not (plain and moon and synth):
+            continue
+        for score in ("msp", "mahalanobis"):
+
+            def mean(sel: list[dict[str, Any]], names: tuple[str, ...] | None = None,
+                     s: str = score) -> float:  # fmt: skip
+                if s == "mahalanobis":
+                    return statistics.mean(feature_mean(r, s, names=names) or 0.0 for r in sel)
+                return statistics.mean(score_mean(r, s, names) for r in sel)
+
+            short = 1 - mean(plain)
+            removed = (mean(synth) - mean(plain)) / short if short > 0 else 0.0
+            d_acc = statistics.mean(r["compressed"]["accuracy"] for r in synth) - statistics.mean(
+                r["compressed"]["accuracy"] for r in plain)  # fmt: skip
+            ratio = statistics.mean(r["epoch_s"] for r in synth) / statistics.mean(
+                r["epoch_s"] for r in plain)  # fmt: skip
+            lines.append(
+                f"| {key[0]} | {key[1]} | {key[2]} | {score} | {100 * removed:.0f}% | "
+                f"{100 * (mean(synth) - mean(moon)):+.2f} | "
+                f"{100 * (mean(synth, (near,)) - mean(plain, (near,))):+.2f} | "
+                f"{100 * d_acc:+.2f} | {ratio:.2f} |"
+            )
+    return lines
 
 
 def plot(grid: Grid, rows: list[dict[str, Any]], path: Path) -> None:
@@ -349,7 +407,8 @@ def plot(grid: Grid, rows: list[dict[str, Any]], path: Path) -> None:
                 means, stds = [], []
                 for s in grid.sparsities:
                     vals = [score_mean(r, "msp") for r in rows if (r["arch"], r["method"],
-                            r["sparsity"], r["moon"]) == (arch, method, s, moon)]  # fmt: skip
+                            r["sparsity"], r["moon"]) == (arch, method, s, moon)
+                            and r.get("unknowns", "none") == "none"]  # fmt: skip
                     means.append(100 * np.mean(vals))
                     stds.append(100 * (np.std(vals) if len(vals) > 1 else 0))
                 ax.errorbar(grid.sparsities, means, yerr=stds, fmt=style, capsize=3,
@@ -467,12 +526,21 @@ def main() -> None:
     parser.add_argument(
         "--ablation", action="store_true", help="only the ablation of the fixes (RigL 90%%)"
     )
+    parser.add_argument(
+        "--unknowns",
+        nargs="+",
+        default=[],
+        help="also run MOON with these --unknowns settings (e.g. synth vos)",
+    )
     args = parser.parse_args()
     grid = FAST if args.fast else DIGITS if args.digits else FULL
     if args.seeds:
         grid = Grid(**{**vars(grid), "seeds": tuple(args.seeds)})
+    if args.unknowns:
+        grid = Grid(**{**vars(grid), "unknowns": tuple(args.unknowns)})
     torch.set_num_threads(2)
-    tag = "fast" if args.fast else "digits" if args.digits else "full"
+    tag = ("fast" if args.fast else "digits" if args.digits else "full") + (
+        "-unknowns" if args.unknowns else "")  # fmt: skip
     flags = (" --fast" if args.fast else "") + (" --digits" if args.digits else "")
     start = time.perf_counter()
     if args.ablation:
@@ -487,7 +555,8 @@ def main() -> None:
     with open(ROOT / "benchmarks" / f"reliability-{tag}.jsonl", "w") as log:
         rows = run_grid(grid, log)
     command = "python benchmarks/reliability.py" + flags + (
-        " --seeds " + " ".join(map(str, args.seeds)) if args.seeds else "")  # fmt: skip
+        " --seeds " + " ".join(map(str, args.seeds)) if args.seeds else "") + (
+        " --unknowns " + " ".join(args.unknowns) if args.unknowns else "")  # fmt: skip
     text = render(grid, rows, time.perf_counter() - start, command)
     image = ROOT / "docs" / "img" / f"reliability-{tag}.png"
     plot(grid, rows, image)

@@ -15,11 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from moonprune.assessment import Assessment
-from moonprune.conventions import prunable_weights
+from moonprune.config import MoonConfig
+from moonprune.conventions import UNKNOWN_ROW_ATTR, prunable_weights
+from moonprune.data import ImageSet
 from moonprune.outputs import atomic_path
+from moonprune.unknowns import NONE, UNKNOWNS, probe
+
+#: Validation rows whose argmax is "unknown" above this share: a warning (the guard).
+UNKNOWN_RATE_WARNING = 0.01
 
 
 def structure_phrase(structure: dict[str, Any]) -> str:
@@ -38,6 +45,47 @@ def _size_phrase(report: dict[str, Any]) -> str:
     target = report.get("target_sparsity")
     phrase = f"sparsity {100 * float(report.get('sparsity', 0)):.2f}%"
     return phrase + (f" (target {100 * float(target):.0f}%)" if target is not None else "")
+
+
+def unknowns_summary(
+    model: nn.Module, val: ImageSet, moon: MoonConfig, seed: int
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """report.json's ``unknowns`` record and p(unknown) on the synthesized rows.
+
+    The record: the setting (``none`` is MOON as published; anything else goes beyond
+    the paper), the generators, fraction and weight, the share of ID validation rows
+    whose argmax is "unknown" (the guard: a warning above 1%, in ``warnings``), and the
+    mean p(unknown) of each generator's rows made from the validation set.
+    """
+    spec = moon.unknowns if moon.enabled else NONE
+    names = UNKNOWNS.resolve(spec)
+    record: dict[str, Any] = {
+        "setting": spec, "generators": list(names), "beyond_paper": bool(names),
+        "fraction": moon.unknowns_fraction if names else None,
+        "weight": moon.unknowns_weight if names else None,
+        "val_unknown_rate": None, "p_unknown_synth": {}, "warnings": [],
+    }  # fmt: skip
+    heads = [m for m in model.modules() if isinstance(getattr(m, UNKNOWN_ROW_ATTR, None), int)]
+    if not heads or len(val) == 0:
+        return record, {}
+    k = int(getattr(heads[0], UNKNOWN_ROW_ATTR))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        predicted = torch.cat([model(b.to(device)).argmax(-1).cpu() for b in val.x.split(512)])
+    model.train(was_training)
+    rate = float((predicted == k).double().mean())
+    record["val_unknown_rate"] = rate
+    if rate > UNKNOWN_RATE_WARNING:
+        record["warnings"].append(
+            f"the model puts {100 * rate:.1f}% of the ID validation rows into 'unknown' "
+            "(argmax): the synthesized unknowns may look like ID data; try --unknowns none "
+            "or a lower --unknowns-weight"
+        )
+    synth = {f"synth: {n}": v.numpy() for n, v in probe(model, val.x, val.y, names, seed).items()}
+    record["p_unknown_synth"] = {n: float(v.mean()) for n, v in synth.items()}
+    return record, synth
 
 
 def roc_curve(id_scores: np.ndarray, ood_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -67,7 +115,9 @@ def _png(fig: Any) -> str:
 
 
 def _figures(
-    models: dict[str, Assessment], sparsity: dict[str, dict[str, float]]
+    models: dict[str, Assessment],
+    sparsity: dict[str, dict[str, float]],
+    synthesized: dict[str, np.ndarray],
 ) -> list[tuple[str, str]]:
     import matplotlib
 
@@ -104,7 +154,9 @@ def _figures(
         if a.p_unknown:
             fig, ax = plt.subplots(figsize=(5.5, 3.2))
             edges_u = [i / 40 for i in range(41)]
-            for name, values in a.p_unknown.items():
+            # the synthesized rows belong to the fine-tuned (compressed) model
+            extra = synthesized if label == "compressed" else {}
+            for name, values in {**a.p_unknown, **extra}.items():
                 ax.hist(values, bins=edges_u, alpha=0.5, density=True,
                         label=f"{'ID test' if name == 'id_test' else name}")  # fmt: skip
             ax.set(title=f"{label}: p(unknown)", xlabel="p(unknown)", yscale="log")
@@ -144,9 +196,11 @@ def write_html_report(
     report: dict[str, Any],
     models: dict[str, Assessment],
     sparsity: dict[str, dict[str, float]],
+    synthesized: dict[str, np.ndarray] | None = None,
 ) -> Path:
-    """Render the page to ``path`` atomically; returns ``path``."""
-    figures = _figures(models, sparsity)
+    """Render the page to ``path`` atomically; returns ``path``. ``synthesized``: p(unknown)
+    of the compressed model on synthesized rows, by generator (:func:`unknowns_summary`)."""
+    figures = _figures(models, sparsity, synthesized or {})
     rows = []
     t1 = report.get("auroc_t1") or {}
     for label, a in models.items():
@@ -187,6 +241,7 @@ pre {{ background: #f6f6f6; padding: 1em; overflow: auto; max-height: 30em; }}
 </style></head><body>
 <h1>moonprune report</h1>
 <p>method <b>{html.escape(str(report.get("method")))}</b>, MOON {report.get("moon")},
+unknowns {html.escape(str((report.get("unknowns") or {}).get("setting", "none")))},
 {_size_phrase(report)}, score {score},
 threshold {float(report.get("threshold", 0)):.4f} at TPR {report.get("tpr")}</p>
 <table><tr><th>model</th><th>accuracy %</th><th>ECE %</th><th>NLL</th>{ood_heads}</tr>

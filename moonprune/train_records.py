@@ -35,6 +35,8 @@ class EpochInfo:
     seconds: float
     averaged: bool
     masker: dict[str, float] = field(default_factory=dict)
+    #: share of the epoch's ID training rows whose argmax was "unknown" (K+1 head only)
+    unknown_rate: float | None = None
 
 
 class TrainCallback(Protocol):

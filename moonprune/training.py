@@ -34,6 +34,7 @@ from moonprune.batching import check_batch_size as check_batch_size
 from moonprune.batching import iterate_batches as iterate_batches
 from moonprune.batching import min_rows_per_batch as min_rows_per_batch
 from moonprune.config import MoonConfig, TrainConfig
+from moonprune.conventions import UNKNOWN_ROW_ATTR
 from moonprune.data import ImageSet
 from moonprune.distributed import DistContext
 from moonprune.errors import CheckpointError, ConfigError
@@ -47,10 +48,20 @@ from moonprune.train_records import StopTraining as StopTraining
 from moonprune.train_records import TrainCallback as TrainCallback
 from moonprune.train_records import TrainResult as TrainResult
 from moonprune.train_records import _Diverged
+from moonprune.unknowns import (
+    UNKNOWNS,
+    epoch_generator,
+    rows_for,
+    synthesize,
+    unknown_head,
+    unknown_loss_sum,
+)
 
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+#: An epoch whose ID training rows go to "unknown" (argmax K) more often than this warns.
+UNKNOWN_RATE_WARNING = 0.01
 
 
 def lr_factor(epoch_float: float, config: TrainConfig, main_epochs: int) -> float:
@@ -155,6 +166,8 @@ class Trainer:
         self.lr_scale = 1.0  # halved by each rollback of a diverged epoch
         self.rollbacks: list[Rollback] = []
         self._outputs = 2  # the model's output width, read from the first batch
+        # synthesized unknowns (moonprune.unknowns): only with the K+1 head
+        self.unknowns = UNKNOWNS.resolve(moon_config.unknowns) if moon_config.enabled else ()
 
     # -- state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -317,6 +330,9 @@ class Trainer:
         )
         # augmentation draws: seeded per epoch, the same on every rank (before sharding)
         draws = torch.Generator().manual_seed(seed + 7_919)
+        # synthesized unknowns: each rank draws from its own seeded stream
+        draws_u = epoch_generator(self.cfg.seed, epoch, self.dist.rank)
+        n_unknown = 0
         for i, (x, y) in enumerate(batches):
             x = augment_batch(x, self.cfg.augment, draws)
             lr = self.cfg.lr * self.lr_scale * self._lr_shape(epoch, i)
@@ -324,9 +340,16 @@ class Trainer:
                 group["lr"] = lr
             n_global = len(y)
             x, y = self.dist.shard(x), self.dist.shard(y)
-            logits = self.forward(x)
+            if self.unknowns:
+                logits, unknown_loss = self._forward_with_unknowns(x, y, n_global, draws_u)
+            else:
+                logits = self.forward(x)
             self._outputs = logits.shape[-1]
             loss, row_sum = self._loss(logits, y, epoch, n_global)
+            if self.unknowns:
+                loss = loss + unknown_loss
+            if self.schedule is not None:  # the guard's symptom: ID rows called unknown
+                n_unknown += int((logits.detach().argmax(dim=-1) == logits.shape[-1] - 1).sum())
             if not torch.isfinite(loss):
                 if self.dist.enabled:  # ranks cannot agree on a rollback mid-epoch
                     raise ConfigError(
@@ -358,7 +381,16 @@ class Trainer:
             )
             self.averaging.end_epoch(epoch, (x for x, _ in recalibration))
         stats = self.masker.stats()
-        total_loss, n_rows = self.dist.all_reduce_sum([total_loss, float(n_seen)])
+        total_loss, n_rows, n_unknown_all = self.dist.all_reduce_sum(
+            [total_loss, float(n_seen), float(n_unknown)]
+        )
+        unknown_rate = n_unknown_all / max(n_rows, 1) if self.schedule is not None else None
+        if unknown_rate is not None and unknown_rate > UNKNOWN_RATE_WARNING:
+            logger.warning(
+                "epoch %d: the model puts %.1f%% of the ID training rows into 'unknown'; "
+                "synthesized unknowns may look like ID data (try --unknowns none or a lower "
+                "--unknowns-weight)", epoch + 1, 100 * unknown_rate,
+            )  # fmt: skip
         info = EpochInfo(
             epoch,
             total_loss / max(n_rows, 1),
@@ -368,10 +400,43 @@ class Trainer:
             time.perf_counter() - start,
             self.averaging is not None and self.averaging.is_active(epoch),
             stats,
+            unknown_rate,
         )
         self.history.append(info)
         if self.callback is not None:
             self.callback.on_epoch_end(info)
+
+    def _forward_with_unknowns(
+        self, x: torch.Tensor, y: torch.Tensor, n_global: int, draws: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits of the ID rows, and ``weight * mean CE(synthesized rows, K)``.
+
+        Input-space rows are forwarded with the ID rows; feature-space rows are drawn
+        from the ID rows' (detached) classifier inputs and go through the classifier
+        only. The mean is over the global batch's synthesized rows (``round(fraction *
+        n_r)`` per rank), so data-parallel gradients average to the single-process one.
+        """
+        head = unknown_head(self.model)
+        k = int(getattr(head, UNKNOWN_ROW_ATTR))
+        fraction, n = self.moon_cfg.unknowns_fraction, len(y)
+        m = rows_for(n, fraction)
+        world = self.dist.world_size
+        m_global = sum(rows_for(len(range(r, n_global, world)), fraction) for r in range(world))
+        x_syn = synthesize(self.unknowns, x, y, m, draws, "input")
+        features: list[torch.Tensor] = []
+        hook = head.register_forward_pre_hook(lambda _m, args: features.append(args[0]))
+        try:
+            logits = self.forward(torch.cat([x, x_syn]) if len(x_syn) else x)
+        finally:
+            hook.remove()
+        synthetic = [logits[n:]]
+        f = features[0].flatten(1)[:n].detach()
+        f_syn = synthesize(self.unknowns, f, y, m, draws, "feature")
+        if len(f_syn):
+            synthetic.append(head(f_syn))
+        total = unknown_loss_sum(torch.cat(synthetic), k)
+        scale = self.moon_cfg.unknowns_weight * (world if self.dist.enabled else 1)
+        return logits[:n], total * (scale / max(m_global, 1))
 
     def _lr_shape(self, epoch: int, step: int) -> float:
         """The schedule's factor at this step: cosine (reference) times a linear warm-up
