@@ -1,8 +1,9 @@
 """The feature score inside the ONNX graph: its nodes named, kept in float, measured.
 
-A rejector exported with a feature score (``mahalanobis``, ``knn``) computes it from
-the classifier's input with ordinary operators (Sub, MatMul, ReduceSum/ReduceMin, or
-MatMul, TopK, Gather) on the statistics stored as constants. Three things here:
+A rejector exported with a feature score (``mahalanobis``, ``mahalanobis++``, ``knn``)
+computes it from the classifier's input with ordinary operators (Sub, MatMul,
+ReduceSum/ReduceMin, or MatMul, TopK, Gather) on the statistics stored as constants.
+Three things here:
 
 - :func:`mark_score_nodes_` renames the nodes the exporter traced inside
   :class:`~moonprune.reliability.features.FeatureScore` to ``moonprune_score/...``
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from moonprune.reliability.features import FeatureStats
+from moonprune.reliability.features import FEATURE_SCORES, FeatureStats
 
 SCORE_PREFIX = "moonprune_score/"
 _SCORE_CLASS = "moonprune.reliability.features.FeatureScore"
@@ -63,11 +64,13 @@ def float_score_inputs_(model: Any) -> None:
 def score_metadata(score: str, stats: FeatureStats | None) -> dict[str, str]:
     """``moonprune.score_bytes`` (float32 statistics the score stores in the graph, 0
     for a logit score) and, for a feature score, ``moonprune.score_statistics``."""
-    if stats is None or score not in ("mahalanobis", "knn"):
+    if stats is None or score not in FEATURE_SCORES:
         return {"moonprune.score_bytes": "0"}
+    gaussian = (f"class means {tuple(stats.means.shape)}, whitening "
+                f"{tuple(stats.whitening.shape)}")  # fmt: skip
     shapes = {
-        "mahalanobis": f"class means {tuple(stats.means.shape)}, whitening "
-        f"{tuple(stats.whitening.shape)}",
+        "mahalanobis": gaussian,
+        "mahalanobis++": f"{gaussian}, of L2-normalised features",
         "knn": f"feature bank {tuple(stats.bank.shape)}, k = {stats.k}",
     }
     return {

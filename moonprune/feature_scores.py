@@ -94,7 +94,7 @@ def collect_outputs(
             f"has {width} features; recreate the checkpoint with `moonprune compress`"
         )
     values = {}
-    for name in FEATURE_SCORES:
+    for name in (n for n in FEATURE_SCORES if stats.has(n)):  # older stats lack some
         scorer = FeatureScore(name, stats)
         with torch.no_grad():
             values[name] = {s: scorer(f).double().numpy() for s, (_, f) in outputs.items()}

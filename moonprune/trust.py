@@ -107,7 +107,8 @@ def _finite(value: Any) -> TypeGuard[float]:
 
 
 #: Where each score's values lie; a threshold outside can accept all or nothing.
-_SCORE_RANGE = {"msp": (0.0, 1.0), "unknown": (0.0, 1.0), "mahalanobis": (-math.inf, 0.0)}
+_SCORE_RANGE = {"msp": (0.0, 1.0), "unknown": (0.0, 1.0), "mahalanobis": (-math.inf, 0.0),
+                "mahalanobis++": (-math.inf, 0.0)}  # fmt: skip
 
 
 def check_fields(obj: Mapping[str, Any], source: str, format_version: int) -> None:

@@ -47,7 +47,7 @@ def _real_and_random() -> np.ndarray:
     return torch.cat([splits.test.x[:60], textures, random]).numpy()
 
 
-@pytest.mark.parametrize("score", ["mahalanobis", "knn"])
+@pytest.mark.parametrize("score", ["mahalanobis", "mahalanobis++", "knn"])
 def test_in_graph_score_equals_pytorch(knn_run, tmp_path, score: str) -> None:
     ckpt = knn_run.checkpoint
     splits = load_splits(DATA, seed=0)

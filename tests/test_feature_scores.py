@@ -92,14 +92,14 @@ def test_scores_separate_far_inputs() -> None:
     f, y = _two_blobs()
     stats = fit_feature_stats(f, y, 2, k=5)
     near, far = torch.tensor([[0.5, 0.2], [4.2, -0.3]]), torch.tensor([[40.0, 30.0], [-30.0, 20.0]])
-    for name in ("mahalanobis", "knn"):
+    for name in ("mahalanobis", "mahalanobis++", "knn"):
         score = FeatureScore(name, stats)
         assert score(near).min() > score(far).max(), name
 
 
 def test_score_names_and_errors() -> None:
     assert check_score("knn") == "knn"
-    with pytest.raises(ConfigError, match="mahalanobis, knn"):
+    with pytest.raises(ConfigError, match=r"mahalanobis, mahalanobis\+\+, knn"):
         check_score("mahalanobs")
     with pytest.raises(ConfigError, match="reads the classifier's input features"):
         get_score("knn")
@@ -120,7 +120,39 @@ def test_stats_round_trip_and_damage() -> None:
         with pytest.raises(CheckpointError, match=r"m\.pt"):
             FeatureStats.from_dict(bad, "m.pt")
     assert stats.nbytes("knn") == 4 * 20 * 2 and stats.nbytes("mahalanobis") == 4 * (4 + 4)
-    assert stats.nbytes("msp") == 0
+    assert stats.nbytes("mahalanobis++") == 4 * (4 + 4) and stats.nbytes("msp") == 0
+    assert back.unit_whitening is not None and stats.unit_whitening is not None
+    assert torch.equal(back.unit_whitening, stats.unit_whitening)
+    unit = {k: v for k, v in record.items() if k.startswith("unit_")}
+    with pytest.raises(CheckpointError, match=r"m\.pt"):  # a damaged normalised part
+        FeatureStats.from_dict({**record, "unit_means": unit["unit_means"][:1]}, "m.pt")
+    # statistics saved before mahalanobis++ existed load, and refuse only that score
+    old = FeatureStats.from_dict({k: v for k, v in record.items() if k not in unit}, "m.pt")
+    assert not old.has("mahalanobis++") and old.has("mahalanobis")
+    with pytest.raises(CheckpointError, match=r"before the 'mahalanobis\+\+' score existed"):
+        FeatureScore("mahalanobis++", old)
+
+
+def test_mahalanobis_plus_plus_is_mahalanobis_of_unit_features() -> None:
+    """Known answer: the score of f equals sklearn's Mahalanobis distance, fitted on the
+    L2-normalised training rows, of f / ||f|| (Mueller and Hein 2025's recipe)."""
+    from sklearn.covariance import LedoitWolf
+
+    f, y = _two_blobs(80)
+    f = f * torch.linspace(0.5, 4.0, len(f)).unsqueeze(1)  # norms that vary per row
+    stats = fit_feature_stats(f, y, 2, bank_size=20, k=4)
+    z = (f / f.norm(dim=1, keepdim=True)).double().numpy()
+    means = np.stack([z[y.numpy() == c].mean(axis=0) for c in range(2)])
+    lw = LedoitWolf(assume_centered=True).fit(z - means[y.numpy()])
+    x = torch.randn(7, f.shape[1], generator=torch.Generator().manual_seed(5)) * 3
+    zx = (x / x.norm(dim=1, keepdim=True)).double().numpy()
+    expected = -np.min([lw.mahalanobis(zx - means[c]) for c in range(2)], axis=0)
+    got = FeatureScore("mahalanobis++", stats)(x).numpy()
+    assert np.allclose(got, expected, rtol=1e-4)
+    # scale-free: a row and the same row times 10 score alike; plain mahalanobis differs
+    assert np.allclose(FeatureScore("mahalanobis++", stats)(x * 10).numpy(), got, rtol=1e-4)
+    plain = FeatureScore("mahalanobis", stats)
+    assert not np.allclose(plain(x * 10).numpy(), plain(x).numpy(), rtol=1e-2)
 
 
 def test_collect_fits_on_the_training_split_in_eval_mode(digits06) -> None:
