@@ -26,10 +26,51 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
+
+from moonprune.errors import ConfigError
+
+
+def require_torch_pruning() -> Any:
+    try:
+        import torch_pruning as tp
+    except ImportError:
+        raise ConfigError(
+            "--method channel needs Torch-Pruning: pip install torch-pruning"
+        ) from None
+    return tp
+
+
+UNSAVING = 1e12  # the score of a cut that saves nothing (a measured cost can say so)
+
+
+class LayerCost(Protocol):
+    """What a conv/linear layer costs with ``d_in`` input and ``d_out`` output channels
+    fewer than it has now (MACs, parameters, or measured milliseconds)."""
+
+    def __call__(self, m: nn.Module, d_in: int = 0, d_out: int = 0) -> float: ...
+
+
+class CountCost:
+    """MACs (``measure="macs"``: per output position) or parameters of a layer."""
+
+    def __init__(self, positions: dict[nn.Module, int], measure: str) -> None:
+        self.positions, self.measure = positions, measure
+
+    def __call__(self, m: nn.Module, d_in: int = 0, d_out: int = 0) -> float:
+        positions = self.positions.get(m, 1) if self.measure == "macs" else 1
+        if isinstance(m, nn.Linear):
+            return (m.in_features - d_in) * (m.out_features - d_out) * positions
+        if not isinstance(m, (nn.Conv1d, nn.Conv2d)):
+            return 0
+        k = math.prod(m.kernel_size)
+        depthwise = m.groups == m.in_channels and m.groups > 1
+        c_in, c_out = m.in_channels - d_in, m.out_channels - d_out
+        groups = c_in if depthwise else m.groups
+        return c_in // max(groups, 1) * c_out * k * positions
 
 
 class GlobalAllocator:
@@ -43,11 +84,11 @@ class GlobalAllocator:
     """
 
     def __init__(self, model: nn.Module, example: torch.Tensor, head_layer: str,
-                 importance: Any, chunk: int, measure: str) -> None:  # fmt: skip
-        from moonprune.structured import require_torch_pruning  # (structured imports us)
-
+                 importance: Any, chunk: int, measure: str,
+                 cost: LayerCost | None = None, lookahead: int = 1) -> None:  # fmt: skip
         tp = require_torch_pruning()
         self.model, self.importance, self.chunk, self.measure = model, importance, chunk, measure
+        self.lookahead = lookahead
         self.head = model.get_submodule(head_layer)
         self.positions: dict[nn.Module, int] = {}
 
@@ -69,20 +110,9 @@ class GlobalAllocator:
             for h in hooks:
                 h.remove()
         self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+        self._layer_cost: LayerCost = cost or CountCost(self.positions, measure)
 
-    def _layer_cost(self, m: nn.Module, d_in: int = 0, d_out: int = 0) -> int:
-        positions = self.positions.get(m, 1) if self.measure == "macs" else 1
-        if isinstance(m, nn.Linear):
-            return (m.in_features - d_in) * (m.out_features - d_out) * positions
-        if not isinstance(m, (nn.Conv1d, nn.Conv2d)):
-            return 0
-        k = math.prod(m.kernel_size)
-        depthwise = m.groups == m.in_channels and m.groups > 1
-        c_in, c_out = m.in_channels - d_in, m.out_channels - d_out
-        groups = c_in if depthwise else m.groups
-        return c_in // max(groups, 1) * c_out * k * positions
-
-    def saving(self, group: Any, removed: int, width: int) -> int:
+    def saving(self, group: Any, removed: int, width: int) -> float:
         """What removing ``removed`` of the group's ``width`` channels saves.
 
         A member can lose more than ``removed`` indices: a Linear after a Flatten loses
@@ -116,19 +146,28 @@ class GlobalAllocator:
             n = self.dg.get_out_channels(group[0].dep.target.module)
             if n is None:
                 continue
-            keep = (n - 1) // self.chunk * self.chunk
-            if keep < self.chunk:
+            first = (n - 1) // self.chunk * self.chunk
+            keeps = [k for k in range(first, first - self.lookahead * self.chunk, -self.chunk)
+                     if k >= self.chunk]  # fmt: skip
+            if not keeps:
                 continue
             imp = self.importance(group)
             if imp is None:
                 continue
             scores = imp.detach().cpu().clamp_min(0)
-            drop = torch.argsort(scores)[: n - keep]
-            saving = self.saving(group, n - keep, n)
-            if saving <= 0:
-                continue
-            score = float(scores[drop].sum()) / (float(scores.sum()) + 1e-12) / saving
-            found.append((score, group, drop.tolist()))
+            order = torch.argsort(scores)
+            options = []
+            for keep in keeps:
+                saving = self.saving(group, n - keep, n)
+                if saving <= 0 and isinstance(self._layer_cost, CountCost):
+                    continue  # saves no MACs or parameters at all
+                drop = order[: n - keep]
+                lost = float(scores[drop].sum()) / (float(scores.sum()) + 1e-12)
+                # a cut that saves nothing by this cost stays possible, after all others
+                score = lost / saving if saving > 0 else UNSAVING + lost
+                options.append((score, group, drop.tolist()))
+            if options:
+                found.append(min(options, key=lambda o: o[0]))
         return found
 
     def prune_to(self, reached: Callable[[], bool], gradients: Callable[[], None] | None) -> bool:

@@ -16,12 +16,13 @@ stage's fine-tuning is data-parallel like every other method's.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any
 
 from torch import nn
 
-from moonprune.config import CompressConfig
+from moonprune.config import CompressConfig, SparsityConfig
 from moonprune.data import ImageSet
 from moonprune.distributed import DistContext
 from moonprune.errors import ConfigError
@@ -32,6 +33,22 @@ from moonprune.structured import (
     require_torch_pruning,
 )
 from moonprune.training import EpochInfo, StepInfo, TrainCallback, Trainer, TrainResult
+
+DEFAULT_STEPS = 4
+
+
+def resolved_steps(steps: int | None, epochs: int) -> int:
+    """The pruning steps: as configured, or ``min(DEFAULT_STEPS, epochs)``."""
+    return steps if steps is not None else max(1, min(DEFAULT_STEPS, epochs))
+
+
+def channel_target(sp: SparsityConfig) -> tuple[float, str]:
+    """(kept fraction, measure): 1 / speed-up of latency, a MAC or a parameter fraction."""
+    if sp.speedup is not None:
+        return 1 / sp.speedup, "latency"
+    if sp.macs_target is not None:
+        return sp.macs_target, "macs"
+    return 1 - sp.sparsity, "params"
 
 
 def stage_epochs(epochs: int, steps: int) -> list[int]:
@@ -57,12 +74,15 @@ def train_channel_pruned(
     dist = dist or DistContext()
     dist.init_group(next(model.parameters()).device)
     sp = cfg.sparsity
-    keep, measure = (sp.macs_target, "macs") if sp.macs_target else (1 - sp.sparsity, "params")
+    keep, measure = channel_target(sp)
+    steps = resolved_steps(sp.steps, cfg.train.epochs)
     example = train_set.x[:2].to(next(model.parameters()).device)
+    dense = copy.deepcopy(model).cpu()
     pruner = ChannelPruner(model, example, head_layer, keep=keep, measure=measure,
-                           steps=sp.steps, importance=sp.importance,
-                           round_to=sp.round_to, allocation=sp.allocation)  # fmt: skip
-    plan = stage_epochs(cfg.train.epochs, sp.steps)
+                           steps=steps, importance=sp.importance,
+                           round_to=sp.round_to, allocation=sp.allocation,
+                           latency_batch=sp.latency_batch, threads=sp.threads)  # fmt: skip
+    plan = stage_epochs(cfg.train.epochs, steps)
     average = min(cfg.moon.resolved_average_epochs(cfg.train.epochs), plan[-1] - 1)
     history: list[EpochInfo] = []
     final: nn.Module = model
@@ -85,9 +105,24 @@ def train_channel_pruned(
         final = result.model
     final.eval()
     stats: dict[str, Any] = dict(pruner.stats())
-    stats.update({"ratio": pruner.ratio, "steps": sp.steps, "importance": sp.importance,
-                  "round_to": sp.round_to, "allocation": sp.allocation,
+    stats.update({"ratio": pruner.ratio, "steps": steps, "importance": sp.importance,
+                  "round_to": sp.round_to, "allocation": sp.allocation, "grid": pruner.grid,
                   "target": keep, "measure": measure})  # fmt: skip
+    latency = pruner.latency_report()
+    if latency is not None and dist.is_main:
+        from moonprune.speed import speedups
+
+        # the trained network and the dense one, timed alike; the rejector adds the
+        # same operators to both exports
+        measured = speedups(
+            dense,
+            copy.deepcopy(final).cpu(),
+            example.cpu(),
+            tuple(int(b) for b in latency["dense_ms"]),
+            latency["threads"],
+        )
+        latency["measured_speedup"] = {str(b): v for b, v in measured.items()}
+    stats["latency"] = latency
     return TrainResult(final, {}, history), stats
 
 
@@ -122,7 +157,5 @@ def check_channel_config(cfg: CompressConfig, resume: bool) -> None:
     """Fail early on options that cannot work with channel pruning."""
     if resume:
         raise ConfigError("--resume is not supported for --method channel; rerun from the start")
-    if cfg.sparsity.steps < 1:
-        raise ConfigError(f"steps must be >= 1, got {cfg.sparsity.steps}")
-    stage_epochs(cfg.train.epochs, cfg.sparsity.steps)
+    stage_epochs(cfg.train.epochs, resolved_steps(cfg.sparsity.steps, cfg.train.epochs))
     require_torch_pruning()

@@ -21,6 +21,12 @@ pytest.importorskip("torch_pruning")
 runner = CliRunner()
 
 
+@pytest.fixture(autouse=True)
+def _latency_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Latency tables go to the test's folder, never to the user's cache."""
+    monkeypatch.setenv("MOONPRUNE_CACHE_DIR", str(tmp_path / "latency-cache"))
+
+
 def _resnet8(width: int) -> tuple[torch.nn.Module, torch.Tensor, str]:
     """A seeded ResNet-8 (5 classes + unknown) on 3x16x16, its example input and head."""
     torch.manual_seed(0)
@@ -225,7 +231,8 @@ def test_unreachable_target_is_an_error_not_a_dense_model() -> None:
     model, x, head = _resnet8(width=16)
     # rounding to 16 channels leaves the 16-wide layers nothing to remove
     with pytest.raises(ConfigError, match="smaller round_to than 16"):
-        ChannelPruner(model, x, head, keep=0.5, measure="macs", steps=1, round_to=16)
+        ChannelPruner(model, x, head, keep=0.5, measure="macs", steps=1, round_to=16,
+                      allocation="uniform")  # fmt: skip
     # global allocation gets further (it reshapes the wide layers) but not to 10%; it
     # says so before any training (on a copy), leaving the model as it was
     dense = {k: v.clone() for k, v in model.state_dict().items()}
