@@ -118,7 +118,7 @@ def run_variant(grid: Grid, setting: Any, seed: int, variant: str) -> dict[str, 
         "scores": every_score(model, setting.splits, setting.ood),
         "features": {s: {n: v["auroc"] for n, v in t.items()}
                      for s, t in rep["scores"]["compressed"].items()
-                     if s in ("mahalanobis", "knn")},
+                     if s in ("mahalanobis", "mahalanobis++", "knn")},
         "p_unknown": rep["models"]["compressed"].get("p_unknown"),
         "epoch_s": rep["timing"]["epoch_s_mean"], "seconds": seconds,
         "unknown_rate": [h.get("unknown_rate") for h in rep["history"]],
@@ -198,14 +198,15 @@ def render(rows: list[dict[str, Any]], seconds: float, args: Any) -> str:
         "faces; 'unknown' = 1 - p(unknown). p(u) = mean p(unknown). sep / bn: the dense-"
         "model diagnostics of the module docstring (sep 50 = synthesized rows look like ID).",
         "",
-        "| ID | arch | variant | seeds | accuracy | mahalanobis mean / near | knn mean / near | "
+        "| ID | arch | variant | seeds | accuracy | mahalanobis mean / near | "
+        "mahalanobis++ mean / near | knn mean / near | "
         "msp mean / near / far | unknown mean / near / far | energy mean | p(u) ID / near / "
         "own synth | ID argmax unknown % | sep | bn | s / epoch |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     keys = sorted({(r["data"], r["arch"]) for r in rows})
     for data, arch in keys:
-        for variant in VARIANTS:
+        for variant in _variants(rows):
             sel = [r for r in rows if (r["data"], r["arch"], r["variant"]) == (data, arch, variant)]
             if not sel:
                 continue
@@ -215,7 +216,7 @@ def render(rows: list[dict[str, Any]], seconds: float, args: Any) -> str:
                 return [_mean(r["scores"][score], names) for r in s]
 
             def ft(score: str, names: tuple[str, ...] | None, s: list = sel) -> list[float]:
-                return [_mean(r["features"][score], names) for r in s]
+                return [_mean(r["features"][score], names) for r in s if score in r["features"]]
 
             pu = [r["p_unknown"] for r in sel if r.get("p_unknown")]
             own = [r["p_unknown_synth"][variant] for r in sel
@@ -234,6 +235,7 @@ def render(rows: list[dict[str, Any]], seconds: float, args: Any) -> str:
                 f"| {data} | {arch} | {variant} | {len(sel)} | "
                 f"{_cell([r['accuracy'] for r in sel], digits=2)} | "
                 f"{_cell(ft('mahalanobis', None))} / {_cell(ft('mahalanobis', near))} | "
+                f"{_cell(ft('mahalanobis++', None))} / {_cell(ft('mahalanobis++', near))} | "
                 f"{_cell(ft('knn', None))} / {_cell(ft('knn', near))} | "
                 f"{_cell(sc('msp', None))} / {_cell(sc('msp', near))} / {_cell(sc('msp', far))} | "
                 f"{_cell(sc('unknown', None))} / {_cell(sc('unknown', near))} / "
@@ -244,6 +246,12 @@ def render(rows: list[dict[str, Any]], seconds: float, args: Any) -> str:
     lines += ["", *overall(rows), ""]
     del args
     return "\n".join(lines)
+
+
+def _variants(rows: list[dict[str, Any]]) -> list[str]:
+    """The fixed order, then any combination (``blur+lowfreq``) that has rows."""
+    extra = sorted({r["variant"] for r in rows} - set(VARIANTS))
+    return [*VARIANTS, *extra]
 
 
 def overall(rows: list[dict[str, Any]]) -> list[str]:
@@ -257,7 +265,7 @@ def overall(rows: list[dict[str, Any]]) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     base = {(r["data"], r["arch"], r["seed"]): r for r in rows if r["variant"] == "plain"}
-    for variant in VARIANTS:
+    for variant in _variants(rows):
         pairs = [(base[k], r) for r in rows if r["variant"] == variant
                  and (k := (r["data"], r["arch"], r["seed"])) in base]  # fmt: skip
         if not pairs:

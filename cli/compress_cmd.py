@@ -153,7 +153,10 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         prune_steps: Annotated[
-            int | None, typer.Option(help="channel: pruning steps, each followed by fine-tuning.")
+            int | None,
+            typer.Option(
+                help="channel: pruning steps, each followed by fine-tuning. Default min(4, epochs)."
+            ),
         ] = None,
         importance: Annotated[
             str | None, typer.Option(help="channel: magnitude (default) or taylor importance.")
@@ -168,10 +171,25 @@ def register(app: typer.Typer) -> None:
         allocation: Annotated[
             str | None,
             typer.Option(
-                help="channel: uniform (default; every layer loses the same fraction) or "
-                "global (cost-aware ranking across layers; with --round-to 16, the fastest "
-                "on AVX-512 CPUs)."
+                help="channel: latency (default: importance per millisecond saved, from "
+                "latency measured on this machine), global (per MAC saved) or uniform "
+                "(every layer loses the same fraction)."
             ),
+        ] = None,
+        speedup: Annotated[
+            float | None,
+            typer.Option(
+                help="channel: make the model this many times faster (dense / pruned "
+                "onnxruntime latency at --latency-batch, measured on this machine). Default "
+                "1.5 when no other target is given."
+            ),
+        ] = None,
+        latency_batch: Annotated[
+            int | None, typer.Option(help="channel: batch size the speed-up is for. Default 64.")
+        ] = None,
+        latency_threads: Annotated[
+            int | None,
+            typer.Option(help="channel: onnxruntime threads to time with. Default: all CPUs."),
         ] = None,
         distribution: Annotated[
             str | None, typer.Option(help="Layer densities: erk (default) or uniform.")
@@ -182,10 +200,28 @@ def register(app: typer.Typer) -> None:
                 "--no-moon", help="Plain baseline: K-way head, cross-entropy, no averaging."
             ),
         ] = False,
+        unknowns: Annotated[
+            str | None,
+            typer.Option(
+                help="Synthesized 'unknown' training rows (beyond the MOON paper): none "
+                "(default; MOON as published), synth (the evidence-chosen generators), or "
+                "generator names joined by '+' (patch2, patch4, mixup, blur, permute, "
+                "lowfreq, vos)."
+            ),
+        ] = None,
+        unknowns_fraction: Annotated[
+            float | None,
+            typer.Option(help="Synthesized rows per batch, as a fraction of it. Default 0.25."),
+        ] = None,
+        unknowns_weight: Annotated[
+            float | None,
+            typer.Option(help="Weight of their cross-entropy in the loss. Default 0.5."),
+        ] = None,
         score: Annotated[
             str | None,
             typer.Option(
-                help="OOD score: mahalanobis (default) or knn, of the classifier's input "
+                help="OOD score: mahalanobis++ (default), mahalanobis or knn, of the "
+                "classifier's input "
                 "(fitted on the training split), or of the logits: msp, energy, max_logit, unknown."
             ),
         ] = None,
@@ -297,12 +333,18 @@ def register(app: typer.Typer) -> None:
                 "sparsity.importance": importance,
                 "sparsity.round_to": round_to,
                 "sparsity.allocation": allocation,
+                "sparsity.speedup": speedup,
+                "sparsity.latency_batch": latency_batch,
+                "sparsity.threads": latency_threads,
                 "train.epochs": epochs,
                 "train.lr": lr,
                 "train.batch_size": batch_size,
                 "train.augment": augment,
                 "train.seed": seed,
                 "moon.enabled": False if no_moon else None,
+                "moon.unknowns": unknowns,
+                "moon.unknowns_fraction": unknowns_fraction,
+                "moon.unknowns_weight": unknowns_weight,
                 "gates.min_auroc": min_auroc,
                 "gates.max_fpr95": max_fpr95,
                 "gates.min_accuracy": min_accuracy,

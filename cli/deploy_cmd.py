@@ -62,7 +62,9 @@ def register(app: typer.Typer) -> None:
         ] = None,
         score: Annotated[
             str | None,
-            typer.Option(help="OOD score: msp, energy, max_logit, unknown, mahalanobis, knn."),
+            typer.Option(
+                help="OOD score: msp, energy, max_logit, unknown, mahalanobis++, mahalanobis, knn."
+            ),
         ] = None,
         opset: Annotated[
             int | None, typer.Option(help="ONNX opset (default 18); an unsupported one is refused.")

@@ -201,9 +201,23 @@ def preprocessing_lines(report: dict[str, Any]) -> list[str]:
     return [f"normalize {pre['choice']}: {escape(pre['summary'])}"]
 
 
+def unknowns_lines(report: dict[str, Any]) -> list[str]:
+    """Which synthesized unknowns trained the model (issue 18), said plainly."""
+    record = report.get("unknowns") or {}
+    if not record.get("generators"):
+        return []
+    rate = record.get("val_unknown_rate")
+    rate_text = "" if rate is None else f"; {100 * rate:.1f}% of ID validation rows -> unknown"
+    return [
+        f"unknowns: {record['setting']} ({'+'.join(record['generators'])}, "
+        f"{100 * record['fraction']:.0f}% of each batch, weight {record['weight']:g}){rate_text}"
+        " - beyond the MOON paper; --unknowns none is MOON as published"
+    ]
+
+
 def summary_lines(report: dict[str, Any], files: dict[str, Any]) -> list[str]:
     """A few lines under the table: inputs, threshold, acceptance, temperature, outputs."""
     lines = preprocessing_lines(report) + acceptance_lines(report) + temperature_lines(report)
-    lines += method_lines(report)
+    lines += method_lines(report) + unknowns_lines(report)
     lines.append("wrote " + ", ".join(str(p) for p in files.values()))
     return lines

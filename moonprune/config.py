@@ -18,6 +18,7 @@ from moonprune.errors import ConfigError
 from moonprune.normalization import check_normalize
 from moonprune.recipe import check_types
 from moonprune.sparsity.base import MaskerConfig
+from moonprune.unknowns import check_unknowns
 
 
 @dataclass(frozen=True)
@@ -115,8 +116,15 @@ class MoonConfig:
     a_final: float = 1.0
     average_epochs: int | None = None
     average_fraction: float = 0.1
+    #: synthesized unknowns (beyond the paper; :mod:`moonprune.unknowns`): ``none`` (MOON
+    #: as published), ``synth``, or generator names joined by ``+``; a fraction of each
+    #: batch, labelled K, their cross-entropy weighted and added to MOON's loss
+    unknowns: str = "none"
+    unknowns_fraction: float = 0.25
+    unknowns_weight: float = 0.5
 
     def __post_init__(self) -> None:
+        check_unknowns(self.unknowns, self.unknowns_fraction, self.unknowns_weight)
         if self.warmup_epochs < 0:
             raise ConfigError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if not (math.isfinite(self.init_factor) and self.init_factor > 0):
@@ -141,6 +149,9 @@ class MoonConfig:
         return n
 
 
+DEFAULT_CHANNEL_SPEEDUP = 1.5  # --method channel with no target: 1.5x at --latency-batch
+
+
 @dataclass(frozen=True)
 class SparsityConfig:
     """Which sparse method, how sparse, and how layer densities are distributed.
@@ -150,10 +161,15 @@ class SparsityConfig:
     ranked by ``importance`` (``magnitude`` or ``taylor``); ``round_to`` keeps every
     pruned layer's channel count a multiple of it (onnxruntime's CPU convolutions are
     blocked by 8 or 16 channels: odd counts can make a slimmer model slower);
-    ``allocation`` shares the removed channels out between layers: ``uniform`` (the
-    same fraction everywhere) or ``global`` (a cost-aware ranking across layers; with
-    ``round_to`` it leaves layers of ``round_to`` channels or fewer whole; see
-    :mod:`moonprune.structured`).
+    ``allocation`` shares the removed channels out between layers: ``latency`` (the
+    default: ranked by importance per millisecond saved, read from a latency table
+    measured on this machine), ``uniform`` (the same fraction everywhere) or ``global``
+    (a MAC-aware ranking across layers; with ``round_to`` it leaves layers of
+    ``round_to`` channels or fewer whole; see :mod:`moonprune.structured`).
+    ``speedup`` is a latency target instead: the dense latency / the pruned one at
+    batch ``latency_batch`` with ``threads`` onnxruntime threads (default: the CPUs
+    this process may use); with no target at all, ``speedup`` is
+    ``DEFAULT_CHANNEL_SPEEDUP``. ``steps`` defaults to ``min(4, epochs)``.
 
     Example::
 
@@ -167,10 +183,13 @@ class SparsityConfig:
     update_interval: int | None = None
     drop_fraction: float | None = None
     macs_target: float | None = None
-    steps: int = 4
+    steps: int | None = None
     importance: str = "magnitude"
     round_to: int | None = None
-    allocation: str = "uniform"
+    allocation: str = "latency"
+    speedup: float | None = None
+    latency_batch: int = 64
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         self.masker_config(seed=0)  # validates the shared fields in one place
@@ -187,8 +206,19 @@ class SparsityConfig:
             )
         if self.importance not in ("magnitude", "taylor"):
             raise ConfigError(f"importance must be magnitude or taylor, got {self.importance!r}")
-        if self.allocation not in ("uniform", "global"):
-            raise ConfigError(f"allocation must be uniform or global, got {self.allocation!r}")
+        if self.allocation not in ("uniform", "global", "latency"):
+            raise ConfigError(
+                f"allocation must be latency, global or uniform, got {self.allocation!r}"
+            )
+        if self.speedup is not None and not self.speedup > 1:
+            raise ConfigError(f"speedup must be > 1, got {self.speedup}; e.g. 2 (twice as fast)")
+        if self.speedup is not None and self.macs_target is not None:
+            raise ConfigError("give one channel target: --speedup or --macs-target, not both")
+        for name in ("latency_batch", "threads", "steps"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):  # fmt: skip
+                raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
         self._check_method_options()
 
     def _check_method_options(self) -> None:
@@ -196,9 +226,12 @@ class SparsityConfig:
         channel_only: dict[str, tuple[object, str]] = {
             "macs_target": (None, "--macs-target"),
             "round_to": (None, "--round-to"),
-            "allocation": ("uniform", "--allocation"),
+            "allocation": ("latency", "--allocation"),
             "importance": ("magnitude", "--importance"),
-            "steps": (4, "--prune-steps"),
+            "steps": (None, "--prune-steps"),
+            "speedup": (None, "--speedup"),
+            "latency_batch": (64, "--latency-batch"),
+            "threads": (None, "--latency-threads"),
         }
         unstructured_only: dict[str, tuple[object, str]] = {
             "distribution": ("erk", "--distribution"),
@@ -293,9 +326,10 @@ class CompressConfig:
     on_bad_image: str = "skip"
     device: str = "auto"
     export: bool = True
-    #: the deployed OOD score; mahalanobis by evidence (README "OOD scores"): the logit
-    #: scores fall below chance on far-OOD inputs in benchmarks/RESULTS.md
-    score: str = "mahalanobis"
+    #: the deployed OOD score; mahalanobis++ by evidence (README "OOD scores"): the logit
+    #: scores fall below chance on far-OOD inputs in benchmarks/RESULTS.md, and plain
+    #: mahalanobis loses 1-3 points after sparse fine-tuning where normalising keeps them
+    score: str = "mahalanobis++"
     tpr: float = 0.95
     ece_bins: int = 15
     temperature: str | float = "auto"
@@ -391,4 +425,11 @@ def build_config(values: dict[str, Any]) -> CompressConfig:
         name: _build(cls, dict(values.get(name, {})), f"[{name}]")
         for name, cls in _SECTIONS.items()
     }
+    chosen = values.get("sparsity", {})
+    if chosen.get("method") == "channel" and not {"sparsity", "macs_target", "speedup"} & {
+        k for k, v in chosen.items() if v is not None
+    }:  # channel pruning with no target aims at speed
+        sections["sparsity"] = dataclasses.replace(
+            sections["sparsity"], speedup=DEFAULT_CHANNEL_SPEEDUP
+        )
     return _build(CompressConfig, {**top, **sections}, "the recipe")

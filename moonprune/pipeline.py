@@ -50,7 +50,7 @@ from moonprune.heads import add_unknown_output_, find_classifier, output_width
 from moonprune.normalization import NormalizationChoice, choose_normalization
 from moonprune.outputs import OutputDir, write_json
 from moonprune.reliability.scores import check_score
-from moonprune.reporting import layer_sparsity, write_html_report
+from moonprune.reporting import layer_sparsity, unknowns_summary, write_html_report
 from moonprune.sparsity import MASKERS
 from moonprune.structured import module_structure
 from moonprune.training import TrainCallback, train
@@ -345,6 +345,9 @@ def _compress(
             out.discard()
         raise
     compressed = result.model.eval()
+    unknowns, synthesized = unknowns_summary(
+        compressed, inputs.splits.val, cfg.moon, cfg.train.seed
+    )
     calibrated = _assess(compressed, inputs, cfg)
     assessment = calibrated.after
     dense_metrics, compressed_metrics = dense_assessment.metrics, assessment.metrics
@@ -355,6 +358,7 @@ def _compress(
         "structure": structure_stats,
         "method": cfg.sparsity.method,
         "moon": cfg.moon.enabled,
+        "unknowns": unknowns,
         # channel runs aim at a MAC or parameter fraction (in "structure"), not at zeros
         "target_sparsity": None if structure_stats else cfg.sparsity.sparsity,
         "sparsity": sparsity,
@@ -386,6 +390,7 @@ def _compress(
         "preprocessing": inputs.normalization.as_dict(),
         "history": [
             {"epoch": h.epoch, "loss": h.loss, "lr": h.lr, "a": h.a, "density": h.density}
+            | {"unknown_rate": h.unknown_rate}
             for h in result.history
         ],
         "rollbacks": [vars(r) for r in getattr(result, "rollbacks", [])],
@@ -395,7 +400,8 @@ def _compress(
             "compressed": _aurocs(calibrated.before),
         },
         "warnings": inputs.normalization.warnings()
-        + accuracy_warnings(dense_metrics, compressed_metrics),
+        + accuracy_warnings(dense_metrics, compressed_metrics)
+        + unknowns["warnings"],
         # AUROC / FPR95 of every score, so the user sees which one works on this data
         "scores": {"dense": dense_assessment.score_table, "compressed": assessment.score_table},
         "config": cfg.as_dict(),
@@ -432,6 +438,7 @@ def _compress(
         report,
         {"dense": dense_assessment, "compressed": assessment},
         {"dense": layer_sparsity(dense_model), "compressed": layer_sparsity(compressed)},
+        synthesized,
     )
     write_json(cfg.as_dict(), work / "recipe.json")
     final = out.commit()

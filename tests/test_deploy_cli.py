@@ -73,7 +73,7 @@ def test_inspect_onnx_json(demo_files: Path) -> None:
     assert abs(info["prunable_sparsity"] - 0.9) < 0.01
     meta = info["metadata"]
     assert isinstance(meta["moonprune.classes"], list) and len(meta["moonprune.classes"]) == 6
-    assert meta["moonprune.score"] == "mahalanobis"  # the default (README "OOD scores")
+    assert meta["moonprune.score"] == "mahalanobis++"  # the default (README "OOD scores")
     assert "height" in meta["moonprune.preprocessing"]
 
 

@@ -62,7 +62,7 @@ def test_contract_in_a_bare_onnxruntime_session(demo_run) -> None:
     assert float(meta["moonprune.threshold"]) == pytest.approx(ckpt.threshold)
     assert json.loads(meta["moonprune.classes"]) == list(ckpt.classes)
     assert json.loads(meta["moonprune.preprocessing"])["height"] == 8
-    assert meta["moonprune.score"] == "mahalanobis" and float(meta["moonprune.tpr"]) == 0.95
+    assert meta["moonprune.score"] == "mahalanobis++" and float(meta["moonprune.tpr"]) == 0.95
     assert abs(float(meta["moonprune.sparsity"]) - 0.9) < 0.005
 
 
@@ -147,7 +147,7 @@ def test_sparse_file_gzips_far_smaller_than_dense(demo_run, tmp_path: Path) -> N
 
 def test_int8_export_is_small_and_keeps_the_acceptance(demo_run, tmp_path: Path) -> None:
     report = export_checkpoint(demo_run.out / "model.pt", tmp_path / "q.onnx", quantize="int8")
-    # the network is int8; the mahalanobis statistics (the default score) stay float32
+    # the network is int8; the mahalanobis++ statistics (the default score) stay float32
     score = int(_bare_session(tmp_path / "q.onnx").get_modelmeta().custom_metadata_map[
         "moonprune.score_bytes"])  # fmt: skip
     assert (report["float_bytes"] - score) / (report["bytes"] - score) >= 3.5

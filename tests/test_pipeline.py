@@ -118,10 +118,13 @@ def test_verify_numbers_recomputed_from_the_model_outputs(demo_run, tmp_path: Pa
         _forward(ckpt.model, x)
         hook.remove()
         stats = ckpt.feature_stats
-        assert ckpt.score == "mahalanobis" and stats is not None
-        diff = torch.cat(features)[:, None, :] - stats.means[None]  # (N, K, D)
-        # (f - mu)^T W W^T (f - mu) = ||(f - mu) W||^2, in the stored float32 factor
-        distance = torch.einsum("nkd,de->nke", diff, stats.whitening).square().sum(-1)
+        assert ckpt.score == "mahalanobis++" and stats is not None
+        assert stats.unit_means is not None and stats.unit_whitening is not None
+        f = torch.cat(features)
+        z = f / f.norm(dim=1, keepdim=True)  # Mahalanobis++: on the unit sphere
+        diff = z[:, None, :] - stats.unit_means[None]  # (N, K, D)
+        # (z - mu)^T W W^T (z - mu) = ||(z - mu) W||^2, in the stored float32 factor
+        distance = torch.einsum("nkd,de->nke", diff, stats.unit_whitening).square().sum(-1)
         return (-distance.amin(1)).double().numpy()
 
     id_scores = mahalanobis(splits.test.x)
