@@ -106,6 +106,8 @@ FULL = Grid(
     epochs=10,
     dense_epochs=15,
 )
+#: The feature scores compress reports (the deployed default first).
+FEATURES = ("mahalanobis++", "mahalanobis", "knn")
 #: OOD sets by kind: the held-out classes of the ID set are the near-OOD test.
 FAR = ("textures", "photos", "faces")
 
@@ -260,7 +262,7 @@ def _cells(rows: list[dict[str, Any]], grid: Grid, dense: bool = False) -> list[
         cells.append(_ms([score_mean(r, "msp", names, dense) for r in rows]))
     cells += [_ms([score_mean(r, s, None, dense) for r in rows])
               for s in ("energy", "max_logit", "unknown")]  # fmt: skip
-    for feature in ("mahalanobis", "knn"):  # from the report (fitted on the final model)
+    for feature in FEATURES:  # from the report (fitted on the final model)
         values = [feature_mean(r, feature, dense) for r in rows]
         cells.append(_ms([v for v in values if v is not None]) if None not in values else "-")
     return cells
@@ -280,7 +282,7 @@ def render(grid: Grid, rows: list[dict[str, Any]], seconds: float, command: str)
     near, other = grid.ood[0], grid.ood[1]
     head = (f"accuracy | ECE | MSP mean AUROC | MSP {near} (near) | MSP {other} | MSP far "
             "(textures, photos, faces) | MSP noise | energy mean | max_logit mean | "
-            "unknown mean | mahalanobis mean | knn mean |")  # fmt: skip
+            "unknown mean | " + " | ".join(f"{f} mean" for f in FEATURES) + " |")  # fmt: skip
     lines = [
         f"## Reliability: MOON vs plain sparse fine-tuning ({grid.name})",
         "",
@@ -292,7 +294,7 @@ def render(grid: Grid, rows: list[dict[str, Any]], seconds: float, command: str)
         "1 - p(unknown) (K+1 head only; constant, so 50, for plain).",
         "",
         "| arch | model | " + head,
-        "|---|---|" + "---|" * 12,
+        "|---|---|" + "---|" * (10 + len(FEATURES)),
     ]
     for arch in grid.archs:
         dense_rows = [r for r in rows if r["arch"] == arch and r["method"] == grid.methods[0]
@@ -300,7 +302,7 @@ def render(grid: Grid, rows: list[dict[str, Any]], seconds: float, command: str)
         if dense_rows:
             lines.append(f"| {arch} | dense | " + " | ".join(_cells(dense_rows, grid, True)) + " |")
     lines += ["", "| arch | method | sparsity | variant | " + head + " rollbacks |",
-              "|---|---|---|---|" + "---|" * 13]  # fmt: skip
+              "|---|---|---|---|" + "---|" * (11 + len(FEATURES))]  # fmt: skip
     keys = sorted({(r["arch"], r["method"], r["sparsity"]) for r in rows})
     diffs = []
     for key in keys:
@@ -354,7 +356,7 @@ def render(grid: Grid, rows: list[dict[str, Any]], seconds: float, command: str)
 
 def synth_lines(grid: Grid, rows: list[dict[str, Any]], keys: list, unknowns: str) -> list[str]:
     """MOON+``unknowns`` against plain and MOON (issue 18's targets): shortfall removed,
-    Δ near-OOD, Δ accuracy, time per epoch; for MSP and the deployed mahalanobis."""
+    Δ near-OOD, Δ accuracy, time per epoch; for MSP and the deployed mahalanobis++."""
     near = grid.ood[0]
     lines = [
         f"### MOON+{unknowns} vs plain and MOON (points)",
@@ -368,11 +370,11 @@ def synth_lines(grid: Grid, rows: list[dict[str, Any]], keys: list, unknowns: st
                               select(rows, key, True, unknowns))  # fmt: skip
         if not (plain and moon and synth):
             continue
-        for score in ("msp", "mahalanobis"):
+        for score in ("msp", "mahalanobis++"):
 
             def mean(sel: list[dict[str, Any]], names: tuple[str, ...] | None = None,
                      s: str = score) -> float:  # fmt: skip
-                if s == "mahalanobis":
+                if s in FEATURES:
                     return statistics.mean(feature_mean(r, s, names=names) or 0.0 for r in sel)
                 return statistics.mean(score_mean(r, s, names) for r in sel)
 
