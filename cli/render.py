@@ -192,6 +192,24 @@ def method_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def speed_lines(report: dict[str, Any]) -> list[str]:
+    """A channel-pruned model's measured speed-up (exported file vs dense export), and
+    what the chosen widths measured before training."""
+    structure = report.get("structure") or {}
+    lines = []
+    plan = structure.get("plan")
+    if plan:
+        cells = ", ".join(f"{v:.2f}x at batch {b}"
+                          for b, v in plan["speedup_before_training"].items())  # fmt: skip
+        lines.append(f"channel widths chosen by timing candidates (grid {plan['grid']}): {cells}")
+    speed = structure.get("speed")
+    if speed:
+        cells = ", ".join(f"{v:.2f}x at batch {b}" for b, v in speed["speedup"].items())
+        threads = f"{speed['threads']} thread{'s' if speed['threads'] > 1 else ''}"
+        lines.append(f"model.onnx vs the dense export (onnxruntime, {threads}): {cells}")
+    return lines
+
+
 def preprocessing_lines(report: dict[str, Any]) -> list[str]:
     """How the inputs were normalised (``--normalize``) and the dense accuracy under each
     candidate."""
@@ -218,6 +236,6 @@ def unknowns_lines(report: dict[str, Any]) -> list[str]:
 def summary_lines(report: dict[str, Any], files: dict[str, Any]) -> list[str]:
     """A few lines under the table: inputs, threshold, acceptance, temperature, outputs."""
     lines = preprocessing_lines(report) + acceptance_lines(report) + temperature_lines(report)
-    lines += method_lines(report) + unknowns_lines(report)
+    lines += speed_lines(report) + method_lines(report) + unknowns_lines(report)
     lines.append("wrote " + ", ".join(str(p) for p in files.values()))
     return lines

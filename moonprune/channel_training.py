@@ -9,23 +9,28 @@ running average is kept); the schedule of ``a`` restarts per stage, reaching
 ``a_final`` at the end of each one. A channel-pruning run cannot be resumed
 mid-way: the shapes in a saved state would not match a fresh model.
 
-Under ``torchrun`` every rank prunes its own copy (the same weights, ranked on the
-same batch, give the same channels; this is checked after every step) and each
-stage's fine-tuning is data-parallel like every other method's.
+Under ``torchrun`` the candidate networks of the ``latency`` allocation are timed
+once, by rank 0, and its plan is sent to every rank
+(:func:`~moonprune.channel_search.broadcast_plan`); every rank prunes its own copy
+(the same weights, ranked on the same batch, give the same channels; this is checked
+after every step) and each stage's fine-tuning is data-parallel like every other
+method's.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Any
 
+import torch
 from torch import nn
 
-from moonprune.config import CompressConfig, SparsityConfig
+from moonprune.channel_search import ChannelPlan, broadcast_plan
+from moonprune.config import DEFAULT_CHANNEL_SPEEDUP, CompressConfig, SparsityConfig
 from moonprune.data import ImageSet
 from moonprune.distributed import DistContext
 from moonprune.errors import ConfigError
+from moonprune.speed import default_threads
 from moonprune.structured import (
     ChannelPruner,
     KeepAllMasker,
@@ -42,9 +47,12 @@ def resolved_steps(steps: int | None, epochs: int) -> int:
     return steps if steps is not None else max(1, min(DEFAULT_STEPS, epochs))
 
 
-def channel_target(sp: SparsityConfig) -> tuple[float, str]:
-    """(kept fraction, measure): 1 / speed-up of latency, a MAC or a parameter fraction."""
-    if sp.speedup is not None:
+def channel_target(sp: SparsityConfig) -> tuple[float | None, str]:
+    """(kept fraction, measure): ``auto`` (no fraction), 1 / speed-up of latency, a MAC
+    or a parameter fraction."""
+    if sp.speedup == DEFAULT_CHANNEL_SPEEDUP:
+        return None, "auto"
+    if isinstance(sp.speedup, int | float):
         return 1 / sp.speedup, "latency"
     if sp.macs_target is not None:
         return sp.macs_target, "macs"
@@ -77,11 +85,7 @@ def train_channel_pruned(
     keep, measure = channel_target(sp)
     steps = resolved_steps(sp.steps, cfg.train.epochs)
     example = train_set.x[:2].to(next(model.parameters()).device)
-    dense = copy.deepcopy(model).cpu()
-    pruner = ChannelPruner(model, example, head_layer, keep=keep, measure=measure,
-                           steps=steps, importance=sp.importance,
-                           round_to=sp.round_to, allocation=sp.allocation,
-                           latency_batch=sp.latency_batch, threads=sp.threads)  # fmt: skip
+    pruner = _make_pruner(model, example, head_layer, cfg, keep, measure, steps, dist)
     plan = stage_epochs(cfg.train.epochs, steps)
     average = min(cfg.moon.resolved_average_epochs(cfg.train.epochs), plan[-1] - 1)
     history: list[EpochInfo] = []
@@ -108,22 +112,36 @@ def train_channel_pruned(
     stats.update({"ratio": pruner.ratio, "steps": steps, "importance": sp.importance,
                   "round_to": sp.round_to, "allocation": sp.allocation, "grid": pruner.grid,
                   "target": keep, "measure": measure})  # fmt: skip
-    latency = pruner.latency_report()
-    if latency is not None and dist.is_main:
-        from moonprune.speed import speedups
-
-        # the trained network and the dense one, timed alike; the rejector adds the
-        # same operators to both exports
-        measured = speedups(
-            dense,
-            copy.deepcopy(final).cpu(),
-            example.cpu(),
-            tuple(int(b) for b in latency["dense_ms"]),
-            latency["threads"],
-        )
-        latency["measured_speedup"] = {str(b): v for b, v in measured.items()}
-    stats["latency"] = latency
+    if pruner.plan is not None:
+        stats["plan"] = pruner.plan.as_dict()
     return TrainResult(final, {}, history), stats
+
+
+def _make_pruner(model: nn.Module, example: torch.Tensor, head_layer: str, cfg: CompressConfig,
+                 keep: float | None, measure: str, steps: int,
+                 dist: DistContext) -> ChannelPruner:  # fmt: skip
+    """The pruner; with the latency allocation, rank 0 times the candidates and every
+    other rank takes its plan (a refusal on rank 0 stops them all)."""
+    sp = cfg.sparsity
+
+    def make(plan: ChannelPlan | None = None) -> ChannelPruner:
+        return ChannelPruner(model, example, head_layer, keep=keep, measure=measure,
+                             steps=steps, importance=sp.importance, round_to=sp.round_to,
+                             allocation=sp.allocation, latency_batch=sp.latency_batch,
+                             threads=sp.threads, plan=plan)  # fmt: skip
+
+    if sp.allocation != "latency" or not dist.enabled:
+        return make()
+    threads = sp.threads or default_threads()
+    if dist.is_main:
+        try:
+            pruner = make()
+        except ConfigError:
+            broadcast_plan(None, model, dist, sp.latency_batch, threads)
+            raise
+        broadcast_plan(pruner.plan, model, dist, sp.latency_batch, threads)
+        return pruner
+    return make(broadcast_plan(None, model, dist, sp.latency_batch, threads))
 
 
 @dataclasses.dataclass

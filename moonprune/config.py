@@ -149,7 +149,7 @@ class MoonConfig:
         return n
 
 
-DEFAULT_CHANNEL_SPEEDUP = 1.5  # --method channel with no target: 1.5x at --latency-batch
+DEFAULT_CHANNEL_SPEEDUP = "auto"  # --method channel with no target (moonprune.channel_search)
 
 
 @dataclass(frozen=True)
@@ -162,14 +162,16 @@ class SparsityConfig:
     pruned layer's channel count a multiple of it (onnxruntime's CPU convolutions are
     blocked by 8 or 16 channels: odd counts can make a slimmer model slower);
     ``allocation`` shares the removed channels out between layers: ``latency`` (the
-    default: ranked by importance per millisecond saved, read from a latency table
-    measured on this machine), ``uniform`` (the same fraction everywhere) or ``global``
+    default: widths chosen by timing whole candidate networks in onnxruntime on this
+    machine), ``uniform`` (the same fraction everywhere) or ``global``
     (a MAC-aware ranking across layers; with ``round_to`` it leaves layers of
     ``round_to`` channels or fewer whole; see :mod:`moonprune.structured`).
-    ``speedup`` is a latency target instead: the dense latency / the pruned one at
+    ``speedup`` is a speed target instead: the dense latency / the pruned one at
     batch ``latency_batch`` with ``threads`` onnxruntime threads (default: the CPUs
-    this process may use); with no target at all, ``speedup`` is
-    ``DEFAULT_CHANNEL_SPEEDUP``. ``steps`` defaults to ``min(4, epochs)``.
+    this process may use), measured on candidate networks before training; with no
+    target at all it is ``"auto"``: the least-pruned candidate clearly faster than
+    dense at batch 1 and at ``latency_batch`` (:mod:`moonprune.channel_search`).
+    ``steps`` defaults to ``min(4, epochs)``.
 
     Example::
 
@@ -187,7 +189,7 @@ class SparsityConfig:
     importance: str = "magnitude"
     round_to: int | None = None
     allocation: str = "latency"
-    speedup: float | None = None
+    speedup: float | str | None = None
     latency_batch: int = 64
     threads: int | None = None
 
@@ -210,8 +212,13 @@ class SparsityConfig:
             raise ConfigError(
                 f"allocation must be latency, global or uniform, got {self.allocation!r}"
             )
-        if self.speedup is not None and not self.speedup > 1:
-            raise ConfigError(f"speedup must be > 1, got {self.speedup}; e.g. 2 (twice as fast)")
+        if self.speedup not in (None, DEFAULT_CHANNEL_SPEEDUP) and (
+            isinstance(self.speedup, bool) or not isinstance(self.speedup, int | float)
+            or not self.speedup > 1
+        ):  # fmt: skip
+            raise ConfigError(
+                f"speedup must be > 1 or 'auto', got {self.speedup!r}; e.g. 2 (twice as fast)"
+            )
         if self.speedup is not None and self.macs_target is not None:
             raise ConfigError("give one channel target: --speedup or --macs-target, not both")
         for name in ("latency_batch", "threads", "steps"):

@@ -430,6 +430,10 @@ def _compress(
     if cfg.export:
         t0 = time.perf_counter()
         files["model.onnx"], report["export"] = _export(ckpt, inputs, work / "model.onnx", sparsity)
+        if structure_stats is not None:
+            report["structure"]["speed"] = _deployed_speed(
+                files["model.onnx"], dense_model, dense_assessment, inputs, cfg
+            )
         report["timing"]["export_s"] = time.perf_counter() - t0
     report["timing"]["total_s"] = time.perf_counter() - t_start
     write_json(report, work / "report.json")
@@ -488,6 +492,32 @@ def _export(
         feature_stats=ckpt.feature_stats,
     )
     return path, export_report.as_dict()
+
+
+def _deployed_speed(
+    path: Path, dense_model: nn.Module, dense: Assessment, inputs: Inputs, cfg: CompressConfig
+) -> dict[str, Any]:
+    """The exported channel-pruned file timed against the dense model exported with the
+    same rejector (score, and the dense model's own threshold and statistics), at batch
+    1 and ``--latency-batch`` (:func:`moonprune.speed.time_speedups`)."""
+    import tempfile
+
+    from moonprune.exporters import export_onnx
+    from moonprune.speed import default_threads, time_speedups
+
+    threads = cfg.sparsity.threads or default_threads()
+    batches = tuple(dict.fromkeys((1, cfg.sparsity.latency_batch)))
+    with tempfile.TemporaryDirectory(prefix="moonprune-dense-") as tmp:
+        dense_path = Path(tmp) / "dense.onnx"
+        export_onnx(copy.deepcopy(dense_model).cpu(), dense_path,
+                    num_known=len(inputs.splits.classes),
+                    input_shape=inputs.splits.preprocessing.input_shape,
+                    threshold=dense.threshold, score=cfg.score,
+                    temperature=dense.temperature, example_inputs=inputs.splits.val.x[:64],
+                    feature_stats=dense.feature_stats)  # fmt: skip
+        measured = time_speedups(dense_path, {"model": path}, batches, threads)["model"]
+    return {"speedup": {str(b): v for b, v in measured.items()}, "threads": threads,
+            "compared_with": "the dense model exported with the same rejector"}  # fmt: skip
 
 
 def _version() -> str:

@@ -27,17 +27,21 @@ from __future__ import annotations
 
 import copy
 import logging
-from pathlib import Path
+import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from moonprune.channel_allocation import GlobalAllocator, require_torch_pruning
-from moonprune.channel_latency import CALIBRATION_ROUNDS, TOLERANCE, LatencyGoal
+from moonprune.channel_allocation import (
+    GlobalAllocator,
+    prune_to_widths_,
+    require_torch_pruning,
+)
+from moonprune.channel_search import ChannelPlan, Target, Timer, layer_widths, search_plan
 from moonprune.errors import ConfigError
-from moonprune.latency import default_threads, nchwc_block
 from moonprune.sparsity.base import Masker, MaskerConfig
+from moonprune.speed import default_threads
 
 logger = logging.getLogger(__name__)
 __all__ = ["ChannelPruner", "KeepAllMasker", "apply_structure_", "count_macs_params",
@@ -67,14 +71,16 @@ def count_macs_params(model: nn.Module, example: torch.Tensor) -> tuple[int, int
 
 
 class ChannelPruner:
-    """Prunes ``model`` in place to a parameter, MAC or latency fraction, in ``steps`` steps.
+    """Prunes ``model`` in place to a parameter, MAC or speed target, in ``steps`` steps.
 
-    ``measure="latency"``: ``keep`` is the fraction of the dense latency at batch
-    ``latency_batch`` (1 / the speed-up), with ``threads`` intra-op threads. The
-    ``latency`` allocation (any measure) ranks channels by importance per measured
-    millisecond saved (:mod:`moonprune.channel_latency`), on a grid of ``round_to``
-    (default 8) channels; with ``check_speed`` the planned network is timed against
-    the dense one before any training, and a plan slower than dense is an error.
+    ``measure``: ``params`` or ``macs`` (``keep`` is the kept fraction), ``latency``
+    (``keep`` is 1 / the speed-up at batch ``latency_batch``) or ``auto`` (the default
+    speed-up; ``keep`` is None), the last two with the ``latency`` allocation only.
+    The ``latency`` allocation chooses every layer's width before training by timing
+    whole candidate networks (:mod:`moonprune.channel_search`; or takes ``plan``, e.g.
+    rank 0's under torchrun); each step then moves every layer a step's share of the
+    way to its planned width, dropping its least important channels, so the last step
+    gives exactly the measured shape.
     """
 
     def __init__(
@@ -83,7 +89,7 @@ class ChannelPruner:
         example: torch.Tensor,
         head_layer: str,
         *,
-        keep: float,
+        keep: float | None,
         measure: str = "params",
         steps: int = 4,
         importance: str = "magnitude",
@@ -91,136 +97,84 @@ class ChannelPruner:
         allocation: str = "latency",
         latency_batch: int = 64,
         threads: int | None = None,
-        cache: Path | None = None,
-        check_speed: bool = True,
+        plan: ChannelPlan | None = None,
+        timer: Timer | None = None,
     ) -> None:
-        if not 0.0 < keep < 1.0:
+        if measure != "auto" and (keep is None or not 0.0 < keep < 1.0):
             raise ConfigError(f"the kept fraction must be in (0, 1), got {keep}")
-        if measure not in ("params", "macs", "latency"):
-            raise ConfigError(f"measure must be 'params', 'macs' or 'latency', got {measure!r}")
+        if measure not in ("params", "macs", "latency", "auto"):
+            raise ConfigError(
+                f"measure must be 'params', 'macs', 'latency' or 'auto', got {measure!r}"
+            )
         if importance not in ("magnitude", "taylor"):
             raise ConfigError(f"importance must be 'magnitude' or 'taylor', got {importance!r}")
         if allocation not in ("uniform", "global", "latency"):
             raise ConfigError(
                 f"allocation must be 'uniform', 'global' or 'latency', got {allocation!r}"
             )
-        if measure == "latency" and allocation == "uniform":
+        if measure in ("latency", "auto") and allocation != "latency":
             raise ConfigError(
-                "a speed-up target needs --allocation latency (or global), not uniform"
+                f"a speed-up target needs --allocation latency, not {allocation}; or give "
+                "--macs-target / --sparsity instead"
             )
         self.model, self.example, self.head_layer = model, example[:2], head_layer
-        self.keep, self.measure, self.steps, self.importance = keep, measure, steps, importance
+        self.keep = keep or 0.0
+        self.measure, self.steps, self.importance = measure, steps, importance
         self.round_to, self.allocation = round_to, allocation
         self.dense_macs, self.dense_params = count_macs_params(model, example)
         self.done = 0
         self.ratio: float | None = None
-        self.target = keep  # what the allocator aims at (a latency target is calibrated)
-        self.planned: dict[int, float] | None = None  # measured speed-ups of the plan
-        self.goal: LatencyGoal | None = None
-        self.grid = round_to or (nchwc_block() if allocation == "latency" else 1)
-        if allocation == "latency" or measure == "latency":
-            self.goal = LatencyGoal(model, self.example, latency_batch,
-                                    threads or default_threads(), cache)  # fmt: skip
+        self.grid = round_to or 1
+        self.plan = plan
         if allocation == "uniform":
             self.ratio = self._solve_ratio()
             self._pruner = self._make_pruner(model, self.ratio, steps)
+        elif allocation == "global":
+            self._check_reachable()
+            self._global = GlobalAllocator(model, self.example, head_layer,
+                                           self._new_importance(), self.grid, measure)  # fmt: skip
         else:
-            self.floor = self._reachable_floor()
-            if check_speed and self.goal is not None:
-                self._calibrate(self.goal)
-                self.goal.save()
-            self._global = self._allocator(model)
+            if self.plan is None:
+                self.plan = self._search(latency_batch, threads or default_threads(), timer)
+            self.grid = self.plan.grid
+            self._dense_widths = layer_widths(model)
 
-    def _allocator(self, model: nn.Module, importance: Any = None) -> GlobalAllocator:
-        latency = self.allocation == "latency" and self.goal is not None
-        chunk = self.grid
-        count = "macs" if self.measure == "latency" else self.measure
-        return GlobalAllocator(model, self.example, self.head_layer,
-                                importance or self._new_importance(), chunk, count,
-                                cost=self.goal.cost(model) if latency and self.goal else None,
-                                lookahead=3 if latency else 1)  # fmt: skip
+    def _search(self, batch: int, threads: int, timer: Timer | None) -> ChannelPlan:
+        """Time candidate networks before any training (on CPU copies)."""
+        from moonprune.speed import measure_speedups, nchwc_block
 
-    def _plan(self, target: float) -> tuple[nn.Module, bool]:
-        """A pruned copy at ``target`` (magnitude ranking; True if reached)."""
-        trial = copy.deepcopy(self.model)
-        tp = require_torch_pruning()
-        allocator = self._allocator(trial, tp.importance.MagnitudeImportance(p=2))
-        return trial, allocator.prune_to(lambda: self._fraction(trial) <= target, None)
+        kind = {"latency": "speedup"}.get(self.measure, self.measure)
+        target = Target(kind, 1 / self.keep if kind == "speedup" else self.keep)
+        dense = copy.deepcopy(self.model).cpu()
+        grids = (self.round_to,) if self.round_to else (nchwc_block(), 8)
+        return search_plan(dense, self.example.cpu(), self.head_layer, target, grids=grids,
+                           batch=batch, threads=threads, fraction=self._fractions,
+                           timer=timer or measure_speedups)  # fmt: skip
 
-    def _calibrate(self, goal: LatencyGoal) -> None:
-        """Time the planned network before training; rescale a latency target by it."""
-        from moonprune.speed import speedups
+    def _fractions(self, model: nn.Module) -> tuple[float, float]:
+        macs, params = count_macs_params(model, self.example.to(_device(model)))
+        return macs / self.dense_macs, params / self.dense_params
 
-        target, best = self.keep, 0.0
-        planned: dict[int, float] = {}
-        for _ in range(CALIBRATION_ROUNDS):
-            trial, _ = self._plan(target)
-            planned = speedups(self.model, trial, self.example, goal.batches, goal.threads)
-            self.target, self.planned = target, planned
-            best = max(best, planned[goal.batch])
-            if self.measure != "latency":
-                break
-            want, got = 1 / self.keep, planned[goal.batch]
-            if abs(got - want) <= TOLERANCE * want or (target <= self.floor and got < want):
-                break
-            target = min(max(target * got / want, self.floor), 0.999)
-        logger.info("planned network, measured before training: %s", planned)
-        threads = f"{goal.threads} thread{'s' if goal.threads > 1 else ''}"
-        if self.measure == "latency" and planned[goal.batch] < (1 - 2 * TOLERANCE) / self.keep:
-            raise ConfigError(
-                f"channel pruning cannot reach a {1 / self.keep:.2f}x speed-up at batch "
-                f"{goal.batch} ({threads}) on this machine: the best plan measured "
-                f"{best:.2f}x; ask for at most that with --speedup"
-            )
-        if any(up < 1.0 for up in planned.values()):
-            figures = ", ".join(f"{up:.2f}x at batch {b}" for b, up in planned.items())
-            raise ConfigError(
-                f"the planned pruned network is slower than the dense one on this machine "
-                f"({figures}, {threads}); use --speedup instead of a MAC or parameter target"
-            )
-
-    def _reachable_floor(self) -> float:
-        """:meth:`_check_reachable`; a grid taken from the CPU (no ``round_to``) that
-        cannot reach a MAC or parameter target is halved, once (layers narrower than a
-        block are slower per channel, and the table does not see it: a speed-up target
-        stays on the block grid and says what it can reach)."""
-        try:
-            return self._check_reachable()
-        except ConfigError:
-            if self.round_to or self.measure == "latency" or self.grid < 2:
-                raise
-            self.grid //= 2
-            logger.info("the target needs narrower layers: channel grid %d", self.grid)
-            return self._check_reachable()
-
-    def _check_reachable(self) -> float:
-        """Fail before any training when the target cannot be reached; return the floor.
+    def _check_reachable(self) -> None:
+        """Fail before any training when the global target cannot be reached.
 
         Pruned on a copy; the smallest reachable size does not depend on the ranking
         (every group ends at one chunk), so magnitude importance serves for Taylor too.
-        A latency target is pruned to the end, to know the floor (the fastest plan).
         """
-        trial, reached = self._plan(0.0 if self.measure == "latency" else self.keep)
-        floor = self._fraction(trial)
-        if self.measure == "latency" and self.goal is not None:
-            if floor > self.keep:
-                best = self.goal.predicted_speedups(trial)[self.goal.batch]
-                raise ConfigError(
-                    f"channel pruning cannot reach a {1 / self.keep:.2f}x speed-up at batch "
-                    f"{self.goal.batch} on this machine: with every layer at its narrowest "
-                    f"the latency table predicts {best:.2f}x; ask for at most that with "
-                    "--speedup"
-                )
-            return floor
-        if not reached:
+        tp = require_torch_pruning()
+        trial = copy.deepcopy(self.model)
+        allocator = GlobalAllocator(trial, self.example, self.head_layer,
+                                    tp.importance.MagnitudeImportance(p=2), self.grid,
+                                    self.measure)  # fmt: skip
+        if not allocator.prune_to(lambda: self._fraction(trial) <= self.keep, None):
             chunk = self.grid
             measure = "MACs" if self.measure == "macs" else "parameters"
             raise ConfigError(
                 f"channel pruning cannot reach {self.keep:.0%} of the dense {measure}: cutting "
                 f"every layer to at most {chunk} channel{'s' if chunk > 1 else ''} keeps "
-                f"{floor:.0%}; use a smaller round_to, or a less aggressive target"
+                f"{self._fraction(trial):.0%}; use a smaller round_to, or a less aggressive "
+                "target"
             )
-        return 0.0
 
     def _new_importance(self) -> Any:
         tp = require_torch_pruning()
@@ -236,10 +190,8 @@ class ChannelPruner:
         )  # fmt: skip
 
     def _fraction(self, model: nn.Module) -> float:
-        if self.measure == "latency" and self.goal is not None:
-            return self.goal.fraction(model)
-        macs, params = count_macs_params(model, self.example)
-        return macs / self.dense_macs if self.measure == "macs" else params / self.dense_params
+        macs, params = self._fractions(model)
+        return macs if self.measure == "macs" else params
 
     def _solve_ratio(self) -> float:
         """Bisection on the channel ratio so that one full pruning keeps ``keep``.
@@ -276,6 +228,17 @@ class ChannelPruner:
         model.zero_grad()
         model(self.example).logsumexp(dim=1).sum().backward()
 
+    def _step_widths(self) -> dict[str, int]:
+        """Planned widths after this step: a step's share of the way, on the grid."""
+        assert self.plan is not None
+        left = (self.steps - self.done - 1) / self.steps
+        widths = {}
+        for name, want in self.plan.widths.items():
+            dense = self._dense_widths[name]
+            widths[name] = min(dense, want + math.ceil((dense - want) * left / self.grid)
+                               * self.grid)  # fmt: skip
+        return widths
+
     def step(self, grad_batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
         """Prune one step (Taylor needs a labelled batch for its gradients)."""
         if self.done >= self.steps:
@@ -306,10 +269,18 @@ class ChannelPruner:
             if gradients is not None:
                 gradients()
             self._pruner.step()
-        else:
-            target = 1 - (1 - self.target) * (self.done + 1) / self.steps
+        elif self.allocation == "global":
+            target = 1 - (1 - self.keep) * (self.done + 1) / self.steps
             if not self._global.prune_to(lambda: self._fraction(self.model) <= target, gradients):
                 raise RuntimeError("global allocation ran out of channels after its check passed")
+        else:
+            if gradients is not None:
+                gradients()
+            prune_to_widths_(self.model, self.example, self.head_layer, self._step_widths(),
+                             self._new_importance())  # fmt: skip
+            planned = self.plan.widths if self.plan is not None else None
+            if self.done + 1 == self.steps and layer_widths(self.model) != planned:
+                raise RuntimeError("the pruned network does not have the planned widths")
         self.model.zero_grad(set_to_none=True)
         self.done += 1
         return self.stats()
@@ -325,24 +296,9 @@ class ChannelPruner:
             "params": float(params),
         }
 
-    def latency_report(self) -> dict[str, Any] | None:
-        """The latency goal's settings, the plan's measured and the table's predicted
-        speed-ups of the model as it is now (None without a latency goal)."""
-        if self.goal is None:
-            return None
-        goal = self.goal
-        predicted = goal.predicted_speedups(self.model)
-        return {
-            "batch": goal.batch, "threads": goal.threads,
-            "target_speedup": 1 / self.keep if self.measure == "latency" else None,
-            "dense_ms": {str(b): v for b, v in goal.dense_ms.items()},
-            "predicted_speedup": {str(b): v for b, v in predicted.items()},
-            "planned_measured_speedup": (
-                {str(b): v for b, v in self.planned.items()} if self.planned else None
-            ),
-            "table_entries_measured": goal.measured_entries,
-            "table_file": str(goal.tables[goal.batch].path),
-        }  # fmt: skip
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def size_vs_dense(model: nn.Module, dense: nn.Module, example: torch.Tensor) -> dict[str, float]:

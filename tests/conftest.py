@@ -112,3 +112,20 @@ def dense_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "dense.pt"
     torch.save(demo_cnn(num_classes=6, width=8).state_dict(), path)
     return path
+
+
+@pytest.fixture
+def real_timer() -> None:
+    """Request it to time ONNX files in onnxruntime for real (no speed is asserted)."""
+
+
+@pytest.fixture(autouse=True)
+def _modelled_timer(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Channel pruning's timing of candidate networks and of the exported model comes from
+    a deterministic cost model (``tests/fake_timer.py``), unless the test asks for
+    ``real_timer``."""
+    if "real_timer" in request.fixturenames:
+        return
+    from fake_timer import modelled_speedups
+
+    monkeypatch.setattr("moonprune.speed.time_speedups", modelled_speedups)

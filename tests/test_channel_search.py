@@ -1,133 +1,193 @@
-"""The latency table, the latency allocation and the checks made before training.
+"""The latency allocation: candidate networks timed, one chosen, its widths reached.
 
-Timing is replaced by a deterministic model of a blocked CPU kernel (cost grows with
-``ceil(channels / 16)``), so these tests check the logic, never this machine's speed;
-the measured speed-ups are in benchmarks/structured.py.
+Timing is modelled (``tests/fake_timer.py``, or a timer passed in), so these tests
+check the logic, never this machine's speed; one test runs the real onnxruntime timer
+without asserting a speed. The measured speed-ups are in benchmarks/structured.py.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import pytest
 import torch
+from torch import nn
 
 from moonprune import models
+from moonprune.channel_search import (
+    DEFAULT_SPEEDUP,
+    TOLERANCE,
+    Candidate,
+    ChannelPlan,
+    Target,
+    broadcast_plan,
+    choose,
+    layer_widths,
+)
 from moonprune.channel_training import channel_target, resolved_steps
 from moonprune.config import DEFAULT_CHANNEL_SPEEDUP, build_config
 from moonprune.errors import ConfigError
 from moonprune.heads import add_unknown_output_
-from moonprune.latency import LatencyTable, LayerShape
+from moonprune.structured import ChannelPruner, count_macs_params
 
 pytest.importorskip("torch_pruning")
-BLOCK = 16
 
 
-def blocked_ms(shape: LayerShape | None) -> float:
-    """A fake operator latency: whole blocks of 16 channels, like onnxruntime's NCHWc."""
-    if shape is None:
-        return 0.001
-    blocks = math.ceil(shape.c_in / BLOCK) * math.ceil(shape.c_out / BLOCK)
-    return 0.001 + 0.01 * blocks * math.prod(shape.kernel or (1,)) * math.prod(
-        shape.spatial or (1,)
-    )
-
-
-@pytest.fixture
-def fake_timing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, float]:
-    """Table entries from :func:`blocked_ms`; whole networks 'measured' as ``measured``."""
-    monkeypatch.setenv("MOONPRUNE_CACHE_DIR", str(tmp_path / "cache"))
-    measured = {"speedup": 1.6}
-
-    def fake_measure(self: LatencyTable, shape: LayerShape | None) -> float:
-        self.measured += 1
-        self._dirty = True
-        return blocked_ms(shape)
-
-    monkeypatch.setattr(LatencyTable, "_measure", fake_measure)
-    monkeypatch.setattr("moonprune.channel_latency.dense_latency", lambda *a: 10.0)
-    monkeypatch.setattr(
-        "moonprune.speed.speedups",
-        lambda dense, pruned, example, batches, threads: dict.fromkeys(
-            batches, measured["speedup"]
-        ),
-    )
-    return measured
-
-
-def _resnet(width: int = 32) -> tuple[torch.nn.Module, torch.Tensor, str]:
+def _resnet(width: int = 32) -> tuple[nn.Module, torch.Tensor, str]:
     torch.manual_seed(0)
     model = models.resnet8(num_classes=5, in_channels=3, width=width).eval()
     x = torch.randn(4, 3, 16, 16)
     return model, x, add_unknown_output_(model, x)
 
 
-def test_table_is_measured_once_and_cached(tmp_path: Path, fake_timing: dict) -> None:
-    shape = LayerShape("conv", 16, 32, (3, 3), (1, 1), (1, 1), (1, 1), 1, (8, 8))
-    table = LatencyTable(64, 2, cache=tmp_path)
-    first = table(shape)
-    assert first == pytest.approx(blocked_ms(shape) - blocked_ms(None))
-    assert table.measured == 4  # the entry, and the empty graph (best of three)
-    table.save()
-    again = LatencyTable(64, 2, cache=tmp_path)
-    assert again(shape) == first and again.measured == 0
-    assert LatencyTable(1, 2, cache=tmp_path).entries == {}  # another batch, another file
-    table.path.write_text("{not json")
-    assert LatencyTable(64, 2, cache=tmp_path).entries == {}  # damaged: measured again
+def _candidate(macs: float, b1: float, b64: float) -> Candidate:
+    return Candidate(16, macs, macs, {"conv": round(64 * macs)}, {1: b1, 64: b64})
 
 
-def test_latency_allocation_keeps_widths_on_the_block_grid(fake_timing: dict) -> None:
-    from moonprune.structured import ChannelPruner
+def test_auto_keeps_the_least_pruned_candidate_fast_enough_at_both_batches() -> None:
+    need1, need64 = DEFAULT_SPEEDUP["batch 1"], DEFAULT_SPEEDUP["deployment batch"]
+    found = [
+        _candidate(0.8, need1 + 0.2, need64 - 0.1),  # not enough at batch 64
+        _candidate(0.6, need1 + 0.1, need64 + 0.1),  # the one
+        _candidate(0.4, need1 + 0.5, need64 + 0.6),  # faster, but pruned more
+    ]
+    assert choose(found, Target("auto"), 64).macs_fraction == 0.6
+    # none fast enough: the fastest at both batches, if clearly faster than dense
+    slow = [_candidate(0.8, 1.02, 1.3), _candidate(0.5, 1.2, 1.15), _candidate(0.3, 1.25, 1.1)]
+    assert choose(slow, Target("auto"), 64).macs_fraction == 0.5
+    # none faster than dense at both batches: refused, with the best figures and a hint
+    never = [_candidate(0.8, 0.9, 1.4), _candidate(0.4, 1.3, 0.97)]
+    with pytest.raises(ConfigError, match=r"cannot make this .* 1\.30x at batch 1, 0\.97x at"):
+        choose(never, Target("auto"), 64)
 
+
+def test_a_speedup_target_takes_the_nearest_candidate_not_slower_at_batch_1() -> None:
+    found = [_candidate(0.7, 1.2, 1.5), _candidate(0.5, 0.9, 2.0), _candidate(0.4, 1.3, 2.15)]
+    assert choose(found, Target("speedup", 2.0), 64).macs_fraction == 0.4  # 0.5: slower at b1
+    with pytest.raises(ConfigError, match=r"cannot reach a 3.00x .* best measured 2.15x"):
+        choose(found, Target("speedup", 3.0), 64)
+
+
+def test_a_mac_target_takes_the_fastest_grid_or_is_refused_when_slower() -> None:
+    found = [_candidate(0.5, 1.1, 1.4), _candidate(0.48, 1.2, 1.6)]
+    assert choose(found, Target("macs", 0.5), 64).macs_fraction == 0.48
+    with pytest.raises(ConfigError, match=r"slower than the dense one .* --allocation global"):
+        choose([_candidate(0.5, 0.8, 1.4)], Target("macs", 0.5), 64)
+
+
+@dataclass
+class MacTimer:
+    """Latency = a fixed cost of twice the dense MACs + batch x MACs: smooth, and at
+    batch 1 only a deep cut is much faster (as when a fixed cost per operator
+    dominates). Records how many networks each call timed."""
+
+    calls: list[int] = field(default_factory=list)
+
+    def __call__(
+        self,
+        dense: nn.Module,
+        nets: Mapping[str, nn.Module],
+        example: torch.Tensor,
+        batches: tuple[int, ...],
+        _threads: int,
+    ) -> dict[str, dict[int, float]]:
+        self.calls.append(len(nets))
+        full = count_macs_params(dense, example)[0]
+
+        def ms(macs: float, batch: int) -> float:
+            return 2 * full + batch * macs
+
+        return {n: {b: ms(full, b) / ms(count_macs_params(m, example)[0], b) for b in batches}
+                for n, m in nets.items()}  # fmt: skip
+
+
+def test_planned_widths_are_reached_in_steps_on_the_grid() -> None:
     model, x, head = _resnet(width=32)
-    pruner = ChannelPruner(model, x, head, keep=0.5, measure="macs", steps=2, round_to=16)
-    for _ in range(2):
-        stats = pruner.step()
-    assert stats["macs_fraction"] <= 0.5 + 1e-6
-    widths = [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert all(w % 16 == 0 for w in widths), widths
-    report = pruner.latency_report()
-    assert report is not None and report["planned_measured_speedup"] == {"1": 1.6, "64": 1.6}
-    assert report["predicted_speedup"]["64"] > 1
+    dense = layer_widths(model)
+    timer = MacTimer()
+    pruner = ChannelPruner(model, x, head, keep=None, measure="auto", steps=3, timer=timer)
+    plan = pruner.plan
+    assert plan is not None and timer.calls == [len(plan.candidates)]  # one timing pass
+    # auto: the least-pruned candidate meeting the default at both batches
+    need = {"1": DEFAULT_SPEEDUP["batch 1"], "64": DEFAULT_SPEEDUP["deployment batch"]}
+    eligible = [c for c in plan.candidates if all(c["speedup"][b] >= v for b, v in need.items())]
+    least = max(eligible, key=lambda c: c["macs_fraction"])
+    assert {str(b): v for b, v in plan.speedup.items()} == least["speedup"]
+    assert len(eligible) < len(plan.candidates)  # some were not fast enough
+    totals = []
+    for _ in range(3):
+        pruner.step()
+        totals.append(sum(layer_widths(model).values()))
+    assert totals[0] > totals[1] > totals[2]  # in steps, not all at once
+    assert layer_widths(model) == plan.widths  # exactly the measured network
+    changed = {n: w for n, w in plan.widths.items() if w < dense[n]}
+    assert changed and all(w % plan.grid == 0 for w in changed.values()), changed
+    assert model(x).shape == (4, 6)
 
 
-def test_speedup_target_reached_by_the_prediction(fake_timing: dict) -> None:
-    from moonprune.structured import ChannelPruner
-
+def test_a_speedup_between_candidates_is_refined_to_within_tolerance() -> None:
     model, x, head = _resnet(width=32)
-    fake_timing["speedup"] = 1.5  # what the plan measures: the target, so no rescaling
-    pruner = ChannelPruner(model, x, head, keep=1 / 1.5, measure="latency", steps=1)
-    assert pruner.target == pytest.approx(1 / 1.5)
+    timer = MacTimer()
+    want = 2.85  # the grid-8 candidates nearest give 2.51x and 3.22x at batch 64: > 10% off
+    pruner = ChannelPruner(model, x, head, keep=1 / want, measure="latency", steps=1,
+                           round_to=8, timer=timer)  # fmt: skip
+    # the first pass, then one new candidate per refinement
+    assert pruner.plan is not None and len(timer.calls) >= 2 and set(timer.calls[1:]) == {1}
+    got = pruner.plan.speedup[64]
+    assert abs(got - want) <= TOLERANCE * want, (got, pruner.plan.candidates)
     pruner.step()
-    assert pruner.goal is not None
-    assert pruner.goal.predicted_speedups(model)[64] >= 1.5
+    kept = count_macs_params(model, x)[0] / pruner.dense_macs
+    assert math.isclose((2 + 64) / (2 + 64 * kept), got, rel_tol=1e-6)  # what was timed
 
 
-def test_unreachable_speedup_fails_before_training_with_the_best_figure(fake_timing: dict) -> None:
-    from moonprune.structured import ChannelPruner
-
-    model, x, head = _resnet(width=32)
-    fake_timing["speedup"] = 1.2  # the machine never gives more than 1.2x
-    with pytest.raises(ConfigError, match=r"cannot reach a 2.00x .* measured 1.20x"):
-        ChannelPruner(model, x, head, keep=0.5, measure="latency", steps=1)
-
-
-def test_a_plan_slower_than_dense_is_refused(fake_timing: dict) -> None:
-    from moonprune.structured import ChannelPruner
-
-    model, x, head = _resnet(width=32)
-    fake_timing["speedup"] = 0.8
-    with pytest.raises(ConfigError, match="slower than the dense one"):
-        ChannelPruner(model, x, head, keep=0.5, measure="macs", steps=1)
+def test_an_unreachable_speedup_is_refused_before_pruning() -> None:
+    model, x, head = _resnet(width=16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"cannot reach a 20.00x speed-up at batch 64"):
+        ChannelPruner(model, x, head, keep=0.05, measure="latency", steps=1, timer=MacTimer())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_speedup_beyond_the_table_floor_is_refused(fake_timing: dict) -> None:
-    from moonprune.structured import ChannelPruner
+@dataclass
+class FakeDist:
+    """Two ranks; ``all_reduce_sum`` adds what the other rank sent."""
 
-    model, x, head = _resnet(width=16)  # 16/32/64: little to remove on a 16 grid
-    with pytest.raises(ConfigError, match=r"cannot reach a 20.00x speed-up .* (predicts|measured)"):
-        ChannelPruner(model, x, head, keep=0.05, measure="latency", steps=1)
+    rank: int
+    other: list[float]
+    enabled: bool = True
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        return [a + b for a, b in zip(values, self.other, strict=True)]
+
+
+def test_rank_0_plan_is_what_every_rank_prunes_to() -> None:
+    model, _, _ = _resnet(width=32)
+    widths = {n: max(8, w // 2) for n, w in layer_widths(model).items()}
+    plan = ChannelPlan(widths, 16, 64, 2, {1: 1.4, 64: 1.9})
+    names = sorted(widths)
+    sent = [1.0, 16.0, 1.4, 1.9, *(float(widths[n]) for n in names)]
+    assert broadcast_plan(plan, model, FakeDist(0, [0.0] * len(sent)), 64, 2) is plan
+    received = broadcast_plan(None, model, FakeDist(1, sent), 64, 2)
+    assert received is not None and received.widths == widths and received.grid == 16
+    assert received.speedup == {1: 1.4, 64: 1.9}
+    with pytest.raises(ConfigError, match="rank 0 could not plan"):
+        broadcast_plan(None, model, FakeDist(1, [0.0] * len(sent)), 64, 2)
+
+
+def test_the_real_timer_measures_candidates(real_timer: None) -> None:
+    from moonprune.speed import measure_speedups
+
+    model, x, _ = _resnet(width=16)
+    slim, _, _ = _resnet(width=8)  # what pruning every layer to half its width gives
+    measured = measure_speedups(model, {"slim": slim}, x, (1, 8), threads=1)
+    assert set(measured) == {"slim"} and set(measured["slim"]) == {1, 8}
+    assert all(math.isfinite(v) and v > 0 for v in measured["slim"].values())
 
 
 def test_prune_steps_default_follows_epochs() -> None:
@@ -141,16 +201,19 @@ def _cfg(**sparsity: object):  # type: ignore[no-untyped-def]
                          "sparsity": {"method": "channel", **sparsity}})  # fmt: skip
 
 
-def test_channel_defaults_to_a_speedup_target() -> None:
-    assert channel_target(_cfg().sparsity) == (1 / DEFAULT_CHANNEL_SPEEDUP, "latency")
+def test_channel_defaults_to_the_auto_speed_target() -> None:
+    assert _cfg().sparsity.speedup == DEFAULT_CHANNEL_SPEEDUP == "auto"
+    assert channel_target(_cfg().sparsity) == (None, "auto")
     assert channel_target(_cfg(macs_target=0.5).sparsity) == (0.5, "macs")
     assert channel_target(_cfg(speedup=2.0).sparsity) == (0.5, "latency")
     assert channel_target(_cfg(sparsity=0.5).sparsity) == (0.5, "params")
     assert _cfg().sparsity.allocation == "latency"
     with pytest.raises(ConfigError, match="not both"):
         _cfg(speedup=2.0, macs_target=0.5)
-    with pytest.raises(ConfigError, match="speedup must be > 1"):
+    with pytest.raises(ConfigError, match="speedup must be > 1 or 'auto'"):
         _cfg(speedup=0.5)
+    with pytest.raises(ConfigError, match="speedup must be > 1 or 'auto'"):
+        _cfg(speedup="fast")
     with pytest.raises(ConfigError, match="--speedup"):
         build_config({"checkpoint": "d.pt", "data": "digits", "out": "o",
                       "sparsity": {"method": "rigl", "speedup": 2.0}})  # fmt: skip

@@ -1,0 +1,285 @@
+"""The ``latency`` channel allocation: widths chosen by timing whole candidate networks.
+
+What we chose, and why. NetAdapt (Yang et al., 2018) proposes pruned networks and
+keeps the one whose *measured* latency meets the budget; HALP (Shen et al., 2022)
+reads each layer's latency from a per-layer table and solves a knapsack. We tried the
+table first: summed per-layer entries mispredicted onnxruntime's whole-graph
+speed-ups by 5-52% (a layer timed alone pays the layout conversions that an inner
+layer of the graph does not), which refused ordinary targets. So here the candidates
+are whole networks, timed directly, and there are few of them:
+
+- for each channel grid (onnxruntime's block, :func:`~moonprune.speed.nchwc_block`,
+  and 8; or ``round_to`` alone when the user set it), the dense weights are pruned
+  by the MAC-aware global ranking (:class:`~moonprune.channel_allocation.GlobalAllocator`)
+  to a few MAC fractions (``FRACTIONS``; for a MAC or parameter target, that target);
+- every candidate is exported bare and timed against the dense network at batch 1
+  and the deployment batch (:func:`moonprune.speed.measure_speedups`);
+- for ``--speedup X`` the gap between the two candidates around ``X`` on one grid is
+  bisected (a new MAC fraction interpolated on the measured speed-ups) up to
+  ``REFINEMENTS`` times, until one is within ``TOLERANCE`` of ``X``.
+
+Which candidate is kept (:func:`choose`): ``auto`` (``--method channel`` with no
+target): the least-pruned one at least ``DEFAULT_SPEEDUP[batch]`` faster at both
+batches, else the fastest one when it is ``FALLBACK_SPEEDUP`` faster at both, else an
+error before training. ``--speedup X``: the one nearest ``X`` at the deployment
+batch among those faster than dense at batch 1. A MAC or parameter target: the
+fastest grid, if faster than dense at both batches. What is kept is a
+:class:`ChannelPlan`: the width of every layer, which the pruning steps then reach
+(:meth:`moonprune.structured.ChannelPruner.step`), so the trained network has exactly
+the measured shape.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from moonprune.channel_allocation import GlobalAllocator, require_torch_pruning
+from moonprune.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+FRACTIONS = (0.8, 0.65, 0.5, 0.4, 0.3)  # MAC fractions of the candidates per grid
+TOLERANCE = 0.10  # a --speedup target is met within 10%
+REFINEMENTS = 2
+NEVER_SLOWER = 1.05  # faster than dense by this margin (timing noise) at every batch
+FALLBACK_SPEEDUP = 1.1  # auto: the fastest candidate, when at least this at both batches
+DEFAULT_SPEEDUP = {"batch 1": 1.3, "deployment batch": 1.3}  # auto: the least it accepts
+Timer = Callable[[nn.Module, Mapping[str, nn.Module], torch.Tensor, tuple[int, ...], int],
+                 dict[str, dict[int, float]]]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the widths must achieve: ``kind`` is ``auto``, ``speedup`` (``value`` =
+    X at the deployment batch), ``macs`` or ``params`` (``value`` = the kept fraction)."""
+
+    kind: str
+    value: float = 0.0
+
+
+@dataclass(frozen=True)
+class Candidate:
+    grid: int
+    macs_fraction: float
+    params_fraction: float
+    widths: dict[str, int]
+    speedup: dict[int, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"grid": self.grid, "macs_fraction": self.macs_fraction,
+                "params_fraction": self.params_fraction,
+                "speedup": {str(b): v for b, v in self.speedup.items()}}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ChannelPlan:
+    """The widths to reach (output channels of every conv/linear layer, by module
+    name), with what the pruned network measured before training."""
+
+    widths: dict[str, int]
+    grid: int
+    batch: int
+    threads: int
+    speedup: dict[int, float]
+    candidates: tuple[dict[str, Any], ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"grid": self.grid, "batch": self.batch, "threads": self.threads,
+                "speedup_before_training": {str(b): v for b, v in self.speedup.items()},
+                "widths": dict(self.widths), "candidates": list(self.candidates)}  # fmt: skip
+
+
+def layer_widths(model: nn.Module) -> dict[str, int]:
+    """Output channels (features) of every conv and linear layer, by module name."""
+    widths = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv1d | nn.Conv2d):
+            widths[name] = int(m.out_channels)
+        elif isinstance(m, nn.Linear):
+            widths[name] = int(m.out_features)
+    return widths
+
+
+class _Search:
+    """Candidates for one dense network; see the module docstring."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, head_layer: str,
+                 fraction: Callable[[nn.Module], tuple[float, float]], batch: int,
+                 threads: int, timer: Timer) -> None:  # fmt: skip
+        self.model, self.example, self.head = model, example, head_layer
+        self.fraction, self.batch, self.threads, self.timer = fraction, batch, threads, timer
+        self.batches = tuple(dict.fromkeys((1, batch)))
+
+    def prune(self, grid: int, fractions: tuple[float, ...], measure: str) -> list[Candidate]:
+        """Pruned copies at each fraction on ``grid`` (fewer when the grid runs out)."""
+        tp = require_torch_pruning()
+        trial = copy.deepcopy(self.model)
+        importance = tp.importance.MagnitudeImportance(p=2)
+        allocator = GlobalAllocator(trial, self.example, self.head, importance, grid, measure)
+        found = []
+        if measure == "macs":  # the allocator's own count: no full count per chunk
+            dense = allocator.total()
+
+            def kept() -> float:
+                return allocator.total() / dense
+        else:
+
+            def kept() -> float:
+                return self.fraction(trial)[1]
+
+        for target in sorted(fractions, reverse=True):
+
+            def done(t: float = target) -> bool:
+                return kept() <= t
+
+            reached = allocator.prune_to(done, None)
+            if reached or len(fractions) > 1:  # else the floor: the grid's narrowest
+                macs, params = self.fraction(trial)
+                found.append(Candidate(grid, macs, params, layer_widths(trial)))
+            if not reached:
+                break
+        return found
+
+    def time(self, candidates: list[Candidate]) -> list[Candidate]:
+        """The candidates with their measured speed-ups (networks rebuilt from widths)."""
+        nets = {str(i): self.build(c) for i, c in enumerate(candidates)}
+        measured = self.timer(self.model, nets, self.example, self.batches, self.threads)
+        return [replace(c, speedup=measured[str(i)]) for i, c in enumerate(candidates)]
+
+    def build(self, candidate: Candidate) -> nn.Module:
+        """The dense network pruned to ``candidate``'s widths (magnitude ranking)."""
+        from moonprune.channel_allocation import prune_to_widths_
+
+        tp = require_torch_pruning()
+        trial = copy.deepcopy(self.model)
+        prune_to_widths_(trial, self.example, self.head, candidate.widths,
+                         tp.importance.MagnitudeImportance(p=2))  # fmt: skip
+        return trial
+
+
+def search_plan(model: nn.Module, example: torch.Tensor, head_layer: str, target: Target, *,
+                grids: tuple[int, ...], batch: int, threads: int,
+                fraction: Callable[[nn.Module], tuple[float, float]],
+                timer: Timer) -> ChannelPlan:  # fmt: skip
+    """Measure candidates for ``target`` and return the chosen plan (see the module
+    docstring); a ConfigError before any training when none will do.
+
+    ``fraction(net)`` is ``(MAC fraction, parameter fraction)`` of the dense network.
+    """
+    search = _Search(model, example, head_layer, fraction, batch, threads, timer)
+    fractions = FRACTIONS if target.kind in ("auto", "speedup") else (target.value,)
+    measure = "params" if target.kind == "params" else "macs"
+    candidates: list[Candidate] = []
+    for grid in dict.fromkeys(grids):
+        for c in search.prune(grid, fractions, measure):
+            if all(c.widths != o.widths for o in candidates):
+                candidates.append(c)
+    if not candidates:
+        what = "parameters" if measure == "params" else "MACs"
+        raise ConfigError(
+            f"channel pruning cannot reach {target.value:.0%} of the dense {what} with channel "
+            f"counts on a grid of {min(grids)}; use a smaller --round-to, --allocation global, "
+            "or a less aggressive target"
+        )
+    candidates = search.time(candidates)
+    logger.debug("measured candidates: %s", [c.as_dict() for c in candidates])
+    if target.kind == "speedup":
+        for _ in range(REFINEMENTS):
+            extra = _refinement(search, candidates, target.value)
+            if extra is None:
+                break
+            candidates += search.time([extra])
+    chosen = choose(candidates, target, batch)
+    logger.info("channel plan: grid %d, %.0f%% MACs, measured %s", chosen.grid,
+                100 * chosen.macs_fraction, chosen.speedup)  # fmt: skip
+    return ChannelPlan(chosen.widths, chosen.grid, batch, threads, chosen.speedup,
+                       tuple(c.as_dict() for c in candidates))  # fmt: skip
+
+
+def _refinement(search: _Search, found: list[Candidate], want: float) -> Candidate | None:
+    """A candidate between the two around ``want`` on one grid, or None when one is
+    within tolerance already (or no pair brackets it)."""
+    b = search.batch
+    if any(abs(c.speedup[b] - want) <= TOLERANCE * want for c in found):
+        return None
+    pairs = [(lo, hi) for lo in found for hi in found
+             if lo.grid == hi.grid and lo.macs_fraction > hi.macs_fraction
+             and lo.speedup[b] < want < hi.speedup[b]]  # fmt: skip
+    if not pairs:
+        return None
+    lo, hi = min(pairs, key=lambda p: p[0].macs_fraction - p[1].macs_fraction)
+    share = (want - lo.speedup[b]) / (hi.speedup[b] - lo.speedup[b])
+    at = lo.macs_fraction + share * (hi.macs_fraction - lo.macs_fraction)
+    made = search.prune(lo.grid, (at,), "macs")
+    if not made or any(made[0].widths == c.widths for c in found):
+        return None
+    return made[0]
+
+
+def _figures(c: Candidate) -> str:
+    return ", ".join(f"{v:.2f}x at batch {b}" for b, v in c.speedup.items())
+
+
+def choose(candidates: list[Candidate], target: Target, batch: int) -> Candidate:
+    """The candidate kept for ``target`` (module docstring); a ConfigError if none."""
+    faster = [c for c in candidates if min(c.speedup.values()) >= NEVER_SLOWER]
+    best = max(candidates, key=lambda c: (min(c.speedup.values()), c.speedup[batch]))
+    hint = f"the fastest candidate measured {_figures(best)} ({best.macs_fraction:.0%} MACs)"
+    if target.kind == "auto":
+        wanted = [c for c in candidates if c.speedup[1] >= DEFAULT_SPEEDUP["batch 1"]
+                  and c.speedup[batch] >= DEFAULT_SPEEDUP["deployment batch"]]  # fmt: skip
+        if wanted:
+            return max(wanted, key=lambda c: c.macs_fraction)
+        if min(best.speedup.values()) >= FALLBACK_SPEEDUP:
+            return best
+        raise ConfigError(
+            "channel pruning cannot make this network faster than the dense one at batch 1 "
+            f"and batch {batch} on this machine: {hint}; try --latency-batch with the batch "
+            "you deploy at, or an unstructured method (--method rigl) for a smaller file"
+        )
+    if target.kind == "speedup":
+        usable = [c for c in candidates if c.speedup[1] >= NEVER_SLOWER]
+        reach = max((c.speedup[batch] for c in usable), default=0.0)
+        if reach < (1 - TOLERANCE) * target.value:
+            raise ConfigError(
+                f"channel pruning cannot reach a {target.value:.2f}x speed-up at batch {batch} "
+                f"on this machine without being slower at batch 1: the best measured "
+                f"{reach:.2f}x ({hint}); ask for at most that with --speedup"
+            )
+        return min(usable, key=lambda c: abs(c.speedup[batch] - target.value))
+    if not faster:
+        what = "parameters" if target.kind == "params" else "MACs"
+        raise ConfigError(
+            f"channel pruning to {target.value:.0%} of the dense {what} makes this network "
+            f"slower than the dense one on this machine ({hint}); use --speedup, or "
+            "--allocation global to prune to the target regardless of speed"
+        )
+    return max(faster, key=lambda c: c.speedup[batch])
+
+
+def broadcast_plan(plan: ChannelPlan | None, model: nn.Module, dist: Any, batch: int,
+                   threads: int) -> ChannelPlan | None:  # fmt: skip
+    """Rank 0's plan on every rank: measured once, not once per rank (the measurements
+    could differ, and so the widths). Every rank calls it; rank 0 passes its plan, or
+    None when planning failed there, and then the other ranks stop with an error too.
+    ``model`` is the dense network (the same on every rank)."""
+    if not dist.enabled:
+        return plan
+    names = sorted(layer_widths(model))
+    values = [0.0] * (4 + len(names))
+    if dist.is_main and plan is not None:
+        values = [1.0, float(plan.grid), plan.speedup[1], plan.speedup[plan.batch]]
+        values += [float(plan.widths[n]) for n in names]
+    shared = dist.all_reduce_sum(values)
+    if dist.is_main:
+        return plan
+    if shared[0] != 1.0:
+        raise ConfigError("rank 0 could not plan the channel widths (see its error)")
+    widths = {n: int(v) for n, v in zip(names, shared[4:], strict=True)}
+    return ChannelPlan(widths, int(shared[1]), batch, threads, {1: shared[2], batch: shared[3]})
