@@ -171,17 +171,18 @@ def register(app: typer.Typer) -> None:
         allocation: Annotated[
             str | None,
             typer.Option(
-                help="channel: latency (default: importance per millisecond saved, from "
-                "latency measured on this machine), global (per MAC saved) or uniform "
-                "(every layer loses the same fraction)."
+                help="channel: latency (default: layer widths chosen by timing candidate "
+                "networks in onnxruntime on this machine), global (per MAC saved, no timing) "
+                "or uniform (every layer loses the same fraction)."
             ),
         ] = None,
         speedup: Annotated[
             float | None,
             typer.Option(
                 help="channel: make the model this many times faster (dense / pruned "
-                "onnxruntime latency at --latency-batch, measured on this machine). Default "
-                "1.5 when no other target is given."
+                "onnxruntime latency at --latency-batch, measured on this machine, within "
+                "10%). Default with no other target: the least pruning that is at least "
+                "1.3x faster at batch 1 and at --latency-batch."
             ),
         ] = None,
         latency_batch: Annotated[
@@ -384,18 +385,21 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def methods() -> None:
-        """List the sparse methods (built-in and plug-ins) with their origin."""
+        """List the sparse methods (built-in and plug-ins): origin and the options each takes."""
         from moonprune.cli.app import console
         from rich.markup import escape
         from rich.table import Table
 
+        from moonprune.channel_training import CHANNEL_DESCRIPTION
+        from moonprune.config import method_options
         from moonprune.sparsity import MASKERS
 
         table = Table(title="sparse methods (--method)")
-        for col in ("name", "description", "origin"):
+        for col in ("name", "description", "origin", "options"):
             table.add_column(col)
-        for name, description in MASKERS.describe().items():
-            table.add_row(name, description, MASKERS.origin(name))
+        rows = [(n, d, MASKERS.origin(n)) for n, d in MASKERS.describe().items()]
+        for name, description, origin in [*rows, ("channel", CHANNEL_DESCRIPTION, "moonprune")]:
+            table.add_row(name, description, origin, ", ".join(method_options(name)))
         console.print(table)
         for name, error in MASKERS.plugin_errors.items():
             console.print(

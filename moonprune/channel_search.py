@@ -23,7 +23,8 @@ target): the least-pruned one at least ``DEFAULT_SPEEDUP[batch]`` faster at both
 batches, else the fastest one when it is ``FALLBACK_SPEEDUP`` faster at both, else an
 error before training. ``--speedup X``: the one nearest ``X`` at the deployment
 batch among those faster than dense at batch 1. A MAC or parameter target: the
-fastest grid, if faster than dense at both batches. What is kept is a
+fastest grid, unless even that is measurably slower than dense at either batch (an
+MLP at batch 1 may be no faster: a smaller file is still what the user asked for). What is kept is a
 :class:`ChannelPlan`: the width of every layer, which the pruning steps then reach
 (:meth:`moonprune.structured.ChannelPruner.step`), so the trained network has exactly
 the measured shape.
@@ -228,7 +229,6 @@ def _figures(c: Candidate) -> str:
 
 def choose(candidates: list[Candidate], target: Target, batch: int) -> Candidate:
     """The candidate kept for ``target`` (module docstring); a ConfigError if none."""
-    faster = [c for c in candidates if min(c.speedup.values()) >= NEVER_SLOWER]
     best = max(candidates, key=lambda c: (min(c.speedup.values()), c.speedup[batch]))
     hint = f"the fastest candidate measured {_figures(best)} ({best.macs_fraction:.0%} MACs)"
     if target.kind == "auto":
@@ -240,8 +240,8 @@ def choose(candidates: list[Candidate], target: Target, batch: int) -> Candidate
             return best
         raise ConfigError(
             "channel pruning cannot make this network faster than the dense one at batch 1 "
-            f"and batch {batch} on this machine: {hint}; try --latency-batch with the batch "
-            "you deploy at, or an unstructured method (--method rigl) for a smaller file"
+            f"and batch {batch} on this machine: {hint}; for a smaller rather than faster "
+            "model give --macs-target with --allocation global, or use --method rigl"
         )
     if target.kind == "speedup":
         usable = [c for c in candidates if c.speedup[1] >= NEVER_SLOWER]
@@ -249,18 +249,18 @@ def choose(candidates: list[Candidate], target: Target, batch: int) -> Candidate
         if reach < (1 - TOLERANCE) * target.value:
             raise ConfigError(
                 f"channel pruning cannot reach a {target.value:.2f}x speed-up at batch {batch} "
-                f"on this machine without being slower at batch 1: the best measured "
-                f"{reach:.2f}x ({hint}); ask for at most that with --speedup"
+                f"on this machine: the best measured {reach:.2f}x (among candidates not slower "
+                f"at batch 1; {hint}); ask for at most that with --speedup"
             )
         return min(usable, key=lambda c: abs(c.speedup[batch] - target.value))
-    if not faster:
+    if min(best.speedup.values()) < 1 / NEVER_SLOWER:  # measurably slower somewhere
         what = "parameters" if target.kind == "params" else "MACs"
         raise ConfigError(
             f"channel pruning to {target.value:.0%} of the dense {what} makes this network "
             f"slower than the dense one on this machine ({hint}); use --speedup, or "
             "--allocation global to prune to the target regardless of speed"
         )
-    return max(faster, key=lambda c: c.speedup[batch])
+    return best
 
 
 def broadcast_plan(plan: ChannelPlan | None, model: nn.Module, dist: Any, batch: int,

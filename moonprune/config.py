@@ -150,6 +150,30 @@ class MoonConfig:
 
 
 DEFAULT_CHANNEL_SPEEDUP = "auto"  # --method channel with no target (moonprune.channel_search)
+#: SparsityConfig fields only ``--method channel`` takes: field -> (default, CLI flag)
+CHANNEL_OPTIONS: dict[str, tuple[object, str]] = {
+    "speedup": (None, "--speedup"),
+    "macs_target": (None, "--macs-target"),
+    "allocation": ("latency", "--allocation"),
+    "round_to": (None, "--round-to"),
+    "importance": ("magnitude", "--importance"),
+    "steps": (None, "--prune-steps"),
+    "latency_batch": (64, "--latency-batch"),
+    "threads": (None, "--latency-threads"),
+}
+#: ... and those only the unstructured maskers take (no flag: recipe only)
+UNSTRUCTURED_OPTIONS: dict[str, tuple[object, str]] = {
+    "distribution": ("erk", "--distribution"),
+    "update_interval": (None, ""),
+    "drop_fraction": (None, ""),
+}
+
+
+def method_options(method: str) -> list[str]:
+    """The sparsity options ``method`` takes (CLI flags; recipe-only fields as
+    ``sparsity.<field>``), for ``moonprune methods``."""
+    own = CHANNEL_OPTIONS if method == "channel" else UNSTRUCTURED_OPTIONS
+    return ["--sparsity", *(flag or f"sparsity.{name}" for name, (_, flag) in own.items())]
 
 
 @dataclass(frozen=True)
@@ -230,25 +254,10 @@ class SparsityConfig:
 
     def _check_method_options(self) -> None:
         """An option the chosen method ignores is a mistake worth one line, not silence."""
-        channel_only: dict[str, tuple[object, str]] = {
-            "macs_target": (None, "--macs-target"),
-            "round_to": (None, "--round-to"),
-            "allocation": ("latency", "--allocation"),
-            "importance": ("magnitude", "--importance"),
-            "steps": (None, "--prune-steps"),
-            "speedup": (None, "--speedup"),
-            "latency_batch": (64, "--latency-batch"),
-            "threads": (None, "--latency-threads"),
-        }
-        unstructured_only: dict[str, tuple[object, str]] = {
-            "distribution": ("erk", "--distribution"),
-            "update_interval": (None, ""),
-            "drop_fraction": (None, ""),
-        }
         if self.method == "channel":
-            ignored, needs = unstructured_only, "an unstructured method (rigl, set, ...)"
+            ignored, needs = UNSTRUCTURED_OPTIONS, "an unstructured method (rigl, set, ...)"
         else:
-            ignored, needs = channel_only, "--method channel"
+            ignored, needs = CHANNEL_OPTIONS, "--method channel"
         for field_name, (default, flag) in ignored.items():
             if getattr(self, field_name) != default:
                 label = f"{flag} (sparsity.{field_name})" if flag else f"sparsity.{field_name}"

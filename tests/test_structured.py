@@ -367,3 +367,16 @@ def test_channel_needs_an_epoch_per_step(tmp_path: Path) -> None:
     cfg = build_config({"checkpoint": "d.pt", "data": "digits", "out": "o",
                         "train": {"epochs": 2}, "sparsity": {"method": "channel"}})  # fmt: skip
     check_channel_config(cfg, resume=False)
+
+
+def test_methods_lists_channel_with_the_options_it_takes() -> None:
+    from moonprune.config import CHANNEL_OPTIONS
+
+    result = runner.invoke(app, ["methods"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if line.startswith("│ channel"))
+    assert "moonprune" in row
+    flags = [flag for _, flag in CHANNEL_OPTIONS.values()]
+    assert all(flag in result.output for flag in flags), flags
+    rigl = next(line for line in result.output.splitlines() if line.startswith("│ rigl"))
+    assert "--distribution" in rigl and "--speedup" not in rigl
