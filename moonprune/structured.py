@@ -1,21 +1,25 @@
 """Structured (channel) pruning with Torch-Pruning's dependency graph.
 
 Unstructured zeros make files smaller but not faster on a CPU; removing whole
-channels makes every layer smaller. :class:`ChannelPruner` wraps
-``torch_pruning.pruner.MetaPruner`` (the ``DependencyGraph`` keeps residual additions
-and depthwise convolutions consistent) with an L2-magnitude or first-order Taylor
-importance; the classifier (with its unknown output) is never pruned.
+channels makes every layer smaller. :class:`ChannelPruner` wraps Torch-Pruning (the
+``DependencyGraph`` keeps residual additions and depthwise convolutions consistent)
+with an L2-magnitude or first-order Taylor importance; the classifier (with its
+unknown output) is never pruned.
 
-The target is a fraction of the dense model's parameters (``--sparsity``) or of its
-MACs (``--macs-target``), reached in ``steps`` steps, each followed by MOON fine-tuning
-(``moonprune.pipeline``). How the channels to remove are shared out between layers
-(``allocation``):
+The target is a speed-up (``--speedup``, or by default ``auto``), a fraction of the
+dense model's MACs (``--macs-target``) or of its parameters (``--sparsity``), reached
+in ``steps`` steps, each followed by MOON fine-tuning (``moonprune.channel_training``).
+How the channels to remove are shared out between layers (``allocation``):
 
+- ``latency`` (the default): every layer's width is chosen before training by timing
+  whole candidate networks in onnxruntime on this machine
+  (:mod:`moonprune.channel_search`, which says why and how); the steps then reach
+  exactly those widths, removing the least important channels.
 - ``uniform``: every layer loses the same fraction of its channels (Torch-Pruning's
   ``MetaPruner``); the ratio that reaches the target is found by bisection on copies.
 - ``global``: channels from all layers compete, ranked by importance lost per MAC
   (or parameter) saved, in chunks of ``round_to``
-  (:class:`moonprune.channel_allocation.GlobalAllocator`, which says why and how).
+  (:class:`moonprune.channel_allocation.GlobalAllocator`); nothing is timed.
 
 A pruned network no longer matches its factory's shapes. :func:`module_structure`
 records the changed sizes (plain integers, safe to load with ``weights_only=True``);
@@ -39,6 +43,12 @@ from moonprune.channel_allocation import (
     require_torch_pruning,
 )
 from moonprune.channel_search import ChannelPlan, Target, Timer, layer_widths, search_plan
+from moonprune.channel_structure import (
+    apply_structure_,
+    count_macs_params,
+    module_structure,
+    size_vs_dense,
+)
 from moonprune.errors import ConfigError
 from moonprune.sparsity.base import Masker, MaskerConfig
 from moonprune.speed import default_threads
@@ -46,28 +56,6 @@ from moonprune.speed import default_threads
 logger = logging.getLogger(__name__)
 __all__ = ["ChannelPruner", "KeepAllMasker", "apply_structure_", "count_macs_params",
            "module_structure", "require_torch_pruning", "size_vs_dense"]  # fmt: skip
-
-_SIZE_ATTRS: dict[type[nn.Module], tuple[str, ...]] = {
-    nn.Conv1d: ("in_channels", "out_channels", "groups"),
-    nn.Conv2d: ("in_channels", "out_channels", "groups"),
-    nn.Linear: ("in_features", "out_features"),
-    nn.BatchNorm1d: ("num_features",),
-    nn.BatchNorm2d: ("num_features",),
-    nn.GroupNorm: ("num_channels", "num_groups"),
-    nn.LayerNorm: (),
-}
-
-
-def count_macs_params(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
-    """Multiply-accumulates for one input, and parameters."""
-    tp = require_torch_pruning()
-    was_training = model.training
-    model.eval()
-    try:
-        macs, params = tp.utils.count_ops_and_params(model, example[:1])
-    finally:
-        model.train(was_training)
-    return int(macs), int(params)
 
 
 class ChannelPruner:
@@ -301,15 +289,6 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def size_vs_dense(model: nn.Module, dense: nn.Module, example: torch.Tensor) -> dict[str, float]:
-    """MACs and parameters of ``model`` and of its ``dense`` original, and their ratio."""
-    dense_macs, dense_params = count_macs_params(dense, example)
-    macs, params = count_macs_params(model, example)
-    return {"dense_macs": dense_macs, "macs": macs, "macs_fraction": macs / dense_macs,
-            "dense_params": dense_params, "params": params,
-            "params_fraction": params / dense_params}  # fmt: skip
-
-
 class KeepAllMasker(Masker):
     """No unstructured sparsity: the fine-tuning masker between channel-pruning steps."""
 
@@ -321,35 +300,3 @@ class KeepAllMasker(Masker):
 
     def initial_masks(self) -> dict[str, torch.Tensor]:
         return {n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()}
-
-
-def module_structure(model: nn.Module) -> dict[str, dict[str, int]]:
-    """Size attributes of every conv/linear/norm module (integers only)."""
-    structure = {}
-    for name, module in model.named_modules():
-        attrs = _SIZE_ATTRS.get(type(module))
-        if attrs:
-            structure[name] = {a: int(getattr(module, a)) for a in attrs}
-    return structure
-
-
-def apply_structure_(
-    model: nn.Module, structure: dict[str, dict[str, int]], state: dict[str, torch.Tensor]
-) -> None:
-    """Resize ``model``'s modules to ``structure`` and its tensors to ``state``'s shapes."""
-    for name, attrs in structure.items():
-        module = model.get_submodule(name)
-        for attr, value in attrs.items():
-            setattr(module, attr, value)
-        prefix = f"{name}." if name else ""
-        for pname, param in list(module.named_parameters(recurse=False)):
-            shape = state[prefix + pname].shape
-            if param.shape != shape:
-                setattr(module, pname, nn.Parameter(param.new_empty(shape)))
-        for bname, buf in list(module.named_buffers(recurse=False)):
-            if (
-                buf is not None
-                and prefix + bname in state
-                and buf.shape != state[prefix + bname].shape
-            ):
-                module.register_buffer(bname, buf.new_empty(state[prefix + bname].shape))
