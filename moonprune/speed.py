@@ -8,11 +8,13 @@ can be slower than the dense one. So candidates are *measured*
 weights, pruned: speed does not depend on the values) and timed against the dense
 export in the same session, at batch 1 and at the deployment batch.
 
-The measurement is a ratio. Each round times the dense file, every candidate, and
-the dense file again (each the median of as many runs as fit in ``budget_s``, at
-least ``min_runs``); a candidate's speed-up in that round is the mean of the two
-dense times over its own, so a busy moment on a shared machine hits both sides
-alike; the result is the median over ``rounds``.
+The measurement is a ratio of two timings taken together: runs of the dense file and
+of the candidate alternate (which goes first alternates too), at least ``MIN_PAIRS``
+pairs and for ``budget_s``, and the speed-up is the dense file's fastest run over the
+candidate's. Interference from other processes only ever slows a run down, so the
+fastest of many interleaved runs is the least disturbed figure for both (``timeit``'s
+advice); medians of rounds were tried first and swung 1.0x-1.4x between two runs on a
+2-core machine shared with other jobs.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import statistics
 import tempfile
 import time
 import warnings
@@ -33,9 +34,8 @@ import torch
 from torch import nn
 
 logger = logging.getLogger(__name__)
-ROUNDS = 5
-BUDGET_S = 0.03  # per file, round and batch size
-MIN_RUNS = 3
+BUDGET_S = 0.2  # per candidate and batch size
+MIN_PAIRS = 10
 
 
 def default_threads() -> int:
@@ -62,12 +62,20 @@ def nchwc_block() -> int:
 
 
 def session_options(threads: int) -> Any:
+    """Options of a timing session: ``threads`` intra-op threads that do not spin.
+
+    onnxruntime's pool threads spin-wait after each run by default; with two sessions
+    run in turn, the idle one's spinning threads take the cores from the other, and on
+    a 2-core machine the measured speed-up at batch 64 swung 0.9x-1.6x between calls
+    (without spinning: within 0.05x).
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
@@ -97,19 +105,14 @@ def export_bare(model: nn.Module, example: torch.Tensor, path: Path) -> None:
         model.train(was_training)
 
 
-def _run_ms(session: Any, feed: dict[str, np.ndarray], budget_s: float) -> float:
-    """Median ms of ``session.run`` over at least ``MIN_RUNS`` runs within ``budget_s``."""
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < MIN_RUNS or time.perf_counter() - start < budget_s:
-        t0 = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+def _run_ms(session: Any, feed: dict[str, np.ndarray]) -> float:
+    t0 = time.perf_counter()
+    session.run(None, feed)
+    return 1000 * (time.perf_counter() - t0)
 
 
 def time_speedups(dense: Path, candidates: Mapping[str, Path], batches: tuple[int, ...],
-                  threads: int, *, rounds: int = ROUNDS,
+                  threads: int, *,
                   budget_s: float = BUDGET_S) -> dict[str, dict[int, float]]:  # fmt: skip
     """Measured dense / candidate latency of each ONNX file at each batch size.
 
@@ -118,9 +121,9 @@ def time_speedups(dense: Path, candidates: Mapping[str, Path], batches: tuple[in
     """
     import onnxruntime as ort
 
-    paths = {"": dense, **candidates}
     options = session_options(threads)
     cpu = ["CPUExecutionProvider"]
+    paths = {"": dense, **candidates}
     sessions = {name: ort.InferenceSession(str(p), options, providers=cpu)
                 for name, p in paths.items()}  # fmt: skip
     result: dict[str, dict[int, float]] = {name: {} for name in candidates}
@@ -133,15 +136,15 @@ def time_speedups(dense: Path, candidates: Mapping[str, Path], batches: tuple[in
             feeds[name] = {first.name: x}
             for _ in range(2):  # warm-up: first runs allocate and pick kernels
                 session.run(None, feeds[name])
-        ratios: dict[str, list[float]] = {name: [] for name in candidates}
-        for _ in range(rounds):
-            before = _run_ms(sessions[""], feeds[""], budget_s)
-            times = {n: _run_ms(sessions[n], feeds[n], budget_s) for n in candidates}
-            after = _run_ms(sessions[""], feeds[""], budget_s)
-            for name, ms in times.items():
-                ratios[name].append((before + after) / 2 / ms)
-        for name, values in ratios.items():
-            result[name][batch] = statistics.median(values)
+        for name in candidates:
+            pair = ("", name)
+            times: dict[str, list[float]] = {"": [], name: []}
+            start = time.perf_counter()
+            while len(times[name]) < MIN_PAIRS or time.perf_counter() - start < budget_s:
+                for side in pair:
+                    times[side].append(_run_ms(sessions[side], feeds[side]))
+                pair = pair[::-1]  # alternate which runs first
+            result[name][batch] = min(times[""]) / min(times[name])
     return result
 
 
