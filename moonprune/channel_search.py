@@ -139,7 +139,11 @@ class _Search:
             def done(t: float = target) -> bool:
                 return kept() <= t
 
-            reached = allocator.prune_to(done, None)
+            def exact(t: float = target) -> bool:
+                return self.fraction(trial)[0 if measure == "macs" else 1] <= t
+
+            # the cheap count first, then the exact one (a few more chunks at most)
+            reached = allocator.prune_to(done, None) and allocator.prune_to(exact, None)
             if reached or len(fractions) > 1:  # else the floor: the grid's narrowest
                 macs, params = self.fraction(trial)
                 found.append(Candidate(grid, macs, params, layer_widths(trial)))

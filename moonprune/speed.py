@@ -9,12 +9,13 @@ weights, pruned: speed does not depend on the values) and timed against the dens
 export in the same session, at batch 1 and at the deployment batch.
 
 The measurement is a ratio of two timings taken together: runs of the dense file and
-of the candidate alternate (which goes first alternates too), at least ``MIN_PAIRS``
-pairs and for ``budget_s``, and the speed-up is the dense file's fastest run over the
-candidate's. Interference from other processes only ever slows a run down, so the
-fastest of many interleaved runs is the least disturbed figure for both (``timeit``'s
-advice); medians of rounds were tried first and swung 1.0x-1.4x between two runs on a
-2-core machine shared with other jobs.
+of the candidate alternate (which goes first alternates too), in ``ROUNDS`` rounds over
+all candidates (at least ``MIN_PAIRS`` pairs per round, ``budget_s`` per candidate in
+all), and the speed-up is the dense file's fastest run over the candidate's.
+Interference from other processes only ever slows a run down, so the fastest of many
+interleaved runs is the least disturbed figure for both (``timeit``'s advice); medians
+of rounds were tried first and swung 1.0x-1.4x between two runs on a 2-core machine
+shared with other jobs.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ import torch
 from torch import nn
 
 logger = logging.getLogger(__name__)
-BUDGET_S = 0.2  # per candidate and batch size
-MIN_PAIRS = 10
+BUDGET_S = 0.2  # per candidate and batch size, over all rounds
+ROUNDS = 4
+MIN_PAIRS = 3  # per candidate and round
 
 
 def default_threads() -> int:
@@ -136,15 +138,17 @@ def time_speedups(dense: Path, candidates: Mapping[str, Path], batches: tuple[in
             feeds[name] = {first.name: x}
             for _ in range(2):  # warm-up: first runs allocate and pick kernels
                 session.run(None, feeds[name])
-        for name in candidates:
-            pair = ("", name)
-            times: dict[str, list[float]] = {"": [], name: []}
-            start = time.perf_counter()
-            while len(times[name]) < MIN_PAIRS or time.perf_counter() - start < budget_s:
-                for side in pair:
-                    times[side].append(_run_ms(sessions[side], feeds[side]))
-                pair = pair[::-1]  # alternate which runs first
-            result[name][batch] = min(times[""]) / min(times[name])
+        times: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in candidates}
+        for _ in range(ROUNDS):  # spread over time: a busy spell hits every candidate
+            for name, (dense_ms, own_ms) in times.items():
+                start, n = time.perf_counter(), 0
+                while n < MIN_PAIRS or time.perf_counter() - start < budget_s / ROUNDS:
+                    order = ((dense_ms, ""), (own_ms, name))
+                    for runs, side in order if n % 2 else order[::-1]:
+                        runs.append(_run_ms(sessions[side], feeds[side]))
+                    n += 1
+        for name, (dense_ms, own_ms) in times.items():
+            result[name][batch] = min(dense_ms) / min(own_ms)
     return result
 
 

@@ -380,3 +380,16 @@ def test_methods_lists_channel_with_the_options_it_takes() -> None:
     assert all(flag in result.output for flag in flags), flags
     rigl = next(line for line in result.output.splitlines() if line.startswith("│ rigl"))
     assert "--distribution" in rigl and "--speedup" not in rigl
+
+
+def test_an_unreachable_speedup_exits_2_before_training(tmp_path: Path) -> None:
+    torch.save(models.resnet8(num_classes=6, in_channels=1).state_dict(), tmp_path / "r8.pt")
+    result = runner.invoke(app, [
+        "compress", str(tmp_path / "r8.pt"), "--arch", "moonprune.models:resnet8",
+        "--data", "digits:0-5", "--method", "channel", "--speedup", "20", "--epochs", "2",
+        "--out", str(tmp_path / "out"),
+    ])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "cannot reach a 20.00x speed-up at batch 64" in " ".join(result.output.split())
+    assert "ask for at most that with --speedup" in " ".join(result.output.split())
+    assert not (tmp_path / "out").exists()
