@@ -1,0 +1,83 @@
+"""Training time per epoch with synthesized unknowns, against plain and MOON alone.
+
+    python benchmarks/unknowns_timing.py      # about 5 minutes on 2 CPU cores
+
+Issue 18 asks that ``--unknowns`` cost at most 1.3x plain's time per epoch. For each
+setting (digits cnn, mnist5k resnet8: the cheapest and the most expensive of the
+study) one dense model is trained, then fine-tuned for 3 epochs (RigL 90%) as plain,
+MOON (``--unknowns none``) and MOON with each generator, in rounds that alternate the
+variants so that a busy moment on the machine hits them alike. Reported: the median
+over rounds of each run's mean seconds per epoch (``report.timing.epoch_s_mean``), and
+its ratio to plain's. Written into benchmarks/RESULTS.md, section unknowns-timing.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from reliability import ARCHS, DIGITS, FULL, Grid, Setting, prepare
+from results_file import update_section
+
+from moonprune.checkpoints import DenseModel
+from moonprune.config import build_config
+from moonprune.pipeline import compress
+
+SETTINGS = (("digits", DIGITS, "cnn"), ("mnist5k", FULL, "resnet8"))
+VARIANTS = ("plain", "none", "blur", "lowfreq", "mixup")
+ROUNDS, EPOCHS = 3, 3
+
+
+def epoch_seconds(grid: Grid, setting: Setting, variant: str) -> float:
+    moon: dict[str, object] = {"enabled": variant != "plain", "warmup_epochs": 1}
+    if variant not in ("plain", "none"):
+        moon["unknowns"] = variant
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = build_config({
+            "checkpoint": "", "data": grid.data, "ood": [], "out": str(Path(tmp) / "o"),
+            "arch": setting.spec.factory, "arch_kwargs": setting.spec.kwargs,
+            "export": False, "train": {"epochs": EPOCHS, "seed": 0}, "moon": moon,
+            "sparsity": {"method": "rigl", "sparsity": 0.9},
+        })  # fmt: skip
+        result = compress(cfg, dense=DenseModel(copy.deepcopy(setting.dense), setting.spec))
+    return float(result.report["timing"]["epoch_s_mean"])
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    start = time.perf_counter()
+    lines = [
+        "## Synthesized unknowns: time per epoch (issue 18)",
+        "",
+        "Command: `python benchmarks/unknowns_timing.py`  ",
+        f"Machine: {platform.platform()}, 2 torch threads. RigL 90%, {EPOCHS} epochs per run, "
+        f"{ROUNDS} rounds alternating the variants; median over rounds of each run's mean "
+        "s / epoch (target: at most 1.3x plain's).",
+        "",
+        "| setting | " + " | ".join(VARIANTS) + " |",
+        "|---|" + "---|" * len(VARIANTS),
+    ]
+    for name, grid, arch in SETTINGS:
+        setting = prepare(grid, ARCHS[arch], 0)
+        times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        for _ in range(ROUNDS):
+            for variant in VARIANTS:
+                times[variant].append(epoch_seconds(grid, setting, variant))
+                print(name, arch, variant, f"{times[variant][-1]:.3f}", flush=True)
+        base = statistics.median(times["plain"])
+        cells = [f"{statistics.median(times[v]):.3f} s ({statistics.median(times[v]) / base:.2f}x)"
+                 for v in VARIANTS]  # fmt: skip
+        lines.append(f"| {name} {arch} | " + " | ".join(cells) + " |")
+    lines += ["", f"Wall time: {(time.perf_counter() - start) / 60:.1f} min", ""]
+    text = "\n".join(lines)
+    update_section("unknowns-timing", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
