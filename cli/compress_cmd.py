@@ -395,12 +395,17 @@ def register(app: typer.Typer) -> None:
         from moonprune.sparsity import MASKERS
 
         table = Table(title="sparse methods (--method)")
-        for col in ("name", "description", "origin", "options"):
+        for col in ("name", "description", "origin"):
             table.add_column(col)
         rows = [(n, d, MASKERS.origin(n)) for n, d in MASKERS.describe().items()]
-        for name, description, origin in [*rows, ("channel", CHANNEL_DESCRIPTION, "moonprune")]:
-            table.add_row(name, description, origin, ", ".join(method_options(name)))
+        rows.append(("channel", CHANNEL_DESCRIPTION, "moonprune"))
+        options: dict[str, list[str]] = {}  # one line per option list
+        for name, description, origin in rows:
+            table.add_row(name, description, origin)
+            options.setdefault(", ".join(method_options(name)), []).append(name)
         console.print(table)
+        for flags, names in options.items():
+            console.print(f"options of {', '.join(names)}: {flags}", highlight=False)
         for name, error in MASKERS.plugin_errors.items():
             console.print(
                 f"[yellow]plug-in {escape(repr(name))} failed to load:[/] {escape(error)}"
