@@ -201,7 +201,8 @@ def speed_lines(report: dict[str, Any]) -> list[str]:
     if plan:
         cells = ", ".join(f"{v:.2f}x at batch {b}"
                           for b, v in plan["speedup_before_training"].items())  # fmt: skip
-        lines.append(f"channel widths chosen by timing candidates (grid {plan['grid']}): {cells}")
+        lines.append(f"channel widths chosen by timing {len(plan['candidates'])} candidates in "
+                     f"{plan['search_s']:.0f} s (grid {plan['grid']}): {cells}")  # fmt: skip
     speed = structure.get("speed")
     if speed:
         cells = ", ".join(f"{v:.2f}x at batch {b}" for b, v in speed["speedup"].items())

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -89,11 +90,13 @@ class ChannelPlan:
     threads: int
     speedup: dict[int, float]
     candidates: tuple[dict[str, Any], ...] = ()
+    seconds: float = 0.0  # how long the search took
 
     def as_dict(self) -> dict[str, Any]:
         return {"grid": self.grid, "batch": self.batch, "threads": self.threads,
                 "speedup_before_training": {str(b): v for b, v in self.speedup.items()},
-                "widths": dict(self.widths), "candidates": list(self.candidates)}  # fmt: skip
+                "widths": dict(self.widths), "candidates": list(self.candidates),
+                "search_s": self.seconds}  # fmt: skip
 
 
 def layer_widths(model: nn.Module) -> dict[str, int]:
@@ -177,6 +180,7 @@ def search_plan(model: nn.Module, example: torch.Tensor, head_layer: str, target
 
     ``fraction(net)`` is ``(MAC fraction, parameter fraction)`` of the dense network.
     """
+    start = time.perf_counter()
     search = _Search(model, example, head_layer, fraction, batch, threads, timer)
     fractions = FRACTIONS if target.kind in ("auto", "speedup") else (target.value,)
     measure = "params" if target.kind == "params" else "macs"
@@ -204,7 +208,8 @@ def search_plan(model: nn.Module, example: torch.Tensor, head_layer: str, target
     logger.info("channel plan: grid %d, %.0f%% MACs, measured %s", chosen.grid,
                 100 * chosen.macs_fraction, chosen.speedup)  # fmt: skip
     return ChannelPlan(chosen.widths, chosen.grid, batch, threads, chosen.speedup,
-                       tuple(c.as_dict() for c in candidates))  # fmt: skip
+                       tuple(c.as_dict() for c in candidates),
+                       time.perf_counter() - start)  # fmt: skip
 
 
 def _refinement(search: _Search, found: list[Candidate], want: float) -> Candidate | None:
