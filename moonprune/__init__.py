@@ -16,6 +16,8 @@ and ``moonprune.assess`` / ``moonprune.export_onnx`` at the end (see
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
 from moonprune import models
@@ -32,7 +34,6 @@ from moonprune.config import (
     build_config,
 )
 from moonprune.data import load_ood, load_splits
-from moonprune.exporters import RejectingClassifier, export_onnx
 from moonprune.heads import add_unknown_output_, find_classifier
 from moonprune.objectives import (
     MoonSchedule,
@@ -45,6 +46,24 @@ from moonprune.sparsity import MASKERS, Masker, MaskerConfig, TopologySchedule
 from moonprune.training import Trainer, train
 from moonprune.verification import verify
 
+if TYPE_CHECKING:  # the exporters stay unimported until used (they import onnx)
+    from moonprune.exporters import RejectingClassifier as RejectingClassifier
+    from moonprune.exporters import export_onnx as export_onnx
+
+#: Names served by :func:`__getattr__` from ``moonprune.exporters`` on first use, so
+#: ``import moonprune`` loads neither the exporters nor the CLI (documented in
+#: :mod:`moonprune.exporters`; not in ``__all__``, which the docs build resolves eagerly).
+_LAZY = {"RejectingClassifier": "moonprune.exporters", "export_onnx": "moonprune.exporters"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'moonprune' has no attribute {name!r}")
+
+
 __all__ = [
     "MASKERS",
     "ArchSpec",
@@ -56,7 +75,6 @@ __all__ = [
     "MoonConfig",
     "MoonSchedule",
     "MoonScheduleConfig",
-    "RejectingClassifier",
     "SparsityConfig",
     "TopologySchedule",
     "TrainConfig",
@@ -67,7 +85,6 @@ __all__ = [
     "assess",
     "build_config",
     "compress",
-    "export_onnx",
     "find_classifier",
     "fit_temperature",
     "load_checkpoint",
