@@ -140,7 +140,7 @@ def _make_pruner(model: nn.Module, example: torch.Tensor, head_layer: str, cfg: 
     if dist.is_main:
         try:
             pruner = make()
-        except ConfigError:
+        except Exception:  # any failure: the other ranks wait for the plan, tell them
             broadcast_plan(None, model, dist, sp.latency_batch, threads)
             raise
         broadcast_plan(pruner.plan, model, dist, sp.latency_batch, threads)
