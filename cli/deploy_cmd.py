@@ -126,6 +126,9 @@ def register(app: typer.Typer) -> None:
             for name in qm["auroc"]:
                 table.add_row(f"AUROC % vs {name}", f"{100 * fm['auroc'][name]:.2f}",
                               f"{100 * qm['auroc'][name]:.2f}")  # fmt: skip
+            speed = report["speedup_vs_float"]
+            table.add_row("speed vs float32, batch 1 / 64", "1.00x / 1.00x",
+                          f"{speed['batch_1']:.2f}x / {speed['batch_64']:.2f}x")  # fmt: skip
         else:
             table.add_column("value", justify="right")
             m = report["metrics"]
@@ -141,6 +144,15 @@ def register(app: typer.Typer) -> None:
             for name, value in m["auroc"].items():
                 table.add_row(f"AUROC % vs {name}", f"{100 * value:.2f}")
         console.print(table)
+        slower = [f"{v:.2f}x at batch {k.split('_')[1]}"
+                  for k, v in report.get("speedup_vs_float", {}).items()
+                  if k.startswith("batch_") and v < 1]  # fmt: skip
+        if slower:
+            console.print(
+                f"[yellow]note:[/] on this CPU the int8 file runs at {', '.join(slower)} of "
+                "the float32 file's speed: it is smaller, not faster here; for speed, export "
+                "without --quantize"
+            )
 
     @app.command()
     def inspect(

@@ -280,3 +280,18 @@ def test_inspect_of_an_empty_onnx_file_exits_2(demo_files: Path) -> None:
     result = runner.invoke(app, ["inspect", "empty.onnx"])
     assert result.exit_code == 2, result.output
     _one_error_line(result.output, "holds no ONNX graph")
+
+
+@pytest.mark.parametrize("measured", [{1: 0.5, 64: 1.2}, {1: 1.3, 64: 1.6}])
+def test_int8_export_says_when_it_is_slower_than_float(
+    demo_files: Path, monkeypatch: pytest.MonkeyPatch, measured: dict[int, float]
+) -> None:
+    """int8 is not faster on every CPU: export measures it against the float file and
+    says so when it is slower (the measurement is replaced here by fixed figures)."""
+    monkeypatch.setattr("moonprune.speed.time_speedups",
+                        lambda dense, files, batches, threads: {"int8": measured})  # fmt: skip
+    result = runner.invoke(app, ["export", "model.pt", "--out", "q.onnx", "--quantize", "int8"])
+    assert result.exit_code == 0, result.output
+    assert f"{measured[1]:.2f}x / {measured[64]:.2f}x" in result.output
+    slower = "for speed, export without --quantize" in " ".join(result.output.split())
+    assert slower == (measured[1] < 1)

@@ -157,6 +157,8 @@ def test_int8_export_is_small_and_keeps_the_acceptance(demo_run, tmp_path: Path)
     assert report["metrics"]["accuracy"] >= report["float_metrics"]["accuracy"] - 0.02
     meta = _bare_session(tmp_path / "q.onnx").get_modelmeta().custom_metadata_map
     assert float(meta["moonprune.threshold"]) == pytest.approx(report["threshold"])
+    speed = report["speedup_vs_float"]  # measured (modelled in tests) against the float file
+    assert speed["threads"] >= 1 and all(speed[f"batch_{b}"] > 0 for b in (1, 64))
 
 
 def test_baked_preprocessing_takes_raw_pixels(demo_run, tmp_path: Path) -> None:
