@@ -393,3 +393,17 @@ def test_an_unreachable_speedup_exits_2_before_training(tmp_path: Path) -> None:
     assert "cannot reach a 20.00x speed-up at batch 64" in " ".join(result.output.split())
     assert "ask for at most that with --speedup" in " ".join(result.output.split())
     assert not (tmp_path / "out").exists()
+
+
+def test_channel_pruning_with_synthesized_unknowns(tmp_path: Path) -> None:
+    """--unknowns works with channel pruning: the unknown row survives the surgery, the
+    synthesized rows train it (p(unknown) on them far above the ID rows'), and the report
+    says which unknowns were used."""
+    result, out = _compress_resnet8(tmp_path, "--epochs", "2", "--unknowns", "blur")
+    report = json.loads((out / "report.json").read_text())
+    unknowns = report["unknowns"]
+    assert unknowns["generators"] == ["blur"] and unknowns["beyond_paper"]
+    assert report["structure"]["macs_fraction"] <= 0.5
+    synth = unknowns["p_unknown_synth"]["synth: blur"]
+    assert synth > 3 * report["models"]["compressed"]["p_unknown"]["id_test"]["mean"]
+    assert "beyond the MOON paper" in " ".join(result.output.split())
