@@ -28,7 +28,7 @@ from torch import nn
 
 from moonprune.calibration import TemperatureChoice, choose_temperature
 from moonprune.data import ImageSet, Splits
-from moonprune.errors import ConfigError
+from moonprune.errors import CheckpointError, ConfigError
 from moonprune.feature_scores import FeatureOptions, FeatureScores, collect_outputs
 from moonprune.reliability import (
     auroc,
@@ -229,6 +229,11 @@ def score_sets(logits: ModelLogits, k: int, score: str, t: float) -> dict[str, n
             raise ConfigError(
                 f"the {score!r} score reads the input of the model's final nn.Linear, and "
                 "this model has none; choose a logit score (msp, energy, max_logit, unknown)"
+            )
+        if score not in logits.features.values:  # statistics saved before the score existed
+            raise CheckpointError(
+                f"the model's feature statistics were saved before the {score!r} score "
+                "existed; recreate it with `moonprune compress`, or choose another --score"
             )
         return dict(logits.features.values[score])
 

@@ -138,3 +138,26 @@ def test_a_feature_score_without_a_final_linear_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"final nn\.Linear"):
         assess(model, splits, {}, score="mahalanobis", n_boot=1)
     assert "mahalanobis" not in assess(model, splits, {}, n_boot=1).score_table
+
+
+@pytest.mark.parametrize("command", ["verify", "export"])
+def test_older_statistics_refuse_only_mahalanobis_plus_plus(knn_run, tmp_path, command) -> None:
+    """A checkpoint whose statistics predate mahalanobis++ still verifies and exports
+    with its own score; asking for mahalanobis++ is one line and exit 2, no file."""
+    from moonprune.cli.app import app
+
+    record = torch.load(knn_run.out / "model.pt", weights_only=True)
+    record["feature_stats"] = {k: v for k, v in record["feature_stats"].items()
+                               if not k.startswith("unit_")}  # fmt: skip
+    old = tmp_path / "old.pt"
+    torch.save(record, old)
+    extra = ["--out", str(tmp_path / "o.onnx")] if command == "export" else []
+    asked = CliRunner().invoke(app, [command, str(old), *extra, "--score", "mahalanobis++"])
+    assert asked.exit_code == 2, asked.output
+    lines = [line for line in asked.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "before the 'mahalanobis++' score existed" in " ".join(
+        asked.output.split()
+    )
+    assert not (tmp_path / "o.onnx").exists()
+    own = CliRunner().invoke(app, [command, str(old), *extra])
+    assert own.exit_code == 0, own.output
