@@ -21,7 +21,7 @@ Generators (a registry, like the maskers'), pure functions of ``(x, y, m, genera
   is fitted to the batch's classifier inputs ``f`` (detached; covariance shrunk 10% to
   its mean eigenvalue), and points are drawn on its low-likelihood shell: Mahalanobis
   radius ``r * U(1.5, 2.5)``, ``r`` the larger of the batch rows' largest radius and the
-  chi-square's ``D + 4 sqrt(2 D)`` point (VOS keeps the least likely of 10,000 draws
+  chi-square's ``D + 4 sqrt(2 D)`` point (VOS instead keeps the least likely of many draws
   per class; a batch-sized fit underestimates the spread, and the chi-square tail alone
   put 13% of ID test rows into "unknown" on digits). They go through the final
   classifier only: they never touch BatchNorm and cost one small matrix product.
