@@ -269,6 +269,14 @@ def register(app: typer.Typer) -> None:
         on_bad_image: Annotated[
             str | None, typer.Option(help="An undecodable image file: skip (warn) or fail.")
         ] = None,
+        workers: Annotated[
+            int | None,
+            typer.Option(
+                help="Processes that read image-folder batches (decode, resize, normalise) "
+                "while the model trains; 0 reads in the main process. Default: one per CPU "
+                "beyond the first, at most 4. Results do not depend on it."
+            ),
+        ] = None,
         min_auroc: Annotated[
             float | None, typer.Option(help="Gate: every OOD AUROC >= X (exit 1 if not).")
         ] = None,
@@ -324,6 +332,7 @@ def register(app: typer.Typer) -> None:
                 "image_size": parse_size(image_size),
                 "channels": channels,
                 "on_bad_image": on_bad_image,
+                "workers": workers,
                 "trust_checkpoint": True if trust_checkpoint else None,
                 "export": False if no_export else None,
                 "sparsity.method": method,

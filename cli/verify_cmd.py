@@ -127,6 +127,10 @@ def register(app: typer.Typer) -> None:
         ] = None,
         tpr: Annotated[float | None, typer.Option(help="ID acceptance of the threshold.")] = None,
         seed: Annotated[int | None, typer.Option(help="Split seed (default: the model's).")] = None,
+        workers: Annotated[
+            int | None,
+            typer.Option(help="Processes reading image-folder batches (default: CPUs - 1, <= 4)."),
+        ] = None,
         html_path: Annotated[
             Path | None, typer.Option("--html", help="Write report.html (plots) here.")
         ] = None,
@@ -159,7 +163,7 @@ def register(app: typer.Typer) -> None:
             return run_verify(
                 model, data=data, ood=tuple(ood or ()), baseline=baseline,
                 baseline_arch=baseline_arch, arch=arch, split=split, gates=gates, score=score,
-                tpr=tpr, seed=seed,
+                tpr=tpr, seed=seed, workers=workers,
                 temperature=parse_temperature(temperature),
             )  # fmt: skip
 

@@ -51,21 +51,37 @@ def crop_padding(height: int, width: int) -> int:
     return max(1, round(min(height, width) / 8))
 
 
-def augment_batch(x: torch.Tensor, name: str, generator: torch.Generator) -> torch.Tensor:
-    """``x`` ``(N, C, H, W)`` augmented by ``name`` (see the module docstring)."""
-    if name == "none" or x.shape[0] == 0:
+def augment_batch(
+    x: torch.Tensor,
+    name: str,
+    generator: torch.Generator,
+    *,
+    n_total: int | None = None,
+    rows: slice = slice(None),
+) -> torch.Tensor:
+    """``x`` ``(N, C, H, W)`` augmented by ``name`` (see the module docstring).
+
+    In a data-parallel run ``x`` holds only this process's ``rows`` of a global batch of
+    ``n_total`` rows: the draws are made for the whole batch and the rows' share taken,
+    so every process draws what a single process would.
+    """
+    n = len(x) if n_total is None else n_total
+    if name == "none" or n == 0:
         return x
-    n, c, h, w = x.shape
+    _, c, h, w = x.shape
     p = crop_padding(h, w)
+    dy = torch.randint(0, 2 * p + 1, (n,), generator=generator)[rows].to(x.device)
+    dx = torch.randint(0, 2 * p + 1, (n,), generator=generator)[rows].to(x.device)
+    flip = torch.rand(n, generator=generator)[rows] < 0.5 if name == "crop+flip" else None
+    if len(x) == 0:
+        return x
     padded = F.pad(x, (p, p, p, p), mode="replicate")
-    dy = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(x.device)
-    dx = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(x.device)
-    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    rows_i = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    batch = torch.arange(len(x), device=x.device)[:, None, None, None]
     channel = torch.arange(c, device=x.device)[None, :, None, None]
-    out = padded[batch, channel, rows, cols]
-    if name == "crop+flip":
-        flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
-        out = torch.where(flip[:, None, None, None], out.flip(-1), out)
+    out = padded[batch, channel, rows_i, cols]
+    if flip is not None:
+        flipped = flip.to(x.device)
+        out = torch.where(flipped[:, None, None, None], out.flip(-1), out)
     return out

@@ -10,6 +10,7 @@ from torch import nn
 
 from moonprune.data import ImageSet
 from moonprune.errors import ConfigError
+from moonprune.streaming import LazyImages
 
 
 def batch_starts(n: int, batch_size: int, min_last: int = 1) -> list[int]:
@@ -39,6 +40,33 @@ def check_batch_size(model: nn.Module, batch_size: int, world_size: int = 1) -> 
     return min_rows
 
 
+def index_batches(
+    n: int, batch_size: int, seed: int, shuffle: bool = True, min_last: int = 1
+) -> list[torch.Tensor]:
+    """The row indices of each batch of ``n`` rows, in an order fixed by ``seed`` (drop
+    nothing; a last batch smaller than ``min_last`` is folded into the one before)."""
+    if shuffle:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    else:
+        order = torch.arange(n)
+    starts = batch_starts(n, batch_size, min_last)
+    return [order[s:e] for s, e in zip(starts, [*starts[1:], n], strict=True)]
+
+
+def read_batches(
+    data: ImageSet, batches: list[torch.Tensor], device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(x, y)`` of each index batch, on ``device``. A lazily read set streams (worker
+    processes read ahead, see :mod:`moonprune.streaming`); a tensor is indexed."""
+    if isinstance(data.x, LazyImages):
+        pin = device.type == "cuda"
+        images = data.x.batches([b.numpy() for b in batches], pin_memory=pin)
+    else:
+        images = (data.x[b] for b in batches)
+    for idx, x in zip(batches, images, strict=True):
+        yield x.to(device, non_blocking=True), data.y[idx].to(device)
+
+
 def iterate_batches(
     data: ImageSet,
     batch_size: int,
@@ -49,11 +77,5 @@ def iterate_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of ``data`` in an order fixed by ``seed`` (drop nothing; a last batch
     smaller than ``min_last`` is folded into the one before)."""
-    if shuffle:
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-    else:
-        order = torch.arange(len(data))
-    starts = batch_starts(len(data), batch_size, min_last)
-    for start, end in zip(starts, [*starts[1:], len(data)], strict=True):
-        idx = order[start:end]
-        yield data.x[idx].to(device), data.y[idx].to(device)
+    batches = index_batches(len(data), batch_size, seed, shuffle, min_last)
+    return read_batches(data, batches, device)

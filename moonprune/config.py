@@ -340,6 +340,8 @@ class CompressConfig:
     image_size: tuple[int, int] | None = None
     channels: int | None = None
     on_bad_image: str = "skip"
+    #: processes reading a folder's batches; None: one per CPU beyond the first, <= 4
+    workers: int | None = None
     device: str = "auto"
     export: bool = True
     #: the deployed OOD score; mahalanobis++ by evidence (README "OOD scores"): the logit
@@ -384,6 +386,8 @@ class CompressConfig:
             raise ConfigError(f"channels must be 1 or 3, got {self.channels}")
         if self.on_bad_image not in ("skip", "fail"):
             raise ConfigError(f"on_bad_image must be 'skip' or 'fail', got {self.on_bad_image!r}")
+        if self.workers is not None and (isinstance(self.workers, bool) or self.workers < 0):
+            raise ConfigError(f"workers must be 0 or more, got {self.workers}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
 

@@ -15,15 +15,17 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
 
-from moonprune import sources, user_data
+from moonprune import folders, sources
 from moonprune.errors import DataError
+from moonprune.rows import LazyRows
 from moonprune.sources import RawImages
 from moonprune.specs import ReadOptions, load_raw, parse_spec, take_classes
+from moonprune.streaming import LazyImages, channel_stats
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +50,16 @@ class Preprocessing:
     std: tuple[float, ...]
     normalize: str | None = None
 
-    def normalise(self, images01: np.ndarray) -> torch.Tensor:
-        """``(N, C, H, W)`` images in [0, 1] -> float32 model input."""
+    @overload
+    def normalise(self, images01: np.ndarray) -> torch.Tensor: ...
+    @overload
+    def normalise(self, images01: LazyRows) -> LazyImages: ...
+
+    def normalise(self, images01: np.ndarray | LazyRows) -> torch.Tensor | LazyImages:
+        """``(N, C, H, W)`` images in [0, 1] -> float32 model input (a lazy view gives a
+        :class:`~moonprune.streaming.LazyImages`, normalised as its batches are read)."""
+        if isinstance(images01, LazyRows):
+            return LazyImages(images01, self)
         mean = np.asarray(self.mean, dtype=np.float32).reshape(1, -1, 1, 1)
         std = np.asarray(self.std, dtype=np.float32).reshape(1, -1, 1, 1)
         return torch.from_numpy(((images01.astype(np.float32) - mean) / std).copy())
@@ -87,10 +97,14 @@ class Preprocessing:
 
 @dataclass(frozen=True)
 class ImageSet:
-    """Model-ready tensors: ``x`` float32 ``(N, C, H, W)``, ``y`` int64 ``(N,)`` (-1 = none)."""
+    """Model-ready tensors: ``x`` float32 ``(N, C, H, W)``, ``y`` int64 ``(N,)`` (-1 = none).
+
+    ``x`` is a tensor, or for data read lazily a :class:`~moonprune.streaming.LazyImages`
+    with the same ``len``/``shape``/``split``/indexing, read in batches on demand.
+    """
 
     name: str
-    x: torch.Tensor
+    x: torch.Tensor | LazyImages
     y: torch.Tensor
     classes: tuple[str, ...] = field(default=())
 
@@ -149,8 +163,8 @@ def _predefined_splits(spec: str, options: ReadOptions) -> dict[str, RawImages] 
     parts = {}
     for part in present:
         parts[part] = take_classes(
-            user_data.read_image_folder(
-                root / part, options.size, options.channels, options.on_bad_image
+            folders.read_image_folder(
+                root / part, options.size, options.channels, options.on_bad_image, options.workers
             ),
             subset,
             f"{spec}/{part}",
@@ -252,8 +266,8 @@ def read_split_images(
 
 def dataset_preprocessing(train: RawImages) -> Preprocessing:
     """The training split's own per-channel mean/std (``--normalize dataset``)."""
-    mean = train.images.mean(axis=(0, 2, 3))
-    std = np.maximum(train.images.std(axis=(0, 2, 3)), 1e-3)
+    mean, std = channel_stats(train.images)
+    std = np.maximum(std, 1e-3)
     _, c, h, w = train.images.shape
     return Preprocessing(
         c, h, w, float(train.pixel_scale), tuple(map(float, mean)), tuple(map(float, std)),
@@ -310,7 +324,9 @@ def load_ood(
     """
     if spec == "noise":
         rng = np.random.default_rng(seed + 7919)
-        images = rng.random((n_noise, *preprocessing.input_shape), dtype=np.float32)
+        images: np.ndarray | LazyRows = rng.random(
+            (n_noise, *preprocessing.input_shape), dtype=np.float32
+        )
     else:
         raw = load_raw(spec, options)
         images = raw.images

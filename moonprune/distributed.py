@@ -55,6 +55,11 @@ class DistContext:
         a batch with fewer rows than ranks leaves the last ranks none)."""
         return batch[self.rank :: self.world_size] if self.enabled else batch
 
+    @property
+    def rows(self) -> slice:
+        """Which rows of a global batch are this rank's (:meth:`shard` takes them)."""
+        return slice(self.rank, None, self.world_size) if self.enabled else slice(None)
+
     def share_of_mean(self, row_sum: torch.Tensor, n_global: int) -> torch.Tensor:
         """``row_sum * W / N``: this rank's term of the global-batch mean loss, whose
         gradient, averaged over the ``W`` ranks by DDP, is the gradient of the mean of

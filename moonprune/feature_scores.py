@@ -30,6 +30,7 @@ from moonprune.reliability.features import (
     collect_features,
     fit_feature_stats,
 )
+from moonprune.streaming import Images
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ def classifier_layer(model: nn.Module, example: torch.Tensor) -> str | None:
 
 def collect_outputs(
     model: nn.Module,
-    sets: Mapping[str, torch.Tensor],
+    sets: Mapping[str, Images],
     num_known: int,
     *,
     train: ImageSet | None,

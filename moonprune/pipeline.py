@@ -52,6 +52,7 @@ from moonprune.outputs import OutputDir, write_json
 from moonprune.reliability.scores import check_score
 from moonprune.reporting import layer_sparsity, unknowns_summary, write_html_report
 from moonprune.sparsity import MASKERS
+from moonprune.streaming import LazyImages
 from moonprune.structured import module_structure
 from moonprune.training import TrainCallback, train
 from moonprune.verification import GateCheck, check_gates
@@ -104,7 +105,7 @@ def prepare_inputs(
 ) -> Inputs:
     """Load data and model and check they fit together (class count, input shape), then
     normalise the data as the model expects (``cfg.normalize``, evaluated on ``device``)."""
-    options = ReadOptions(cfg.image_size, cfg.channels, cfg.on_bad_image)
+    options = ReadOptions(cfg.image_size, cfg.channels, cfg.on_bad_image, cfg.workers)
     parts = read_split_images(cfg.data, seed=cfg.train.seed, options=options)
     splits = make_splits(cfg.data, parts)
     if dense is None:
@@ -263,15 +264,19 @@ def input_paths(cfg: CompressConfig) -> list[str]:
 
 #: Settings that do not change the trained weights (a resumed run may change them).
 _NOT_TRAINING = ("out", "ood", "gates", "export", "device", "score", "tpr", "temperature",
-                 "ece_bins", "trust_checkpoint", "feature_bank", "knn_k")  # fmt: skip
+                 "ece_bins", "trust_checkpoint", "feature_bank", "knn_k", "workers")  # fmt: skip
 
 
 def training_settings(cfg: CompressConfig, splits: Splits) -> dict[str, Any]:
     """What shapes the trained weights: the settings, and a digest of the training rows
     (a data folder whose images changed is other data under the same name)."""
     digest = hashlib.sha256()
-    for tensor in (splits.train.x, splits.train.y):
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    x = splits.train.x
+    if isinstance(x, LazyImages):  # the files' names, sizes and times, not the pixels
+        digest.update(x.fingerprint())
+    else:
+        digest.update(x.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(splits.train.y.detach().cpu().contiguous().numpy().tobytes())
     settings = {k: v for k, v in cfg.as_dict().items() if k not in _NOT_TRAINING}
     return {**settings, "training_data_sha256": digest.hexdigest()}
 

@@ -27,6 +27,8 @@ from moonprune.unknowns import NONE, UNKNOWNS, probe
 
 #: Validation rows whose argmax is "unknown" above this share: a warning (the guard).
 UNKNOWN_RATE_WARNING = 0.01
+#: Validation rows the report synthesizes unknowns from (one forward pass, in memory).
+PROBE_ROWS = 1024
 
 
 def structure_phrase(structure: dict[str, Any]) -> str:
@@ -83,7 +85,9 @@ def unknowns_summary(
             "(argmax): the synthesized unknowns may look like ID data; try --unknowns none "
             "or a lower --unknowns-weight"
         )
-    synth = {f"synth: {n}": v.numpy() for n, v in probe(model, val.x, val.y, names, seed).items()}
+    # p(unknown) of rows synthesized from (at most PROBE_ROWS) validation rows
+    x, y = val.x[:PROBE_ROWS], val.y[:PROBE_ROWS]
+    synth = {f"synth: {n}": v.numpy() for n, v in probe(model, x, y, names, seed).items()}
     record["p_unknown_synth"] = {n: float(v.mean()) for n, v in synth.items()}
     return record, synth
 

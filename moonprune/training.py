@@ -31,6 +31,7 @@ from moonprune.augment import augment_batch
 from moonprune.averaging import WeightAveraging
 from moonprune.batching import batch_starts as batch_starts
 from moonprune.batching import check_batch_size as check_batch_size
+from moonprune.batching import index_batches, read_batches
 from moonprune.batching import iterate_batches as iterate_batches
 from moonprune.batching import min_rows_per_batch as min_rows_per_batch
 from moonprune.config import MoonConfig, TrainConfig
@@ -325,21 +326,23 @@ class Trainer:
         total_loss, n_seen = 0.0, 0
         lr = self.cfg.lr
         density = 1.0
-        batches = iterate_batches(
-            self.data, self.cfg.batch_size, seed, self.device, min_last=self.min_last
+        # the global batches' indices; each rank reads only its own rows of each
+        global_batches = index_batches(
+            len(self.data), self.cfg.batch_size, seed, min_last=self.min_last
         )
-        # augmentation draws: seeded per epoch, the same on every rank (before sharding)
+        sizes = [len(b) for b in global_batches]
+        batches = read_batches(self.data, [self.dist.shard(b) for b in global_batches], self.device)
+        # augmentation draws: seeded per epoch, made for the global batch on every rank
         draws = torch.Generator().manual_seed(seed + 7_919)
         # synthesized unknowns: each rank draws from its own seeded stream
         draws_u = epoch_generator(self.cfg.seed, epoch, self.dist.rank)
         n_unknown = 0
         for i, (x, y) in enumerate(batches):
-            x = augment_batch(x, self.cfg.augment, draws)
+            n_global = sizes[i]
+            x = augment_batch(x, self.cfg.augment, draws, n_total=n_global, rows=self.dist.rows)
             lr = self.cfg.lr * self.lr_scale * self._lr_shape(epoch, i)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            n_global = len(y)
-            x, y = self.dist.shard(x), self.dist.shard(y)
             if self.unknowns:
                 logits, unknown_loss = self._forward_with_unknowns(x, y, n_global, draws_u)
             else:

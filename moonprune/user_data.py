@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from moonprune.errors import DataError
-from moonprune.sources import RawImages, conform_one, reading
+from moonprune.sources import RawImages, reading
 
 logger = logging.getLogger(__name__)
 
@@ -64,25 +64,6 @@ def _high_depth(array: np.ndarray, mode: str) -> tuple[np.ndarray, float]:
     return scaled.astype(np.float32)[None], scale
 
 
-def _folder_images(files: list[Path], on_bad_image: str) -> list[tuple[np.ndarray, float] | None]:
-    out: list[tuple[np.ndarray, float] | None] = []
-    for path in files:
-        try:
-            out.append(read_image(path))
-        # a malformed file can fail anywhere inside a Pillow plugin; each is a bad image,
-        # reported with its path below (never swallowed)
-        except Exception as exc:
-            reason = str(exc) or type(exc).__name__
-            if on_bad_image == "fail":
-                raise DataError(
-                    f"cannot decode image {str(path)!r} ({reason}); remove it or pass "
-                    "--on-bad-image skip"
-                ) from None
-            logger.warning("skipping undecodable image %s (%s)", path, reason)
-            out.append(None)
-    return out
-
-
 def list_image_folder(root: Path) -> tuple[list[Path], list[int], tuple[str, ...]]:
     """Files and labels of an ImageFolder ``root/<class>/<image>``, classes sorted."""
     files: list[Path] = []
@@ -101,36 +82,6 @@ def list_image_folder(root: Path) -> tuple[list[Path], list[int], tuple[str, ...
             f"no images found in {str(root)!r}; expected root/<class>/<image>.png (or .jpg)"
         )
     return files, labels, classes
-
-
-def read_image_folder(
-    root: Path, size: tuple[int, int] | None, channels: int | None, on_bad_image: str = "skip"
-) -> RawImages:
-    """All images of an ImageFolder, conformed to ``channels`` x ``size``.
-
-    ``size``/``channels`` default to those of the first image (so a folder of
-    equally sized images needs no options).
-    """
-    files, labels, classes = list_image_folder(root)
-    decoded = _folder_images(files, on_bad_image)
-    kept = [(d[0], y) for d, y in zip(decoded, labels, strict=True) if d is not None]
-    if not kept:
-        raise DataError(f"none of the images in {str(root)!r} could be decoded")
-    scales = sorted({d[1] for d in decoded if d is not None})
-    if len(scales) > 1:
-        depths = " and ".join(
-            {1 / 255: "8-bit", 1 / 65535: "16-bit", 1.0: "float"}[s] for s in scales
-        )
-        raise DataError(
-            f"{str(root)!r} mixes {depths} images; the exported model takes one raw pixel "
-            "range, so convert them all to one bit depth"
-        )
-    first = kept[0][0]
-    target_c = channels or (3 if any(a.shape[0] == 3 for a, _ in kept) else 1)
-    target_hw = size or (first.shape[1], first.shape[2])
-    images = np.stack([conform_one(a, target_c, target_hw) for a, _ in kept])
-    label_array = np.asarray([y for _, y in kept], dtype=np.int64)
-    return RawImages(images.astype(np.float32), label_array, classes, scales[0])
 
 
 # -- .npz files ---------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from moonprune.heads import add_unknown_output_
 from moonprune.outputs import check_output_path as check_output_path
 from moonprune.outputs import write_json
 from moonprune.reporting import layer_sparsity, write_html_report
+from moonprune.streaming import concat_images
 from moonprune.structured import size_vs_dense
 
 
@@ -141,6 +142,7 @@ def verify(
     ece_bins: int = 15,
     n_boot: int = 200,
     temperature: str | float | None = None,
+    workers: int | None = None,
 ) -> VerifyResult:
     """Evaluate a moonprune checkpoint on ``data`` and ``ood``.
 
@@ -192,6 +194,7 @@ def verify(
         tuple(cfg["image_size"]) if cfg.get("image_size") else None,
         cfg.get("channels"),
         cfg.get("on_bad_image", "skip"),
+        workers,
     )
     splits = load_splits(data, seed=seed, options=options, preprocessing=ckpt.preprocessing)
     if splits.num_classes != ckpt.num_known:
@@ -327,7 +330,7 @@ def whole(splits: Splits) -> Splits:
     parts = (splits.train, splits.val, splits.test)
     everything = ImageSet(
         splits.test.name,
-        torch.cat([p.x for p in parts]),
+        concat_images([p.x for p in parts]),
         torch.cat([p.y for p in parts]),
         splits.test.classes,
     )

@@ -2,10 +2,14 @@
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/ddp_worker.py \
         OUT_DIR full|interrupt|resume [BATCH_SIZE]
+
+``DDP_DATA`` (an image folder) replaces the built-in digits, so the streaming input
+path is the one trained on; ``DDP_AUGMENT`` sets the augmentation.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -22,12 +26,14 @@ from moonprune.training import StopTraining, Trainer
 
 def main(out: Path, mode: str, batch_size: int = 64) -> None:
     dist = from_env()
-    splits = load_splits("digits:0-5", seed=0)
+    splits = load_splits(os.environ.get("DDP_DATA", "digits:0-5"), seed=0)
     torch.manual_seed(0)
     model = mlp_biasfree(num_classes=6)
     add_unknown_output_(model, splits.train.x[:2])
     masker = MASKERS.create("set", MaskerConfig(sparsity=0.8, update_interval=3, seed=5))
-    trainer = Trainer(model, masker, splits.train, TrainConfig(epochs=4, batch_size=batch_size),
+    augment = os.environ.get("DDP_AUGMENT", "none")
+    trainer = Trainer(model, masker, splits.train,
+                      TrainConfig(epochs=4, batch_size=batch_size, augment=augment),
                       MoonConfig(warmup_epochs=1, average_epochs=1),
                       state_path=out / "state.pt", dist=dist)  # fmt: skip
     if mode == "resume":

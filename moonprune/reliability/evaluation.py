@@ -32,6 +32,7 @@ from moonprune.reliability.metrics import (
     ood_metrics,
 )
 from moonprune.reliability.scores import compute_score, known_probabilities
+from moonprune.streaming import Images
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -41,7 +42,7 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def collect_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+def collect_logits(model: nn.Module, x: Images, batch_size: int = 512) -> torch.Tensor:
     """``model(x)`` in eval mode without gradients, ``batch_size`` rows at a time.
 
     ``x`` (N, C, H, W) is moved batch by batch to the device of the model's first

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from moonprune.errors import CheckpointError, ConfigError, DataError
+from moonprune.streaming import Images
 
 #: name -> one-line description; the logit scores live in :mod:`.scores`.
 FEATURE_SCORES: dict[str, str] = {
@@ -266,7 +267,7 @@ def tapped_input(layer: nn.Module) -> Iterator[list[torch.Tensor]]:
 
 
 def collect_features(
-    model: nn.Module, x: torch.Tensor, layer: str, batch_size: int = 512
+    model: nn.Module, x: Images, layer: str, batch_size: int = 512
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logits (N, C), features (N, D))`` of ``model`` on ``x`` (N, C, H, W), in eval
     mode without gradients, on the CPU; ``features`` is the input of ``layer``.
