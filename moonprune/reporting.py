@@ -23,6 +23,7 @@ from moonprune.config import MoonConfig
 from moonprune.conventions import UNKNOWN_ROW_ATTR, prunable_weights
 from moonprune.data import ImageSet
 from moonprune.outputs import atomic_path
+from moonprune.streaming import batch_rows
 from moonprune.unknowns import NONE, UNKNOWNS, probe
 
 #: Validation rows whose argmax is "unknown" above this share: a warning (the guard).
@@ -75,7 +76,9 @@ def unknowns_summary(
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        predicted = torch.cat([model(b.to(device)).argmax(-1).cpu() for b in val.x.split(512)])
+        predicted = torch.cat(
+            [model(b.to(device)).argmax(-1).cpu() for b in val.x.split(batch_rows(val.x.shape))]
+        )
     model.train(was_training)
     rate = float((predicted == k).double().mean())
     record["val_unknown_rate"] = rate
@@ -86,7 +89,8 @@ def unknowns_summary(
             "or a lower --unknowns-weight"
         )
     # p(unknown) of rows synthesized from (at most PROBE_ROWS) validation rows
-    x, y = val.x[:PROBE_ROWS], val.y[:PROBE_ROWS]
+    rows = batch_rows(val.x.shape, PROBE_ROWS)
+    x, y = val.x[:rows], val.y[:rows]
     synth = {f"synth: {n}": v.numpy() for n, v in probe(model, x, y, names, seed).items()}
     record["p_unknown_synth"] = {n: float(v.mean()) for n, v in synth.items()}
     return record, synth

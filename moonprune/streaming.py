@@ -44,6 +44,18 @@ if TYPE_CHECKING:
 
 #: Most worker processes chosen by default (decoding rarely needs more on a CPU box).
 MAX_DEFAULT_WORKERS = 4
+#: Input values per evaluation batch (4 MiB of float32 input; the activations of a
+#: small CNN are some tens of times that): bounds memory on large images.
+EVAL_BUDGET = 2**20
+
+
+def batch_rows(shape: Sequence[int], cap: int = 512) -> int:
+    """Rows per batch for a forward pass without gradients over inputs of ``shape``
+    ``(N, C, H, W)``: ``cap`` for small images (digits, MNIST: the historical 512),
+    fewer for large ones so that a batch holds at most :data:`EVAL_BUDGET` values
+    (85 rows of 3x64x64, 16 at least)."""
+    per_row = max(1, int(np.prod(shape[1:])))
+    return max(16, min(cap, EVAL_BUDGET // per_row))
 
 
 def default_workers() -> int:
@@ -167,7 +179,8 @@ class LazyImages:
 
     def materialize(self) -> torch.Tensor:
         """Every row as one tensor (memory: ``4 * N * C * H * W`` bytes)."""
-        return torch.cat(list(self.split(512))) if len(self) else torch.empty(self.shape)
+        rows = batch_rows(self.shape)
+        return torch.cat(list(self.split(rows))) if len(self) else torch.empty(self.shape)
 
     def numpy(self) -> np.ndarray:
         return self.materialize().numpy()

@@ -42,6 +42,7 @@ from moonprune.errors import CheckpointError, ConfigError
 from moonprune.objectives import MoonSchedule, MoonScheduleConfig, Reduction
 from moonprune.outputs import atomic_path
 from moonprune.sparsity.base import Masker, TopologySchedule
+from moonprune.streaming import batch_rows
 from moonprune.train_records import EpochInfo as EpochInfo
 from moonprune.train_records import Rollback as Rollback
 from moonprune.train_records import StepInfo as StepInfo
@@ -380,7 +381,12 @@ class Trainer:
             self.schedule.end_epoch(epoch)
         if self.averaging is not None:
             recalibration = iterate_batches(
-                self.data, 256, 0, self.device, False, min_rows_per_batch(self.model)
+                self.data,
+                batch_rows(self.data.x.shape, 256),
+                0,
+                self.device,
+                False,
+                min_rows_per_batch(self.model),
             )
             self.averaging.end_epoch(epoch, (x for x, _ in recalibration))
         stats = self.masker.stats()

@@ -32,7 +32,7 @@ from moonprune.reliability.metrics import (
     ood_metrics,
 )
 from moonprune.reliability.scores import compute_score, known_probabilities
-from moonprune.streaming import Images
+from moonprune.streaming import Images, batch_rows
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -42,13 +42,16 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def collect_logits(model: nn.Module, x: Images, batch_size: int = 512) -> torch.Tensor:
-    """``model(x)`` in eval mode without gradients, ``batch_size`` rows at a time.
+def collect_logits(model: nn.Module, x: Images, batch_size: int | None = None) -> torch.Tensor:
+    """``model(x)`` in eval mode without gradients, ``batch_size`` rows at a time
+    (default :func:`~moonprune.streaming.batch_rows`: 512, fewer for large images).
 
     ``x`` (N, C, H, W) is moved batch by batch to the device of the model's first
     parameter; the result (N, outputs) is returned on the CPU. The training flag of
     every submodule is restored afterwards, even if the forward pass raises.
     """
+    if batch_size is None:
+        batch_size = batch_rows(x.shape)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     if x.ndim == 0 or x.shape[0] == 0:

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from moonprune.errors import CheckpointError, ConfigError, DataError
-from moonprune.streaming import Images
+from moonprune.streaming import Images, batch_rows
 
 #: name -> one-line description; the logit scores live in :mod:`.scores`.
 FEATURE_SCORES: dict[str, str] = {
@@ -267,7 +267,7 @@ def tapped_input(layer: nn.Module) -> Iterator[list[torch.Tensor]]:
 
 
 def collect_features(
-    model: nn.Module, x: Images, layer: str, batch_size: int = 512
+    model: nn.Module, x: Images, layer: str, batch_size: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logits (N, C), features (N, D))`` of ``model`` on ``x`` (N, C, H, W), in eval
     mode without gradients, on the CPU; ``features`` is the input of ``layer``.
@@ -280,7 +280,7 @@ def collect_features(
     logits, features = [], []
     try:
         with torch.no_grad(), tapped_input(model.get_submodule(layer)) as seen:
-            for batch in x.split(batch_size):
+            for batch in x.split(batch_size or batch_rows(x.shape)):
                 logits.append(model(batch.to(device)).cpu())
                 features.append(seen.pop().cpu())
                 seen.clear()
