@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from rich.console import Console
@@ -29,6 +30,7 @@ class RichProgress:
             transient=False,
         )
         self.task: Any = None
+        self._epoch = (-1, 0.0, 0)  # (epoch, its start time, rows seen)
 
     def __enter__(self) -> RichProgress:
         self.progress.__enter__()
@@ -44,11 +46,20 @@ class RichProgress:
             )
             self.progress.update(self.task, completed=info.epoch * info.steps_per_epoch)
         a = "-" if info.a is None else f"{info.a:.4f}"
+        now = time.perf_counter()
+        rate = ""
+        if info.epoch != self._epoch[0]:  # the clock starts at the end of the first step
+            self._epoch = (info.epoch, now, 0)
+        else:
+            epoch, start, rows = self._epoch
+            self._epoch = (epoch, start, rows + info.rows)
+            rate = f"  {(rows + info.rows) / max(now - start, 1e-9):.0f} img/s"
         self.progress.update(
             self.task,
             advance=1,
             description=f"epoch {info.epoch + 1}/{self.total_epochs}",
-            status=f"loss {info.loss:.4f}  a {a}  density {info.density:.3f}  lr {info.lr:.4f}",
+            status=f"loss {info.loss:.4f}  a {a}  density {info.density:.3f}  lr {info.lr:.4f}"
+            + rate,
         )
 
     def on_epoch_end(self, info: EpochInfo) -> None:

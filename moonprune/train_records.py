@@ -21,6 +21,7 @@ class StepInfo:
     lr: float
     a: float | None
     density: float
+    rows: int = 0  # training rows in this step (this process's share)
 
 
 @dataclass(frozen=True)

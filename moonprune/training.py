@@ -374,7 +374,9 @@ class Trainer:
                     density = self.masker.stats()["density"]
                 step_loss = row_sum / max(len(y), 1)
                 self.callback.on_step(
-                    StepInfo(epoch, i, self.steps_per_epoch, step_loss, lr, self._a(), density)
+                    StepInfo(
+                        epoch, i, self.steps_per_epoch, step_loss, lr, self._a(), density, len(y)
+                    )
                 )
         a_used = self._a()  # the value this epoch trained with, before the ramp moves on
         if self.schedule is not None:

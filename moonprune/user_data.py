@@ -11,6 +11,7 @@ to 8 bits).
 from __future__ import annotations
 
 import logging
+import struct
 import warnings
 import zipfile
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from moonprune.errors import DataError
+from moonprune.rows import ArraySource, LazyRows
 from moonprune.sources import RawImages, reading
 
 logger = logging.getLogger(__name__)
@@ -104,8 +106,9 @@ def read_npz(path: Path) -> RawImages:
         with np.load(path, allow_pickle=False) as f:
             if "x" not in f:
                 raise DataError(f"{where} has no array 'x' (found: {list(f.keys())}); {NPZ_FIX}")
-            x, y = f["x"], f.get("y")
-            names = f.get("classes")
+            mapped = mapped_member(path, "x.npy")
+            x = f["x"] if mapped is None else mapped
+            y, names = f.get("y"), f.get("classes")
     except MemoryError as exc:  # a header may declare any shape (an .npz "bomb")
         raise DataError(f"{where} is too large to load ({exc}); save fewer images") from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
@@ -125,8 +128,49 @@ def read_npz(path: Path) -> RawImages:
     return RawImages(images, labels, classes, scale)
 
 
-def _check_pixels(x: np.ndarray, where: str) -> tuple[np.ndarray, float]:
-    """``x`` as float32 (N, C, H, W) in [0, 1], and the raw pixel scale."""
+def mapped_member(path: Path, name: str) -> np.memmap | None:
+    """Array ``name`` of the .npz ``path`` as a read-only memory map, when it is stored
+    uncompressed (``numpy.savez``) as a plain C-order array; else None (``savez_compressed``
+    members must be decompressed into memory). ``np.load(mmap_mode=...)`` ignores .npz."""
+    with zipfile.ZipFile(path) as archive:
+        try:
+            info = archive.getinfo(name)
+        except KeyError:
+            return None
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with path.open("rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)  # the member's local header: its name and extra field follow
+        if len(local) < 30 or local[:4] != b"PK\x03\x04":
+            return None
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            return None
+        offset = f.tell()
+    if fortran or dtype.hasobject or 0 in shape:
+        return None
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset)
+
+
+def _first_nonfinite(x: np.ndarray) -> int | None:
+    """The first image of ``x`` holding NaN or inf (checked in chunks), or None."""
+    for start in range(0, len(x), 1024):
+        ok = np.isfinite(x[start : start + 1024]).reshape(min(1024, len(x) - start), -1).all(1)
+        if not ok.all():
+            return start + int(np.flatnonzero(~ok)[0])
+    return None
+
+
+def _check_pixels(x: np.ndarray, where: str) -> tuple[np.ndarray | LazyRows, float]:
+    """``x`` as float32 (N, C, H, W) in [0, 1], and the raw pixel scale. A memory-mapped
+    ``x`` stays on disk: a :class:`LazyRows` view reads and scales rows on demand."""
     if x.dtype.kind not in "biuf":
         kind = "complex numbers" if x.dtype.kind == "c" else f"dtype {x.dtype}"
         raise DataError(
@@ -146,8 +190,8 @@ def _check_pixels(x: np.ndarray, where: str) -> tuple[np.ndarray, float]:
         )
     if x.size == 0:
         raise DataError(f"{where} holds no images (x has shape {x.shape}); save at least one")
-    if x.dtype.kind == "f" and not np.isfinite(x).all():
-        bad = int(np.flatnonzero(~np.isfinite(x).reshape(len(x), -1).all(1))[0])
+    bad = _first_nonfinite(x) if x.dtype.kind == "f" else None
+    if bad is not None:
         raise DataError(
             f"{where}: x holds NaN or infinite pixel values (first in image {bad}); "
             "replace or drop those images"
@@ -155,7 +199,7 @@ def _check_pixels(x: np.ndarray, where: str) -> tuple[np.ndarray, float]:
     return _scaled(x, where)
 
 
-def _scaled(x: np.ndarray, where: str) -> tuple[np.ndarray, float]:
+def _scaled(x: np.ndarray, where: str) -> tuple[np.ndarray | LazyRows, float]:
     if x.dtype == np.bool_:
         scale = 1.0
     elif x.dtype == np.uint8:
@@ -170,6 +214,8 @@ def _scaled(x: np.ndarray, where: str) -> tuple[np.ndarray, float]:
                 "uint16, or float in [0, 1] or [0, 255]), not normalised ones"
             )
         scale = 1.0 if hi <= 1 else 1 / 255
+    if isinstance(x, np.memmap):  # read in the main process: a mapped row needs no decoding
+        return LazyRows(ArraySource(x, scale), workers=0), scale
     return x.astype(np.float32) * np.float32(scale), scale
 
 

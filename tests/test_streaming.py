@@ -165,3 +165,52 @@ def test_ddp_on_a_streamed_folder_matches_one_process(folder: Path, tmp_path: Pa
         # as in test_distributed: float sums in another order, about one ulp
         assert torch.allclose(value, single["state"][key], rtol=0, atol=1e-6), key
     assert r0["epoch_loss"] == pytest.approx(single["epoch_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "nhw"])
+def test_an_uncompressed_npz_is_memory_mapped_and_reads_as_the_compressed_one(
+    tmp_path: Path, layout: str
+) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (40, 3, 6, 6), dtype=np.uint8)
+    x = {"nchw": x, "nhwc": x.transpose(0, 2, 3, 1), "nhw": x[:, 0]}[layout]
+    y = np.arange(40) % 4
+    np.savez(tmp_path / "plain.npz", x=x, y=y)
+    np.savez_compressed(tmp_path / "packed.npz", x=x, y=y)
+    plain, packed = (load_splits(str(tmp_path / f"{n}.npz"), seed=1) for n in ("plain", "packed"))
+    assert isinstance(plain.train.x, LazyImages)  # mapped: read on demand
+    assert isinstance(packed.train.x, torch.Tensor)  # compressed: decompressed into memory
+    # the mapped set's mean/std is one float64 pass, the in-memory one numpy's float32
+    assert plain.preprocessing.mean == pytest.approx(packed.preprocessing.mean, rel=1e-6)
+    assert plain.preprocessing.std == pytest.approx(packed.preprocessing.std, rel=1e-6)
+    for part in ("train", "val", "test"):
+        a, b = getattr(plain, part), getattr(packed, part)
+        assert torch.allclose(a.x[np.arange(len(a))], b.x, rtol=0, atol=1e-5)
+        assert torch.equal(a.y, b.y)
+    # the same normalisation on both: the mapped rows are the same pixels, bit for bit
+    assert isinstance(plain.train.x, LazyImages)
+    same = packed.preprocessing.normalise(plain.train.x.rows.read())
+    assert torch.equal(same, packed.train.x)
+
+
+def test_a_memory_mapped_npz_with_nan_is_refused(tmp_path: Path) -> None:
+    x = np.random.default_rng(0).random((3000, 1, 4, 4)).astype(np.float32)
+    x[2500, 0, 1, 1] = np.nan
+    np.savez(tmp_path / "bad.npz", x=x, y=np.arange(3000) % 2)
+    with pytest.raises(DataError, match="NaN or infinite pixel values \\(first in image 2500\\)"):
+        load_splits(str(tmp_path / "bad.npz"))
+
+
+def test_the_progress_bar_shows_images_per_second() -> None:
+    import io
+
+    from moonprune.cli.render import RichProgress
+    from rich.console import Console
+
+    from moonprune.training import StepInfo
+
+    out = io.StringIO()
+    with RichProgress(Console(file=out, width=200, force_terminal=False), 1) as bar:
+        for step in range(3):
+            bar.on_step(StepInfo(0, step, 3, 0.5, 0.01, None, 0.2, 64))
+    assert "img/s" in out.getvalue()
