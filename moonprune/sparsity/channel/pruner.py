@@ -1,4 +1,4 @@
-"""Structured (channel) pruning with Torch-Pruning's dependency graph.
+"""The channel pruner: one pruning step at a time, to a size or speed target.
 
 Unstructured zeros make files smaller but not faster on a CPU; removing whole
 channels makes every layer smaller. :class:`ChannelPruner` wraps Torch-Pruning (the
@@ -8,28 +8,33 @@ unknown output) is never pruned.
 
 The target is a speed-up (``--speedup``, or by default ``auto``), a fraction of the
 dense model's MACs (``--macs-target``) or of its parameters (``--sparsity``), reached
-in ``steps`` steps, each followed by MOON fine-tuning (``moonprune.channel_training``).
-How the channels to remove are shared out between layers (``allocation``):
+in ``steps`` steps, each followed by MOON fine-tuning
+(:mod:`moonprune.sparsity.channel.training`). How the channels to remove are shared
+out between layers (``allocation``):
 
 - ``latency`` (the default): every layer's width is chosen before training by timing
   whole candidate networks in onnxruntime on this machine
-  (:mod:`moonprune.channel_search`, which says why and how); the steps then reach
-  exactly those widths, removing the least important channels.
+  (:mod:`moonprune.sparsity.channel.search`, which says why and how); the steps then
+  reach exactly those widths, removing the least important channels.
 - ``uniform``: every layer loses the same fraction of its channels (Torch-Pruning's
   ``MetaPruner``); the ratio that reaches the target is found by bisection on copies.
 - ``global``: channels from all layers compete, ranked by importance lost per MAC
   (or parameter) saved, in chunks of ``round_to``
-  (:class:`moonprune.channel_allocation.GlobalAllocator`); nothing is timed.
+  (:class:`moonprune.sparsity.channel.allocation.GlobalAllocator`); nothing is timed.
 
-A pruned network no longer matches its factory's shapes. :func:`module_structure`
-records the changed sizes (plain integers, safe to load with ``weights_only=True``);
-:func:`apply_structure_` rebuilds them on a freshly built model before its weights
-are loaded.
+:meth:`ChannelPruner.state_dict` is what a resumed run needs besides the slimmer
+shapes: the steps done and the plan. A resumed run builds the pruner on the fresh
+dense network again (the same dense sizes, ratio or reachability check; the saved
+plan, so nothing is timed twice), then reshapes the same modules in place
+(:func:`~moonprune.sparsity.channel.structure.apply_structure_`): Torch-Pruning's
+graph reads the layers' current sizes at every step, so the remaining steps prune as
+in an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 from typing import Any
@@ -37,25 +42,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from moonprune.channel_allocation import (
-    GlobalAllocator,
-    prune_to_widths_,
+from moonprune.errors import CheckpointError, ConfigError
+from moonprune.sparsity.channel.allocation import GlobalAllocator, prune_to_widths_
+from moonprune.sparsity.channel.plan import ChannelPlan, Target
+from moonprune.sparsity.channel.search import Timer, search_plan
+from moonprune.sparsity.channel.structure import (
+    count_macs_params,
+    layer_widths,
     require_torch_pruning,
 )
-from moonprune.channel_search import ChannelPlan, Target, Timer, layer_widths, search_plan
-from moonprune.channel_structure import (
-    apply_structure_,
-    count_macs_params,
-    module_structure,
-    size_vs_dense,
-)
-from moonprune.errors import ConfigError
-from moonprune.sparsity.base import Masker, MaskerConfig
 from moonprune.speed import default_threads
 
 logger = logging.getLogger(__name__)
-__all__ = ["ChannelPruner", "KeepAllMasker", "apply_structure_", "count_macs_params",
-           "module_structure", "require_torch_pruning", "size_vs_dense"]  # fmt: skip
 
 
 class ChannelPruner:
@@ -65,10 +63,10 @@ class ChannelPruner:
     (``keep`` is 1 / the speed-up at batch ``latency_batch``) or ``auto`` (the default
     speed-up; ``keep`` is None), the last two with the ``latency`` allocation only.
     The ``latency`` allocation chooses every layer's width before training by timing
-    whole candidate networks (:mod:`moonprune.channel_search`; or takes ``plan``, e.g.
-    rank 0's under torchrun); each step then moves every layer a step's share of the
-    way to its planned width, dropping its least important channels, so the last step
-    gives exactly the measured shape.
+    whole candidate networks (:mod:`moonprune.sparsity.channel.search`; or takes
+    ``plan``: rank 0's under torchrun, or a resumed run's); each step then moves every
+    layer a step's share of the way to its planned width, dropping its least important
+    channels, so the last step gives exactly the measured shape.
     """
 
     def __init__(
@@ -140,7 +138,7 @@ class ChannelPruner:
                            timer=timer or measure_speedups)  # fmt: skip
 
     def _fractions(self, model: nn.Module) -> tuple[float, float]:
-        macs, params = count_macs_params(model, self.example.to(_device(model)))
+        macs, params = count_macs_params(model, self.example.to(next(model.parameters()).device))
         return macs / self.dense_macs, params / self.dense_params
 
     def _check_reachable(self) -> None:
@@ -227,43 +225,40 @@ class ChannelPruner:
                                * self.grid)  # fmt: skip
         return widths
 
+    def _gradients(self, grad_batch: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Gradients for Taylor importance, in eval mode.
+
+        Eval mode leaves BatchNorm's running statistics alone (the global ranking asks
+        once per removed chunk) and takes Dropout's noise out of the scores.
+        """
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            self.model.zero_grad()
+            if grad_batch is None:
+                self._taylor_gradients(self.model)
+            else:
+                x, y = grad_batch
+                nn.functional.cross_entropy(self.model(x), y).backward()
+        finally:
+            self.model.train(was_training)
+
     def step(self, grad_batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
         """Prune one step (Taylor needs a labelled batch for its gradients)."""
         if self.done >= self.steps:
             raise RuntimeError("all pruning steps are done")
         gradients = None
         if self.importance == "taylor":
-
-            def gradients() -> None:
-                """Gradients for Taylor importance, in eval mode.
-
-                Eval mode leaves BatchNorm's running statistics alone (the global
-                ranking asks once per removed chunk) and takes Dropout's noise out of
-                the scores.
-                """
-                was_training = self.model.training
-                self.model.eval()
-                try:
-                    self.model.zero_grad()
-                    if grad_batch is None:
-                        self._taylor_gradients(self.model)
-                    else:
-                        x, y = grad_batch
-                        nn.functional.cross_entropy(self.model(x), y).backward()
-                finally:
-                    self.model.train(was_training)
-
-        if self.allocation == "uniform":
-            if gradients is not None:
+            gradients = functools.partial(self._gradients, grad_batch)
+            if self.allocation != "global":  # the global ranking asks once per chunk
                 gradients()
+        if self.allocation == "uniform":
             self._pruner.step()
         elif self.allocation == "global":
             target = 1 - (1 - self.keep) * (self.done + 1) / self.steps
             if not self._global.prune_to(lambda: self._fraction(self.model) <= target, gradients):
                 raise RuntimeError("global allocation ran out of channels after its check passed")
         else:
-            if gradients is not None:
-                gradients()
             prune_to_widths_(self.model, self.example, self.head_layer, self._step_widths(),
                              self._new_importance())  # fmt: skip
             planned = self.plan.widths if self.plan is not None else None
@@ -284,19 +279,20 @@ class ChannelPruner:
             "params": float(params),
         }
 
+    def state_dict(self) -> dict[str, Any]:
+        """The steps done and the plan (the rest is rebuilt from the dense network)."""
+        plan = None if self.plan is None else self.plan.state_dict()
+        return {"done": self.done, "plan": plan, "ratio": self.ratio, "grid": self.grid}
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-class KeepAllMasker(Masker):
-    """No unstructured sparsity: the fine-tuning masker between channel-pruning steps."""
-
-    name = "keep-all"
-    description = "every weight kept (dense fine-tuning)"
-
-    def __init__(self, config: MaskerConfig | None = None) -> None:
-        super().__init__(config or MaskerConfig())
-
-    def initial_masks(self) -> dict[str, torch.Tensor]:
-        return {n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()}
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue after ``state["done"]`` steps, once the model has the shapes those
+        steps gave it (the pruner was built on the same dense network, with the plan)."""
+        if (state["ratio"], state["grid"]) != (self.ratio, self.grid):
+            raise CheckpointError(
+                "the channel pruner rebuilt for --resume differs from the interrupted run's "
+                f"(ratio {state['ratio']} -> {self.ratio}, grid {state['grid']} -> "
+                f"{self.grid}); run without --resume to start afresh"
+            )
+        self.done = int(state["done"])
+        if self.allocation == "uniform":
+            self._pruner.current_step = self.done
