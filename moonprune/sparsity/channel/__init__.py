@@ -7,6 +7,8 @@ The modules, each importing only those above it in this list (no cycle):
   and a pruned network's sizes (recorded, and rebuilt on a fresh model);
 - :mod:`~moonprune.sparsity.channel.allocation`: the ``global`` allocation (a
   cost-aware ranking of channels across layers) and pruning to given widths;
+- :mod:`~moonprune.sparsity.channel.uniform`: the ``uniform`` allocation (the same
+  fraction of every layer);
 - :mod:`~moonprune.sparsity.channel.plan`: the target, the candidates and the plan
   of the ``latency`` allocation;
 - :mod:`~moonprune.sparsity.channel.search`: candidates timed in onnxruntime

@@ -17,7 +17,8 @@ out between layers (``allocation``):
   (:mod:`moonprune.sparsity.channel.search`, which says why and how); the steps then
   reach exactly those widths, removing the least important channels.
 - ``uniform``: every layer loses the same fraction of its channels (Torch-Pruning's
-  ``MetaPruner``); the ratio that reaches the target is found by bisection on copies.
+  ``MetaPruner``, :mod:`moonprune.sparsity.channel.uniform`); the ratio that reaches
+  the target is found by bisection on copies.
 - ``global``: channels from all layers compete, ranked by importance lost per MAC
   (or parameter) saved, in chunks of ``round_to``
   (:class:`moonprune.sparsity.channel.allocation.GlobalAllocator`); nothing is timed.
@@ -25,7 +26,8 @@ out between layers (``allocation``):
 :meth:`ChannelPruner.state_dict` is what a resumed run needs besides the slimmer
 shapes: the steps done and the plan. A resumed run builds the pruner on the fresh
 dense network again (the same dense sizes, ratio or reachability check; the saved
-plan, so nothing is timed twice), then reshapes the same modules in place
+plan, so nothing is timed twice), restores the steps done
+(:meth:`ChannelPruner.load_state_dict`), then reshapes the same modules in place
 (:func:`~moonprune.sparsity.channel.structure.apply_structure_`): Torch-Pruning's
 graph reads the layers' current sizes at every step, so the remaining steps prune as
 in an uninterrupted run.
@@ -51,6 +53,7 @@ from moonprune.sparsity.channel.structure import (
     layer_widths,
     require_torch_pruning,
 )
+from moonprune.sparsity.channel.uniform import UniformAllocator
 from moonprune.speed import default_threads
 
 logger = logging.getLogger(__name__)
@@ -113,8 +116,12 @@ class ChannelPruner:
         self.grid = round_to or 1
         self.plan = plan
         if allocation == "uniform":
-            self.ratio = self._solve_ratio()
-            self._pruner = self._make_pruner(model, self.ratio, steps)
+            taylor = self._taylor_gradients if importance == "taylor" else None
+            self._uniform = UniformAllocator(model, self.example, head_layer, keep=self.keep,
+                                             measure=measure, steps=steps, round_to=round_to,
+                                             new_importance=self._new_importance,
+                                             fraction=self._fraction, taylor=taylor)  # fmt: skip
+            self.ratio = self._uniform.ratio
         elif allocation == "global":
             self._check_reachable()
             self._global = GlobalAllocator(model, self.example, head_layer,
@@ -167,48 +174,9 @@ class ChannelPruner:
         return (tp.importance.MagnitudeImportance(p=2) if self.importance == "magnitude"
                 else tp.importance.TaylorImportance())  # fmt: skip
 
-    def _make_pruner(self, model: nn.Module, ratio: float, steps: int) -> Any:
-        tp = require_torch_pruning()
-        return tp.pruner.MetaPruner(
-            model, self.example, importance=self._new_importance(), pruning_ratio=ratio,
-            iterative_steps=steps, ignored_layers=[model.get_submodule(self.head_layer)],
-            round_to=self.round_to,
-        )  # fmt: skip
-
     def _fraction(self, model: nn.Module) -> float:
         macs, params = self._fractions(model)
         return macs if self.measure == "macs" else params
-
-    def _solve_ratio(self) -> float:
-        """Bisection on the channel ratio so that one full pruning keeps ``keep``.
-
-        Returns the upper end of the final bracket: a ratio that was tried and reached
-        the target. With ``round_to`` the kept fraction is a step function of the ratio,
-        so a midpoint could land on the step's wrong side. When no tried ratio reaches
-        the target (``round_to`` as wide as the layers, say), that is an error, not a
-        silently dense "pruned" model.
-        """
-        lo, hi = 0.0, 0.95
-        reached = False
-        for _ in range(12):
-            mid = (lo + hi) / 2
-            trial = copy.deepcopy(self.model)
-            pruner = self._make_pruner(trial, mid, 1)
-            if self.importance == "taylor":
-                self._taylor_gradients(trial)
-            pruner.step()
-            if self._fraction(trial) > self.keep:
-                lo = mid
-            else:
-                hi, reached = mid, True
-        if not reached:
-            hint = f"a smaller round_to than {self.round_to}" if self.round_to else "a larger one"
-            raise ConfigError(
-                f"channel pruning cannot reach {self.keep:.0%} of the dense {self.measure} "
-                f"(even pruning 95% of each layer's channels keeps more); use {hint}, or a "
-                "less aggressive target"
-            )
-        return hi
 
     def _taylor_gradients(self, model: nn.Module) -> None:
         model.zero_grad()
@@ -253,7 +221,7 @@ class ChannelPruner:
             if self.allocation != "global":  # the global ranking asks once per chunk
                 gradients()
         if self.allocation == "uniform":
-            self._pruner.step()
+            self._uniform.step()
         elif self.allocation == "global":
             target = 1 - (1 - self.keep) * (self.done + 1) / self.steps
             if not self._global.prune_to(lambda: self._fraction(self.model) <= target, gradients):
@@ -285,8 +253,9 @@ class ChannelPruner:
         return {"done": self.done, "plan": plan, "ratio": self.ratio, "grid": self.grid}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue after ``state["done"]`` steps, once the model has the shapes those
-        steps gave it (the pruner was built on the same dense network, with the plan)."""
+        """Continue after ``state["done"]`` steps: call it on a pruner just built on the
+        fresh dense network (with the saved plan), before the network is re-shaped to
+        the shapes those steps gave it."""
         if (state["ratio"], state["grid"]) != (self.ratio, self.grid):
             raise CheckpointError(
                 "the channel pruner rebuilt for --resume differs from the interrupted run's "
@@ -295,4 +264,4 @@ class ChannelPruner:
             )
         self.done = int(state["done"])
         if self.allocation == "uniform":
-            self._pruner.current_step = self.done
+            self._uniform.resume_after(self.done)

@@ -131,9 +131,9 @@ def train_channel_pruned(
     first = 0
     if saved is not None:
         channel, tensors = saved
+        pruner.load_state_dict(channel.pruner)  # on the dense network, before re-shaping
         apply_structure_(model, channel.structure, tensors)
         model.load_state_dict(tensors)
-        pruner.load_state_dict(channel.pruner)
         history = [EpochInfo(**h) for h in channel.history]
         first = channel.stage
     final: nn.Module = model
