@@ -399,9 +399,9 @@ def register(app: typer.Typer) -> None:
         from rich.markup import escape
         from rich.table import Table
 
-        from moonprune.channel_training import CHANNEL_DESCRIPTION
         from moonprune.config import method_options
         from moonprune.sparsity import MASKERS
+        from moonprune.sparsity.channel.settings import CHANNEL_DESCRIPTION
 
         table = Table(title="sparse methods (--method)")
         for col in ("name", "description", "origin"):

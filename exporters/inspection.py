@@ -212,7 +212,7 @@ def _structure_view(ckpt: Any) -> dict[str, Any]:
     import torch
 
     from moonprune.heads import add_unknown_output_
-    from moonprune.structured import module_structure, size_vs_dense
+    from moonprune.sparsity.channel.structure import module_structure, size_vs_dense
 
     dense = ckpt.arch.build().eval()
     if ckpt.head_layer is not None:

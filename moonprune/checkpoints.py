@@ -296,7 +296,7 @@ def checkpoint_from_dict(
                 "`moonprune compress`"
             )
     if obj.get("structure"):  # channel-pruned: rebuild the slimmer shapes first
-        from moonprune.structured import apply_structure_
+        from moonprune.sparsity.channel.structure import apply_structure_
 
         try:
             apply_structure_(model, obj["structure"], state)

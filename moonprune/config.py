@@ -149,7 +149,7 @@ class MoonConfig:
         return n
 
 
-DEFAULT_CHANNEL_SPEEDUP = "auto"  # --method channel with no target (moonprune.channel_search)
+DEFAULT_CHANNEL_SPEEDUP = "auto"  # --method channel with no target (sparsity.channel.search)
 #: SparsityConfig fields only ``--method channel`` takes: field -> (default, CLI flag)
 CHANNEL_OPTIONS: dict[str, tuple[object, str]] = {
     "speedup": (None, "--speedup"),
@@ -189,12 +189,12 @@ class SparsityConfig:
     default: widths chosen by timing whole candidate networks in onnxruntime on this
     machine), ``uniform`` (the same fraction everywhere) or ``global``
     (a MAC-aware ranking across layers; with ``round_to`` it leaves layers of
-    ``round_to`` channels or fewer whole; see :mod:`moonprune.structured`).
+    ``round_to`` channels or fewer whole; see :mod:`moonprune.sparsity.channel`).
     ``speedup`` is a speed target instead: the dense latency / the pruned one at
     batch ``latency_batch`` with ``threads`` onnxruntime threads (default: the CPUs
     this process may use), measured on candidate networks before training; with no
     target at all it is ``"auto"``: the least-pruned candidate clearly faster than
-    dense at batch 1 and at ``latency_batch`` (:mod:`moonprune.channel_search`).
+    dense at batch 1 and at ``latency_batch`` (:mod:`moonprune.sparsity.channel.search`).
     ``steps`` defaults to ``min(4, epochs)``.
 
     Example::

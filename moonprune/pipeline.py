@@ -24,7 +24,6 @@ from torch import nn
 from moonprune.assessment import Assessment, assess_logits, collect
 from moonprune.batching import check_batch_size
 from moonprune.calibration import choose_temperature
-from moonprune.channel_training import check_channel_config, train_channel_pruned
 from moonprune.checkpoints import (
     ArchSpec,
     DenseModel,
@@ -52,8 +51,10 @@ from moonprune.outputs import OutputDir, write_json
 from moonprune.reliability.scores import check_score
 from moonprune.reporting import layer_sparsity, unknowns_summary, write_html_report
 from moonprune.sparsity import MASKERS
+from moonprune.sparsity.channel.settings import check_channel_config
+from moonprune.sparsity.channel.structure import module_structure
+from moonprune.sparsity.channel.training import train_channel_pruned
 from moonprune.streaming import LazyImages
-from moonprune.structured import module_structure
 from moonprune.training import TrainCallback, train
 from moonprune.verification import GateCheck, check_gates
 from moonprune.weights import ClassCountMismatch
@@ -306,7 +307,7 @@ def _compress(
     # settings that cannot train fail now, before the minutes of dense evaluation
     check_batch_size(dense_model, cfg.train.batch_size, dist.world_size)
     if cfg.sparsity.method == CHANNEL:
-        check_channel_config(cfg, resume)
+        check_channel_config(cfg)
     t0 = time.perf_counter()
     dense_calibrated = _assess(dense_model, inputs, cfg)
     dense_assessment = dense_calibrated.after
@@ -329,7 +330,14 @@ def _compress(
         if cfg.sparsity.method == CHANNEL:
             head = head_layer or find_classifier(model, inputs.splits.train.x[:2].to(device))
             result, structure_stats = train_channel_pruned(
-                model, inputs.splits.train, head, cfg, callback if dist.is_main else None, dist
+                model,
+                inputs.splits.train,
+                head,
+                cfg,
+                callback if dist.is_main else None,
+                dist,
+                state_path=out.state_path,
+                resume=resume,
             )
         else:
             masker = MASKERS.create(cfg.sparsity.method, cfg.sparsity.masker_config(cfg.train.seed))

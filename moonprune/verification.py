@@ -31,8 +31,8 @@ from moonprune.heads import add_unknown_output_
 from moonprune.outputs import check_output_path as check_output_path
 from moonprune.outputs import write_json
 from moonprune.reporting import layer_sparsity, write_html_report
+from moonprune.sparsity.channel.structure import size_vs_dense
 from moonprune.streaming import concat_images
-from moonprune.structured import size_vs_dense
 
 
 @dataclass(frozen=True)

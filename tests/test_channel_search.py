@@ -16,21 +16,14 @@ import torch
 from torch import nn
 
 from moonprune import models
-from moonprune.channel_search import (
-    DEFAULT_SPEEDUP,
-    TOLERANCE,
-    Candidate,
-    ChannelPlan,
-    Target,
-    broadcast_plan,
-    choose,
-    layer_widths,
-)
-from moonprune.channel_training import channel_target, resolved_steps
 from moonprune.config import DEFAULT_CHANNEL_SPEEDUP, build_config
 from moonprune.errors import ConfigError
 from moonprune.heads import add_unknown_output_
-from moonprune.structured import ChannelPruner, count_macs_params
+from moonprune.sparsity.channel.plan import Candidate, ChannelPlan, Target, broadcast_plan
+from moonprune.sparsity.channel.pruner import ChannelPruner
+from moonprune.sparsity.channel.search import DEFAULT_SPEEDUP, TOLERANCE, choose
+from moonprune.sparsity.channel.settings import channel_target, resolved_steps
+from moonprune.sparsity.channel.structure import count_macs_params, layer_widths
 
 pytest.importorskip("torch_pruning")
 

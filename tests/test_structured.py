@@ -15,7 +15,8 @@ from moonprune import models
 from moonprune.conventions import unknown_rows
 from moonprune.errors import ConfigError
 from moonprune.heads import add_unknown_output_
-from moonprune.structured import ChannelPruner, apply_structure_, module_structure
+from moonprune.sparsity.channel.pruner import ChannelPruner
+from moonprune.sparsity.channel.structure import apply_structure_, module_structure
 
 pytest.importorskip("torch_pruning")
 runner = CliRunner()
@@ -175,8 +176,8 @@ def test_global_allocation_predicts_what_a_chunk_saves(factory, measure: str) ->
 
     import torch_pruning as tp
 
-    from moonprune.channel_allocation import GlobalAllocator
-    from moonprune.structured import count_macs_params
+    from moonprune.sparsity.channel.allocation import GlobalAllocator
+    from moonprune.sparsity.channel.structure import count_macs_params
 
     torch.manual_seed(0)
     model = factory().eval()
@@ -243,8 +244,8 @@ DENSE_R8 = {n: (m.out_channels if isinstance(m, torch.nn.Conv2d) else m.out_feat
 
 def structure_widths(out: Path) -> dict[str, int]:
     """Output widths of every conv/linear layer of ``out/model.pt``."""
-    from moonprune.channel_search import layer_widths
     from moonprune.checkpoints import load_checkpoint
+    from moonprune.sparsity.channel.structure import layer_widths
 
     return layer_widths(load_checkpoint(out / "model.pt").model)
 
@@ -321,9 +322,9 @@ def test_compress_channel_global_allocation_from_the_cli(tmp_path: Path) -> None
 
 
 def test_channel_progress_counts_epochs_over_the_whole_run() -> None:
-    from moonprune.channel_training import train_channel_pruned
     from moonprune.config import build_config
     from moonprune.data import load_splits
+    from moonprune.sparsity.channel.training import train_channel_pruned
 
     splits = load_splits("digits:0-5", seed=0)
     torch.manual_seed(0)
@@ -352,8 +353,8 @@ def test_channel_progress_counts_epochs_over_the_whole_run() -> None:
 
 
 def test_channel_needs_an_epoch_per_step(tmp_path: Path) -> None:
-    from moonprune.channel_training import check_channel_config
     from moonprune.config import build_config
+    from moonprune.sparsity.channel.settings import check_channel_config
 
     torch.save(models.resnet8(num_classes=6, in_channels=1).state_dict(), tmp_path / "r8.pt")
     result = runner.invoke(app, [
@@ -366,7 +367,7 @@ def test_channel_needs_an_epoch_per_step(tmp_path: Path) -> None:
     # without --prune-steps the steps follow the epochs: 2 epochs, 2 steps
     cfg = build_config({"checkpoint": "d.pt", "data": "digits", "out": "o",
                         "train": {"epochs": 2}, "sparsity": {"method": "channel"}})  # fmt: skip
-    check_channel_config(cfg, resume=False)
+    check_channel_config(cfg)
 
 
 def test_methods_lists_channel_with_the_options_it_takes() -> None:

@@ -10,7 +10,8 @@ are whole networks, timed directly, and there are few of them:
 
 - for each channel grid (onnxruntime's block, :func:`~moonprune.speed.nchwc_block`,
   and 8; or ``round_to`` alone when the user set it), the dense weights are pruned
-  by the MAC-aware global ranking (:class:`~moonprune.channel_allocation.GlobalAllocator`)
+  by the MAC-aware global ranking
+  (:class:`~moonprune.sparsity.channel.allocation.GlobalAllocator`)
   to a few MAC fractions (``FRACTIONS``; for a MAC or parameter target, that target);
 - every candidate is exported bare and timed against the dense network at batch 1
   and the deployment batch (:func:`moonprune.speed.measure_speedups`);
@@ -25,9 +26,9 @@ error before training. ``--speedup X``: the one nearest ``X`` at the deployment
 batch among those faster than dense at batch 1. A MAC or parameter target: the
 fastest grid, unless even that is measurably slower than dense at either batch (an
 MLP at batch 1 may be no faster: a smaller file is still what the user asked for). What is kept is a
-:class:`ChannelPlan`: the width of every layer, which the pruning steps then reach
-(:meth:`moonprune.structured.ChannelPruner.step`), so the trained network has exactly
-the measured shape.
+:class:`~moonprune.sparsity.channel.plan.ChannelPlan`: the width of every layer, which
+the pruning steps then reach (:meth:`moonprune.sparsity.channel.pruner.ChannelPruner.step`),
+so the trained network has exactly the measured shape.
 """
 
 from __future__ import annotations
@@ -36,14 +37,15 @@ import copy
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import replace
 
 import torch
 from torch import nn
 
-from moonprune.channel_allocation import GlobalAllocator, require_torch_pruning
 from moonprune.errors import ConfigError
+from moonprune.sparsity.channel.allocation import GlobalAllocator, prune_to_widths_
+from moonprune.sparsity.channel.plan import Candidate, ChannelPlan, Target
+from moonprune.sparsity.channel.structure import layer_widths, require_torch_pruning
 
 logger = logging.getLogger(__name__)
 FRACTIONS = (0.8, 0.65, 0.5, 0.4, 0.3)  # MAC fractions of the candidates per grid
@@ -54,60 +56,6 @@ FALLBACK_SPEEDUP = 1.1  # auto: the fastest candidate, when at least this at bot
 DEFAULT_SPEEDUP = {"batch 1": 1.5, "deployment batch": 1.8}  # auto: issue 20's acceptance
 Timer = Callable[[nn.Module, Mapping[str, nn.Module], torch.Tensor, tuple[int, ...], int],
                  dict[str, dict[int, float]]]  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Target:
-    """What the widths must achieve: ``kind`` is ``auto``, ``speedup`` (``value`` =
-    X at the deployment batch), ``macs`` or ``params`` (``value`` = the kept fraction)."""
-
-    kind: str
-    value: float = 0.0
-
-
-@dataclass(frozen=True)
-class Candidate:
-    grid: int
-    macs_fraction: float
-    params_fraction: float
-    widths: dict[str, int]
-    speedup: dict[int, float] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"grid": self.grid, "macs_fraction": self.macs_fraction,
-                "params_fraction": self.params_fraction,
-                "speedup": {str(b): v for b, v in self.speedup.items()}}  # fmt: skip
-
-
-@dataclass(frozen=True)
-class ChannelPlan:
-    """The widths to reach (output channels of every conv/linear layer, by module
-    name), with what the pruned network measured before training."""
-
-    widths: dict[str, int]
-    grid: int
-    batch: int
-    threads: int
-    speedup: dict[int, float]
-    candidates: tuple[dict[str, Any], ...] = ()
-    seconds: float = 0.0  # how long the search took
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"grid": self.grid, "batch": self.batch, "threads": self.threads,
-                "speedup_before_training": {str(b): v for b, v in self.speedup.items()},
-                "widths": dict(self.widths), "candidates": list(self.candidates),
-                "search_s": self.seconds}  # fmt: skip
-
-
-def layer_widths(model: nn.Module) -> dict[str, int]:
-    """Output channels (features) of every conv and linear layer, by module name."""
-    widths = {}
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv1d | nn.Conv2d):
-            widths[name] = int(m.out_channels)
-        elif isinstance(m, nn.Linear):
-            widths[name] = int(m.out_features)
-    return widths
 
 
 class _Search:
@@ -162,8 +110,6 @@ class _Search:
 
     def build(self, candidate: Candidate) -> nn.Module:
         """The dense network pruned to ``candidate``'s widths (magnitude ranking)."""
-        from moonprune.channel_allocation import prune_to_widths_
-
         tp = require_torch_pruning()
         trial = copy.deepcopy(self.model)
         prune_to_widths_(trial, self.example, self.head, candidate.widths,
@@ -270,25 +216,3 @@ def choose(candidates: list[Candidate], target: Target, batch: int) -> Candidate
             "--allocation global to prune to the target regardless of speed"
         )
     return best
-
-
-def broadcast_plan(plan: ChannelPlan | None, model: nn.Module, dist: Any, batch: int,
-                   threads: int) -> ChannelPlan | None:  # fmt: skip
-    """Rank 0's plan on every rank: measured once, not once per rank (the measurements
-    could differ, and so the widths). Every rank calls it; rank 0 passes its plan, or
-    None when planning failed there, and then the other ranks stop with an error too.
-    ``model`` is the dense network (the same on every rank)."""
-    if not dist.enabled:
-        return plan
-    names = sorted(layer_widths(model))
-    values = [0.0] * (4 + len(names))
-    if dist.is_main and plan is not None:
-        values = [1.0, float(plan.grid), plan.speedup[1], plan.speedup[plan.batch]]
-        values += [float(plan.widths[n]) for n in names]
-    shared = dist.all_reduce_sum(values)
-    if dist.is_main:
-        return plan
-    if shared[0] != 1.0:
-        raise ConfigError("rank 0 could not plan the channel widths (see its error)")
-    widths = {n: int(v) for n, v in zip(names, shared[4:], strict=True)}
-    return ChannelPlan(widths, int(shared[1]), batch, threads, {1: shared[2], batch: shared[3]})

@@ -1,16 +1,22 @@
 """Sizes of a channel-pruned network: MACs and parameters, and the changed layer sizes.
 
-:func:`module_structure` records the size attributes of every conv/linear/norm layer
-(plain integers, safe to load with ``weights_only=True``); :func:`apply_structure_`
-rebuilds them on a freshly built model before a pruned state_dict is loaded.
+The bottom of :mod:`moonprune.sparsity.channel` (it imports no other module of the
+package). :func:`module_structure` records the size attributes of every
+conv/linear/norm layer (plain integers, safe to load with ``weights_only=True``);
+:func:`apply_structure_` rebuilds them on a freshly built model before a pruned
+state_dict is loaded (a saved checkpoint, or a channel run's training state on
+``--resume``). :func:`require_torch_pruning` imports Torch-Pruning, which only this
+package needs.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-from moonprune.channel_allocation import require_torch_pruning
+from moonprune.errors import ConfigError
 
 _SIZE_ATTRS: dict[type[nn.Module], tuple[str, ...]] = {
     nn.Conv1d: ("in_channels", "out_channels", "groups"),
@@ -21,6 +27,28 @@ _SIZE_ATTRS: dict[type[nn.Module], tuple[str, ...]] = {
     nn.GroupNorm: ("num_channels", "num_groups"),
     nn.LayerNorm: (),
 }
+
+
+def require_torch_pruning() -> Any:
+    """The ``torch_pruning`` module, or a ConfigError that says how to install it."""
+    try:
+        import torch_pruning as tp
+    except ImportError:
+        raise ConfigError(
+            "--method channel needs Torch-Pruning: pip install torch-pruning"
+        ) from None
+    return tp
+
+
+def layer_widths(model: nn.Module) -> dict[str, int]:
+    """Output channels (features) of every conv and linear layer, by module name."""
+    widths = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv1d | nn.Conv2d):
+            widths[name] = int(m.out_channels)
+        elif isinstance(m, nn.Linear):
+            widths[name] = int(m.out_features)
+    return widths
 
 
 def count_macs_params(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:

@@ -1,6 +1,8 @@
 """The ``global`` channel allocation: layers compete for the channels removed.
 
-Used by :class:`moonprune.structured.ChannelPruner` with ``allocation="global"``.
+Used by :class:`moonprune.sparsity.channel.pruner.ChannelPruner` with
+``allocation="global"``, and by the ``latency`` allocation's search to prune the
+candidates (:mod:`moonprune.sparsity.channel.search`).
 Each round removes one chunk of ``round_to`` channels (one channel without
 ``round_to``) from the layer group whose least important chunk costs least importance
 per MAC (or parameter) it saves, until the step's target is met. The importance lost
@@ -32,16 +34,7 @@ import torch
 from torch import nn
 
 from moonprune.errors import ConfigError
-
-
-def require_torch_pruning() -> Any:
-    try:
-        import torch_pruning as tp
-    except ImportError:
-        raise ConfigError(
-            "--method channel needs Torch-Pruning: pip install torch-pruning"
-        ) from None
-    return tp
+from moonprune.sparsity.channel.structure import require_torch_pruning
 
 
 class CountCost:

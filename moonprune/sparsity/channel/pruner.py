@@ -1,4 +1,4 @@
-"""Structured (channel) pruning with Torch-Pruning's dependency graph.
+"""The channel pruner: one pruning step at a time, to a size or speed target.
 
 Unstructured zeros make files smaller but not faster on a CPU; removing whole
 channels makes every layer smaller. :class:`ChannelPruner` wraps Torch-Pruning (the
@@ -8,28 +8,35 @@ unknown output) is never pruned.
 
 The target is a speed-up (``--speedup``, or by default ``auto``), a fraction of the
 dense model's MACs (``--macs-target``) or of its parameters (``--sparsity``), reached
-in ``steps`` steps, each followed by MOON fine-tuning (``moonprune.channel_training``).
-How the channels to remove are shared out between layers (``allocation``):
+in ``steps`` steps, each followed by MOON fine-tuning
+(:mod:`moonprune.sparsity.channel.training`). How the channels to remove are shared
+out between layers (``allocation``):
 
 - ``latency`` (the default): every layer's width is chosen before training by timing
   whole candidate networks in onnxruntime on this machine
-  (:mod:`moonprune.channel_search`, which says why and how); the steps then reach
-  exactly those widths, removing the least important channels.
+  (:mod:`moonprune.sparsity.channel.search`, which says why and how); the steps then
+  reach exactly those widths, removing the least important channels.
 - ``uniform``: every layer loses the same fraction of its channels (Torch-Pruning's
-  ``MetaPruner``); the ratio that reaches the target is found by bisection on copies.
+  ``MetaPruner``, :mod:`moonprune.sparsity.channel.uniform`); the ratio that reaches
+  the target is found by bisection on copies.
 - ``global``: channels from all layers compete, ranked by importance lost per MAC
   (or parameter) saved, in chunks of ``round_to``
-  (:class:`moonprune.channel_allocation.GlobalAllocator`); nothing is timed.
+  (:class:`moonprune.sparsity.channel.allocation.GlobalAllocator`); nothing is timed.
 
-A pruned network no longer matches its factory's shapes. :func:`module_structure`
-records the changed sizes (plain integers, safe to load with ``weights_only=True``);
-:func:`apply_structure_` rebuilds them on a freshly built model before its weights
-are loaded.
+:meth:`ChannelPruner.state_dict` is what a resumed run needs besides the slimmer
+shapes: the steps done and the plan. A resumed run builds the pruner on the fresh
+dense network again (the same dense sizes, ratio or reachability check; the saved
+plan, so nothing is timed twice), restores the steps done
+(:meth:`ChannelPruner.load_state_dict`), then reshapes the same modules in place
+(:func:`~moonprune.sparsity.channel.structure.apply_structure_`): Torch-Pruning's
+graph reads the layers' current sizes at every step, so the remaining steps prune as
+in an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 from typing import Any
@@ -37,25 +44,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from moonprune.channel_allocation import (
-    GlobalAllocator,
-    prune_to_widths_,
+from moonprune.errors import CheckpointError, ConfigError
+from moonprune.sparsity.channel.allocation import GlobalAllocator, prune_to_widths_
+from moonprune.sparsity.channel.plan import ChannelPlan, Target
+from moonprune.sparsity.channel.search import Timer, search_plan
+from moonprune.sparsity.channel.structure import (
+    count_macs_params,
+    layer_widths,
     require_torch_pruning,
 )
-from moonprune.channel_search import ChannelPlan, Target, Timer, layer_widths, search_plan
-from moonprune.channel_structure import (
-    apply_structure_,
-    count_macs_params,
-    module_structure,
-    size_vs_dense,
-)
-from moonprune.errors import ConfigError
-from moonprune.sparsity.base import Masker, MaskerConfig
+from moonprune.sparsity.channel.uniform import UniformAllocator
 from moonprune.speed import default_threads
 
 logger = logging.getLogger(__name__)
-__all__ = ["ChannelPruner", "KeepAllMasker", "apply_structure_", "count_macs_params",
-           "module_structure", "require_torch_pruning", "size_vs_dense"]  # fmt: skip
 
 
 class ChannelPruner:
@@ -65,10 +66,10 @@ class ChannelPruner:
     (``keep`` is 1 / the speed-up at batch ``latency_batch``) or ``auto`` (the default
     speed-up; ``keep`` is None), the last two with the ``latency`` allocation only.
     The ``latency`` allocation chooses every layer's width before training by timing
-    whole candidate networks (:mod:`moonprune.channel_search`; or takes ``plan``, e.g.
-    rank 0's under torchrun); each step then moves every layer a step's share of the
-    way to its planned width, dropping its least important channels, so the last step
-    gives exactly the measured shape.
+    whole candidate networks (:mod:`moonprune.sparsity.channel.search`; or takes
+    ``plan``: rank 0's under torchrun, or a resumed run's); each step then moves every
+    layer a step's share of the way to its planned width, dropping its least important
+    channels, so the last step gives exactly the measured shape.
     """
 
     def __init__(
@@ -115,8 +116,12 @@ class ChannelPruner:
         self.grid = round_to or 1
         self.plan = plan
         if allocation == "uniform":
-            self.ratio = self._solve_ratio()
-            self._pruner = self._make_pruner(model, self.ratio, steps)
+            taylor = self._taylor_gradients if importance == "taylor" else None
+            self._uniform = UniformAllocator(model, self.example, head_layer, keep=self.keep,
+                                             measure=measure, steps=steps, round_to=round_to,
+                                             new_importance=self._new_importance,
+                                             fraction=self._fraction, taylor=taylor)  # fmt: skip
+            self.ratio = self._uniform.ratio
         elif allocation == "global":
             self._check_reachable()
             self._global = GlobalAllocator(model, self.example, head_layer,
@@ -140,7 +145,7 @@ class ChannelPruner:
                            timer=timer or measure_speedups)  # fmt: skip
 
     def _fractions(self, model: nn.Module) -> tuple[float, float]:
-        macs, params = count_macs_params(model, self.example.to(_device(model)))
+        macs, params = count_macs_params(model, self.example.to(next(model.parameters()).device))
         return macs / self.dense_macs, params / self.dense_params
 
     def _check_reachable(self) -> None:
@@ -169,48 +174,9 @@ class ChannelPruner:
         return (tp.importance.MagnitudeImportance(p=2) if self.importance == "magnitude"
                 else tp.importance.TaylorImportance())  # fmt: skip
 
-    def _make_pruner(self, model: nn.Module, ratio: float, steps: int) -> Any:
-        tp = require_torch_pruning()
-        return tp.pruner.MetaPruner(
-            model, self.example, importance=self._new_importance(), pruning_ratio=ratio,
-            iterative_steps=steps, ignored_layers=[model.get_submodule(self.head_layer)],
-            round_to=self.round_to,
-        )  # fmt: skip
-
     def _fraction(self, model: nn.Module) -> float:
         macs, params = self._fractions(model)
         return macs if self.measure == "macs" else params
-
-    def _solve_ratio(self) -> float:
-        """Bisection on the channel ratio so that one full pruning keeps ``keep``.
-
-        Returns the upper end of the final bracket: a ratio that was tried and reached
-        the target. With ``round_to`` the kept fraction is a step function of the ratio,
-        so a midpoint could land on the step's wrong side. When no tried ratio reaches
-        the target (``round_to`` as wide as the layers, say), that is an error, not a
-        silently dense "pruned" model.
-        """
-        lo, hi = 0.0, 0.95
-        reached = False
-        for _ in range(12):
-            mid = (lo + hi) / 2
-            trial = copy.deepcopy(self.model)
-            pruner = self._make_pruner(trial, mid, 1)
-            if self.importance == "taylor":
-                self._taylor_gradients(trial)
-            pruner.step()
-            if self._fraction(trial) > self.keep:
-                lo = mid
-            else:
-                hi, reached = mid, True
-        if not reached:
-            hint = f"a smaller round_to than {self.round_to}" if self.round_to else "a larger one"
-            raise ConfigError(
-                f"channel pruning cannot reach {self.keep:.0%} of the dense {self.measure} "
-                f"(even pruning 95% of each layer's channels keeps more); use {hint}, or a "
-                "less aggressive target"
-            )
-        return hi
 
     def _taylor_gradients(self, model: nn.Module) -> None:
         model.zero_grad()
@@ -227,43 +193,40 @@ class ChannelPruner:
                                * self.grid)  # fmt: skip
         return widths
 
+    def _gradients(self, grad_batch: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Gradients for Taylor importance, in eval mode.
+
+        Eval mode leaves BatchNorm's running statistics alone (the global ranking asks
+        once per removed chunk) and takes Dropout's noise out of the scores.
+        """
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            self.model.zero_grad()
+            if grad_batch is None:
+                self._taylor_gradients(self.model)
+            else:
+                x, y = grad_batch
+                nn.functional.cross_entropy(self.model(x), y).backward()
+        finally:
+            self.model.train(was_training)
+
     def step(self, grad_batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
         """Prune one step (Taylor needs a labelled batch for its gradients)."""
         if self.done >= self.steps:
             raise RuntimeError("all pruning steps are done")
         gradients = None
         if self.importance == "taylor":
-
-            def gradients() -> None:
-                """Gradients for Taylor importance, in eval mode.
-
-                Eval mode leaves BatchNorm's running statistics alone (the global
-                ranking asks once per removed chunk) and takes Dropout's noise out of
-                the scores.
-                """
-                was_training = self.model.training
-                self.model.eval()
-                try:
-                    self.model.zero_grad()
-                    if grad_batch is None:
-                        self._taylor_gradients(self.model)
-                    else:
-                        x, y = grad_batch
-                        nn.functional.cross_entropy(self.model(x), y).backward()
-                finally:
-                    self.model.train(was_training)
-
-        if self.allocation == "uniform":
-            if gradients is not None:
+            gradients = functools.partial(self._gradients, grad_batch)
+            if self.allocation != "global":  # the global ranking asks once per chunk
                 gradients()
-            self._pruner.step()
+        if self.allocation == "uniform":
+            self._uniform.step()
         elif self.allocation == "global":
             target = 1 - (1 - self.keep) * (self.done + 1) / self.steps
             if not self._global.prune_to(lambda: self._fraction(self.model) <= target, gradients):
                 raise RuntimeError("global allocation ran out of channels after its check passed")
         else:
-            if gradients is not None:
-                gradients()
             prune_to_widths_(self.model, self.example, self.head_layer, self._step_widths(),
                              self._new_importance())  # fmt: skip
             planned = self.plan.widths if self.plan is not None else None
@@ -284,19 +247,21 @@ class ChannelPruner:
             "params": float(params),
         }
 
+    def state_dict(self) -> dict[str, Any]:
+        """The steps done and the plan (the rest is rebuilt from the dense network)."""
+        plan = None if self.plan is None else self.plan.state_dict()
+        return {"done": self.done, "plan": plan, "ratio": self.ratio, "grid": self.grid}
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-class KeepAllMasker(Masker):
-    """No unstructured sparsity: the fine-tuning masker between channel-pruning steps."""
-
-    name = "keep-all"
-    description = "every weight kept (dense fine-tuning)"
-
-    def __init__(self, config: MaskerConfig | None = None) -> None:
-        super().__init__(config or MaskerConfig())
-
-    def initial_masks(self) -> dict[str, torch.Tensor]:
-        return {n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()}
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue after ``state["done"]`` steps: call it on a pruner just built on the
+        fresh dense network (with the saved plan), before the network is re-shaped to
+        the shapes those steps gave it."""
+        if (state["ratio"], state["grid"]) != (self.ratio, self.grid):
+            raise CheckpointError(
+                "the channel pruner rebuilt for --resume differs from the interrupted run's "
+                f"(ratio {state['ratio']} -> {self.ratio}, grid {state['grid']} -> "
+                f"{self.grid}); run without --resume to start afresh"
+            )
+        self.done = int(state["done"])
+        if self.allocation == "uniform":
+            self._uniform.resume_after(self.done)
