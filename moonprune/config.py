@@ -4,6 +4,10 @@ One fact, one field: the number of known classes K comes from the data and the
 model, never from a setting, and the K+1 head follows from ``moon.enabled``.
 The recipe (``--config recipe.toml``) is parsed here and nowhere else; command-line
 flags override it. A saved run records :meth:`CompressConfig.as_dict`.
+
+The ``[sparsity]`` section, :class:`~moonprune.sparsity.config.SparsityConfig`, lives
+with the sparse methods it configures (and is importable from here); the range checks
+every ``__post_init__`` runs are :mod:`moonprune.config_checks`.
 """
 
 from __future__ import annotations

@@ -135,6 +135,28 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return components
 
 
+def cycle_path(component: list[str], graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle through the first module of ``component`` (a strongly
+    connected component): the shortest path back to it, by breadth-first search."""
+    start, members = component[0], set(component)
+    parents: dict[str, str] = {}
+    frontier = [start]
+    while frontier:
+        following = []
+        for node in frontier:
+            for nxt in sorted(graph[node] & members):
+                if nxt == start:
+                    path = [node]
+                    while path[-1] != start:
+                        path.append(parents[path[-1]])
+                    return [*reversed(path), start]
+                if nxt not in parents:
+                    parents[nxt] = node
+                    following.append(nxt)
+        frontier = following
+    return component
+
+
 def long_functions(tree: ast.Module) -> Iterator[tuple[str, int, int]]:
     """(qualified name, first line, length) of every function over the limit."""
 
@@ -170,8 +192,11 @@ def main() -> int:
                 f"function {shown}:{line} {name}: {length} lines (max {MAX_FUNCTION_LINES})"
             )
         graph[module] = imported_modules(module, tree, modules)
-    for cycle in find_cycles(graph):
-        problems.append("cycle   " + " <-> ".join(cycle))
+    for component in find_cycles(graph):
+        problems.append(
+            f"cycle   {' -> '.join(cycle_path(component, graph))}"
+            f" (modules in the cycle: {', '.join(component)})"
+        )
     for problem in problems:
         print(problem)
     print(
