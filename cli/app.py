@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+from moonprune.cli import compress_cmd, deploy_cmd, verify_cmd
+from moonprune.cli.guard import debug_enabled, err_console, run_guarded, set_debug
 from rich.logging import RichHandler
 from rich.markup import escape
-
-from moonprune.errors import GateFailed, MoonpruneError
 
 app = typer.Typer(
     name="moonprune",
@@ -31,10 +29,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-console = Console()
-err_console = Console(stderr=True)
-T = TypeVar("T")
-_state = {"debug": False}
 
 
 @app.callback()
@@ -42,7 +36,7 @@ def _main(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more detail.")] = False,
 ) -> None:
-    _state["debug"] = debug
+    set_debug(debug)
     # third-party warnings (torch, numpy) are detail, not one-line errors: shown with -v
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").setLevel(
@@ -56,44 +50,9 @@ def _main(
     )
 
 
-def run_guarded(fn: Callable[[], T]) -> T:
-    """Call ``fn``; map moonprune errors to one stderr line and an exit code."""
-    try:
-        return fn()
-    except GateFailed as exc:
-        err_console.print(f"[red]gate failed:[/] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(1) from None
-    except MoonpruneError as exc:
-        if _state["debug"]:
-            raise
-        # the message quotes user input (paths, specs): print it literally, not as markup
-        err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    except (typer.Exit, typer.Abort, typer.BadParameter, KeyboardInterrupt):
-        raise
-    except Exception as exc:
-        if _state["debug"]:
-            raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        err_console.print(
-            f"[red]internal error:[/] {escape(type(exc).__name__)}"
-            f"{escape(': ' + first) if first else ''} (a moonprune bug, not your input); "
-            "rerun with --debug for the traceback and report it",
-            highlight=False,
-            soft_wrap=True,
-        )
-        raise typer.Exit(3) from None
-
-
-def _register_commands() -> None:
-    from moonprune.cli import compress_cmd, deploy_cmd, verify_cmd
-
-    compress_cmd.register(app)
-    verify_cmd.register(app)
-    deploy_cmd.register(app)
-
-
-_register_commands()
+compress_cmd.register(app)
+verify_cmd.register(app)
+deploy_cmd.register(app)
 
 
 def main(argv: list[str] | None = None) -> Any:
@@ -115,7 +74,7 @@ def main(argv: list[str] | None = None) -> Any:
     except typer.Abort:
         sys.exit(130)
     except Exception as exc:
-        if _state["debug"]:
+        if debug_enabled():
             raise
         error = exc
 

@@ -21,7 +21,7 @@ def _kb(n: int) -> str:
 
 
 def _print_inspection(info: dict[str, Any]) -> None:
-    from moonprune.cli.app import console
+    from moonprune.cli.guard import console
 
     table = Table(title=f"{info['path']} ({info['format']})")
     for col in ("layer", "shape", "parameters", "nonzeros", "sparsity %"):
@@ -49,187 +49,198 @@ def _print_inspection(info: dict[str, Any]) -> None:
         console.print(f"  {escape(key)}: {escape(str(value))}", highlight=False)
 
 
-def register(app: typer.Typer) -> None:
-    """Add ``export``, ``inspect`` and ``bench`` to ``app``."""
+def _export_table(report: dict[str, Any], out: Path, quantize: str | None) -> Table:
+    """What ``export`` wrote: sizes, threshold, parity and the ONNX file's metrics; with
+    ``--quantize``, the float32 file beside the int8 one."""
+    table = Table(title=f"exported {out}")
+    table.add_column("")
+    if quantize:
+        table.add_column("float32", justify="right")
+        table.add_column("int8", justify="right")
+        fm, qm = report["float_metrics"], report["metrics"]
+        table.add_row("opset", "", str(report["opset"]))
+        table.add_row("size", _kb(report["float_bytes"]), _kb(report["bytes"]))
+        table.add_row("gzip size", _kb(report["float_gzip_bytes"]), _kb(report["gzip_bytes"]))
+        table.add_row("threshold", f"{report['float_threshold']:.4f}", f"{report['threshold']:.4f}")
+        table.add_row("accuracy %", f"{100 * fm['accuracy']:.2f}", f"{100 * qm['accuracy']:.2f}")
+        table.add_row("ID val accepted %", f"{100 * fm['id_val_accepted']:.2f}",
+                      f"{100 * qm['id_val_accepted']:.2f}")  # fmt: skip
+        for name in qm["auroc"]:
+            table.add_row(f"AUROC % vs {name}", f"{100 * fm['auroc'][name]:.2f}",
+                          f"{100 * qm['auroc'][name]:.2f}")  # fmt: skip
+        speed = report["speedup_vs_float"]
+        table.add_row("speed vs float32, batch 1 / 64", "1.00x / 1.00x",
+                      f"{speed['batch_1']:.2f}x / {speed['batch_64']:.2f}x")  # fmt: skip
+    else:
+        table.add_column("value", justify="right")
+        m = report["metrics"]
+        table.add_row("opset", str(report["opset"]))
+        table.add_row("size", _kb(report["bytes"]))
+        if "dense_storage_bytes" in report:
+            table.add_row("size, dense storage", _kb(report["dense_storage_bytes"]))
+        table.add_row("gzip size", _kb(report["gzip_bytes"]))
+        table.add_row("threshold", f"{report['threshold']:.4f}")
+        table.add_row("parity max |logit diff|", f"{report['parity_max_abs_diff']:.2e}")
+        table.add_row("accuracy %", f"{100 * m['accuracy']:.2f}")
+        table.add_row("ID val accepted %", f"{100 * m['id_val_accepted']:.2f}")
+        for name, value in m["auroc"].items():
+            table.add_row(f"AUROC % vs {name}", f"{100 * value:.2f}")
+    return table
 
-    @app.command()
-    def export(
-        model: Annotated[str, typer.Argument(help="A moonprune checkpoint (model.pt).")],
-        out: Annotated[Path, typer.Option(help="The .onnx file to write.")],
-        tpr: Annotated[
-            float | None,
-            typer.Option(help="Share of ID inputs accepted (default: the model's, 0.95)."),
-        ] = None,
-        score: Annotated[
-            str | None,
-            typer.Option(
-                help="OOD score: msp, energy, max_logit, unknown, mahalanobis++, mahalanobis, knn."
-            ),
-        ] = None,
-        opset: Annotated[
-            int | None, typer.Option(help="ONNX opset (default 18); an unsupported one is refused.")
-        ] = None,
-        temperature: Annotated[
-            str | None, typer.Option(help="auto (refit), a number, or the model's (default).")
-        ] = None,
-        quantize: Annotated[
-            str | None, typer.Option(help="int8: static quantization calibrated on ID data.")
-        ] = None,
-        sparse_storage: Annotated[
-            bool,
-            typer.Option(
-                "--sparse-storage",
-                help="Store mostly-zero weights as ONNX sparse initializers (smaller file).",
-            ),
-        ] = False,
-        bake_preprocessing: Annotated[
-            bool,
-            typer.Option(
-                "--bake-preprocessing",
-                help="The graph takes raw pixels (e.g. 0-255) and applies the checkpoint's "
-                "recorded --normalize inside: (x * scale - mean) / std.",
-            ),
-        ] = False,
-        arch: Annotated[str | None, typer.Option(help=ARCH_HELP)] = None,
-    ) -> None:
-        """Export a compressed model to ONNX with the in-graph rejector (label -1 = unknown).
 
-        Example:  moonprune export run1/model.pt --out model-int8.onnx --quantize int8
-        """
-        from moonprune.cli.app import console, run_guarded
-        from moonprune.cli.compress_cmd import parse_temperature
-        from moonprune.exporters.checkpoint_export import export_checkpoint
+def _slower_note(report: dict[str, Any]) -> str | None:
+    """A note when the int8 file runs slower than the float32 one on this CPU."""
+    slower = [f"{v:.2f}x at batch {k.split('_')[1]}"
+              for k, v in report.get("speedup_vs_float", {}).items()
+              if k.startswith("batch_") and v < 1]  # fmt: skip
+    if not slower:
+        return None
+    return (
+        f"[yellow]note:[/] on this CPU the int8 file runs at {', '.join(slower)} of "
+        "the float32 file's speed: it is smaller, not faster here; for speed, export "
+        "without --quantize"
+    )
 
-        report = run_guarded(
-            lambda: export_checkpoint(model, out, tpr=tpr, score=score, opset=opset,
-                                      quantize=quantize, bake_preprocessing=bake_preprocessing,
-                                      sparse_storage=sparse_storage, arch=arch,
-                                      temperature=parse_temperature(temperature))
-        )  # fmt: skip
-        table = Table(title=f"exported {out}")
-        table.add_column("")
-        if quantize:
-            table.add_column("float32", justify="right")
-            table.add_column("int8", justify="right")
-            fm, qm = report["float_metrics"], report["metrics"]
-            table.add_row("opset", "", str(report["opset"]))
-            table.add_row("size", _kb(report["float_bytes"]), _kb(report["bytes"]))
-            table.add_row("gzip size", _kb(report["float_gzip_bytes"]), _kb(report["gzip_bytes"]))
-            table.add_row(
-                "threshold", f"{report['float_threshold']:.4f}", f"{report['threshold']:.4f}"
-            )
-            table.add_row(
-                "accuracy %", f"{100 * fm['accuracy']:.2f}", f"{100 * qm['accuracy']:.2f}"
-            )
-            table.add_row("ID val accepted %", f"{100 * fm['id_val_accepted']:.2f}",
-                          f"{100 * qm['id_val_accepted']:.2f}")  # fmt: skip
-            for name in qm["auroc"]:
-                table.add_row(f"AUROC % vs {name}", f"{100 * fm['auroc'][name]:.2f}",
-                              f"{100 * qm['auroc'][name]:.2f}")  # fmt: skip
-            speed = report["speedup_vs_float"]
-            table.add_row("speed vs float32, batch 1 / 64", "1.00x / 1.00x",
-                          f"{speed['batch_1']:.2f}x / {speed['batch_64']:.2f}x")  # fmt: skip
-        else:
-            table.add_column("value", justify="right")
-            m = report["metrics"]
-            table.add_row("opset", str(report["opset"]))
-            table.add_row("size", _kb(report["bytes"]))
-            if "dense_storage_bytes" in report:
-                table.add_row("size, dense storage", _kb(report["dense_storage_bytes"]))
-            table.add_row("gzip size", _kb(report["gzip_bytes"]))
-            table.add_row("threshold", f"{report['threshold']:.4f}")
-            table.add_row("parity max |logit diff|", f"{report['parity_max_abs_diff']:.2e}")
-            table.add_row("accuracy %", f"{100 * m['accuracy']:.2f}")
-            table.add_row("ID val accepted %", f"{100 * m['id_val_accepted']:.2f}")
-            for name, value in m["auroc"].items():
-                table.add_row(f"AUROC % vs {name}", f"{100 * value:.2f}")
-        console.print(table)
-        slower = [f"{v:.2f}x at batch {k.split('_')[1]}"
-                  for k, v in report.get("speedup_vs_float", {}).items()
-                  if k.startswith("batch_") and v < 1]  # fmt: skip
-        if slower:
-            console.print(
-                f"[yellow]note:[/] on this CPU the int8 file runs at {', '.join(slower)} of "
-                "the float32 file's speed: it is smaller, not faster here; for speed, export "
-                "without --quantize"
-            )
 
-    @app.command()
-    def inspect(
-        path: Annotated[str, typer.Argument(help="A moonprune checkpoint (.pt) or an .onnx file.")],
-        as_json: Annotated[
-            bool, typer.Option("--json", help="Print JSON instead of tables.")
-        ] = False,
-        arch: Annotated[str | None, typer.Option(help=ARCH_HELP)] = None,
-    ) -> None:
-        """Layers, sparsity, size and metadata of a .pt or .onnx file.
+def export(
+    model: Annotated[str, typer.Argument(help="A moonprune checkpoint (model.pt).")],
+    out: Annotated[Path, typer.Option(help="The .onnx file to write.")],
+    tpr: Annotated[
+        float | None,
+        typer.Option(help="Share of ID inputs accepted (default: the model's, 0.95)."),
+    ] = None,
+    score: Annotated[
+        str | None,
+        typer.Option(
+            help="OOD score: msp, energy, max_logit, unknown, mahalanobis++, mahalanobis, knn."
+        ),
+    ] = None,
+    opset: Annotated[
+        int | None, typer.Option(help="ONNX opset (default 18); an unsupported one is refused.")
+    ] = None,
+    temperature: Annotated[
+        str | None, typer.Option(help="auto (refit), a number, or the model's (default).")
+    ] = None,
+    quantize: Annotated[
+        str | None, typer.Option(help="int8: static quantization calibrated on ID data.")
+    ] = None,
+    sparse_storage: Annotated[
+        bool,
+        typer.Option(
+            "--sparse-storage",
+            help="Store mostly-zero weights as ONNX sparse initializers (smaller file).",
+        ),
+    ] = False,
+    bake_preprocessing: Annotated[
+        bool,
+        typer.Option(
+            "--bake-preprocessing",
+            help="The graph takes raw pixels (e.g. 0-255) and applies the checkpoint's "
+            "recorded --normalize inside: (x * scale - mean) / std.",
+        ),
+    ] = False,
+    arch: Annotated[str | None, typer.Option(help=ARCH_HELP)] = None,
+) -> None:
+    """Export a compressed model to ONNX with the in-graph rejector (label -1 = unknown).
 
-        An .onnx file whose metadata disagrees with its graph (e.g. a threshold edited in
-        the metadata only) is shown in full, then named on stderr with exit code 2.
-        """
-        from moonprune.cli.app import run_guarded
-        from moonprune.exporters.inspection import inspect_checkpoint, inspect_onnx
+    Example:  moonprune export run1/model.pt --out model-int8.onnx --quantize int8
+    """
+    from moonprune.cli.flags import parse_temperature
+    from moonprune.cli.guard import console, run_guarded
+    from moonprune.exporters.checkpoint_export import export_checkpoint
 
-        is_onnx = Path(path).suffix.lower() == ".onnx"
-        info: dict[str, Any] = run_guarded(
-            lambda: inspect_onnx(path) if is_onnx else inspect_checkpoint(path, arch)
+    report = run_guarded(
+        lambda: export_checkpoint(model, out, tpr=tpr, score=score, opset=opset,
+                                  quantize=quantize, bake_preprocessing=bake_preprocessing,
+                                  sparse_storage=sparse_storage, arch=arch,
+                                  temperature=parse_temperature(temperature))
+    )  # fmt: skip
+    console.print(_export_table(report, out, quantize))
+    note = _slower_note(report)
+    if note:
+        console.print(note)
+
+
+def inspect(
+    path: Annotated[str, typer.Argument(help="A moonprune checkpoint (.pt) or an .onnx file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    arch: Annotated[str | None, typer.Option(help=ARCH_HELP)] = None,
+) -> None:
+    """Layers, sparsity, size and metadata of a .pt or .onnx file.
+
+    An .onnx file whose metadata disagrees with its graph (e.g. a threshold edited in
+    the metadata only) is shown in full, then named on stderr with exit code 2.
+    """
+    from moonprune.cli.guard import run_guarded
+    from moonprune.exporters.inspection import inspect_checkpoint, inspect_onnx
+
+    is_onnx = Path(path).suffix.lower() == ".onnx"
+    info: dict[str, Any] = run_guarded(
+        lambda: inspect_onnx(path) if is_onnx else inspect_checkpoint(path, arch)
+    )
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+    else:
+        _print_inspection(info)
+    if info.get("problems"):
+        from moonprune.cli.guard import err_console
+
+        err_console.print(f"[red]error:[/] {escape('; '.join(info['problems']))}",
+                          highlight=False, soft_wrap=True)  # fmt: skip
+        raise typer.Exit(2)
+
+
+def bench(
+    path: Annotated[str, typer.Argument(help="An .onnx file.")],
+    vs: Annotated[str | None, typer.Option(help="Another .onnx file to compare with.")] = None,
+    threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads.")] = None,
+    batch: Annotated[int, typer.Option(help="Batch size for throughput.")] = 64,
+    runs: Annotated[int, typer.Option(help="Timed runs per batch size.")] = 100,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up runs.")] = 10,
+) -> None:
+    """onnxruntime latency (p50/p95 at batch 1) and throughput at --batch.
+
+    A file with a fixed batch size B (a foreign export) is measured at batch B only.
+    """
+    from moonprune.cli.guard import console, run_guarded
+    from moonprune.exporters.inspection import bench_onnx
+
+    paths = [path] + ([vs] if vs else [])
+    results = [
+        run_guarded(lambda p=p: bench_onnx(p, batch_sizes=(1, batch), threads=threads,
+                                           warmup=warmup, runs=runs))
+        for p in paths
+    ]  # fmt: skip
+    table = Table(title=f"onnxruntime CPU, threads={threads or 'default'}")
+    for col in ("file", "p50 ms (b=1)", "p95 ms (b=1)", f"images/s (b={batch})"):
+        table.add_column(col, justify="left" if col == "file" else "right")
+    for r in results:
+        b1, bn = _at(r, "1"), _at(r, str(batch))
+        table.add_row(
+            r["path"], f"{b1['p50_ms']:.3f}", f"{b1['p95_ms']:.3f}", f"{bn['throughput']:.0f}"
         )
-        if as_json:
-            typer.echo(json.dumps(info, indent=2))
-        else:
-            _print_inspection(info)
-        if info.get("problems"):
-            from moonprune.cli.app import err_console
-
-            err_console.print(f"[red]error:[/] {escape('; '.join(info['problems']))}",
-                              highlight=False, soft_wrap=True)  # fmt: skip
-            raise typer.Exit(2)
-
-    @app.command()
-    def bench(
-        path: Annotated[str, typer.Argument(help="An .onnx file.")],
-        vs: Annotated[str | None, typer.Option(help="Another .onnx file to compare with.")] = None,
-        threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads.")] = None,
-        batch: Annotated[int, typer.Option(help="Batch size for throughput.")] = 64,
-        runs: Annotated[int, typer.Option(help="Timed runs per batch size.")] = 100,
-        warmup: Annotated[int, typer.Option(help="Untimed warm-up runs.")] = 10,
-    ) -> None:
-        """onnxruntime latency (p50/p95 at batch 1) and throughput at --batch.
-
-        A file with a fixed batch size B (a foreign export) is measured at batch B only.
-        """
-        from moonprune.cli.app import console, run_guarded
-        from moonprune.exporters.inspection import bench_onnx
-
-        paths = [path] + ([vs] if vs else [])
-        results = [
-            run_guarded(lambda p=p: bench_onnx(p, batch_sizes=(1, batch), threads=threads,
-                                               warmup=warmup, runs=runs))
-            for p in paths
-        ]  # fmt: skip
-        table = Table(title=f"onnxruntime CPU, threads={threads or 'default'}")
-        for col in ("file", "p50 ms (b=1)", "p95 ms (b=1)", f"images/s (b={batch})"):
-            table.add_column(col, justify="left" if col == "file" else "right")
-        for r in results:
-            b1, bn = _at(r, "1"), _at(r, str(batch))
-            table.add_row(
-                r["path"], f"{b1['p50_ms']:.3f}", f"{b1['p95_ms']:.3f}", f"{bn['throughput']:.0f}"
-            )
-        console.print(table)
-        for r in results:
-            if r["fixed_batch"] is not None:
-                console.print(f"{r['path']} takes a fixed batch of {r['fixed_batch']}: measured "
-                              "at that batch size only", highlight=False)  # fmt: skip
-        if vs and all(r["fixed_batch"] is None for r in results):
-            base, other = results[1]["batches"], results[0]["batches"]
-            console.print(
-                f"{path} vs {vs}: {base['1']['p50_ms'] / other['1']['p50_ms']:.2f}x at batch 1, "
-                f"{other[str(batch)]['throughput'] / base[str(batch)]['throughput']:.2f}x "
-                f"throughput at batch {batch}"
-            )
+    console.print(table)
+    for r in results:
+        if r["fixed_batch"] is not None:
+            console.print(f"{r['path']} takes a fixed batch of {r['fixed_batch']}: measured "
+                          "at that batch size only", highlight=False)  # fmt: skip
+    if vs and all(r["fixed_batch"] is None for r in results):
+        base, other = results[1]["batches"], results[0]["batches"]
+        console.print(
+            f"{path} vs {vs}: {base['1']['p50_ms'] / other['1']['p50_ms']:.2f}x at batch 1, "
+            f"{other[str(batch)]['throughput'] / base[str(batch)]['throughput']:.2f}x "
+            f"throughput at batch {batch}"
+        )
 
 
 def _at(result: dict[str, Any], batch: str) -> dict[str, float]:
     """The measurement at ``batch``, or the only one of a fixed-batch file."""
     batches: dict[str, dict[str, float]] = result["batches"]
     return batches.get(batch) or next(iter(batches.values()))
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``export``, ``inspect`` and ``bench`` to ``app``."""
+    app.command()(export)
+    app.command()(inspect)
+    app.command()(bench)

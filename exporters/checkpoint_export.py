@@ -13,17 +13,21 @@ import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from moonprune.exporters.onnx_export import export_onnx, gzip_size, run_onnx
 from moonprune.exporters.opsets import check_opset, written_opset
 from moonprune.exporters.quantize import quantize_int8, recalibrate_threshold
 from moonprune.exporters.sparse_storage import to_sparse_storage
+from torch import nn
 
 from moonprune import speed as speed_module
 from moonprune.errors import ConfigError
 from moonprune.outputs import check_output_path
+
+if TYPE_CHECKING:
+    from moonprune.data import Preprocessing
 
 
 def evaluate_onnx(
@@ -72,6 +76,37 @@ def _recorded_data(cfg: dict[str, Any], source: str) -> tuple[str, list[str], in
     return data, ood, seed
 
 
+def _check_options(
+    out: Path, model_path: str | Path, quantize: str | None, sparse_storage: bool,
+    tpr: float | None, opset: int | None,
+) -> None:  # fmt: skip
+    """The export's own flags, and ``--out`` against the model, before anything loads."""
+    if quantize not in (None, "int8"):
+        raise ConfigError(f"--quantize {quantize!r} is not supported; use int8")
+    if quantize and sparse_storage:
+        raise ConfigError("--sparse-storage applies to float weights; drop it or --quantize")
+    if tpr is not None and not 0 < tpr < 1:
+        raise ConfigError(f"--tpr must be in (0, 1), got {tpr}")
+    if opset is not None:
+        check_opset(opset)
+    check_out_path(out, [model_path])
+    if Path(model_path).suffix.lower() == ".onnx":
+        raise ConfigError(
+            f"{str(model_path)!r} is already an ONNX file; export takes the moonprune "
+            "checkpoint it came from (model.pt)"
+        )
+
+
+def _raw_pixels(x: np.ndarray, pre: Preprocessing, baked: bool) -> np.ndarray:
+    """``x`` as the graph takes it: normalised rows undone to raw pixels for a baked
+    graph, unchanged otherwise."""
+    if not baked:
+        return x
+    mean = np.asarray(pre.mean, np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(pre.std, np.float32).reshape(1, -1, 1, 1)
+    return ((x * std + mean) / pre.scale).astype(np.float32)
+
+
 def export_checkpoint(
     model_path: str | Path,
     out: str | Path,
@@ -90,27 +125,12 @@ def export_checkpoint(
     ``arch`` (``--arch``) names the factory of a network of your own: the factory a
     checkpoint records is called only when it is a moonprune built-in.
     """
-    import onnx
-
     from moonprune.assessment import assess
     from moonprune.checkpoints import load_checkpoint, measured_sparsity
     from moonprune.data import load_ood, load_splits
 
-    if quantize not in (None, "int8"):
-        raise ConfigError(f"--quantize {quantize!r} is not supported; use int8")
-    if quantize and sparse_storage:
-        raise ConfigError("--sparse-storage applies to float weights; drop it or --quantize")
-    if tpr is not None and not 0 < tpr < 1:
-        raise ConfigError(f"--tpr must be in (0, 1), got {tpr}")
-    if opset is not None:
-        check_opset(opset)
     out = Path(out)
-    check_out_path(out, [model_path])
-    if Path(model_path).suffix.lower() == ".onnx":
-        raise ConfigError(
-            f"{str(model_path)!r} is already an ONNX file; export takes the moonprune "
-            "checkpoint it came from (model.pt)"
-        )
+    _check_options(out, model_path, quantize, sparse_storage, tpr, opset)
     ckpt = load_checkpoint(model_path, arch)
     data, ood_specs, seed = _recorded_data(ckpt.config, str(model_path))
     check_out_path(out, [data, *ood_specs])  # data given as files
@@ -132,14 +152,9 @@ def export_checkpoint(
         opset=opset, example_inputs=splits.val.x, bake_preprocessing=bake_preprocessing,
         feature_stats=stats,
     )  # fmt: skip
-    pre = ckpt.preprocessing
 
-    def raw(x: np.ndarray) -> np.ndarray:  # undo normalisation for a baked graph
-        if not bake_preprocessing:
-            return x
-        mean = np.asarray(pre.mean, np.float32).reshape(1, -1, 1, 1)
-        std = np.asarray(pre.std, np.float32).reshape(1, -1, 1, 1)
-        return ((x * std + mean) / pre.scale).astype(np.float32)
+    def raw(x: np.ndarray) -> np.ndarray:
+        return _raw_pixels(x, ckpt.preprocessing, bake_preprocessing)
 
     arrays: dict[str, Any] = {
         "test_x": raw(splits.test.x.numpy()), "test_y": splits.test.y.numpy(),
@@ -147,21 +162,42 @@ def export_checkpoint(
         "ood": {n: raw(s.x.numpy()) for n, s in ood.items()},
     }  # fmt: skip
     if quantize is None:
-        report = export_onnx(ckpt.model, out, **kwargs).as_dict()
-        if sparse_storage:
-            report["sparse_storage"] = to_sparse_storage(out, arrays["val_x"])
-            report["dense_storage_bytes"] = report["bytes"]
-            report["bytes"], report["gzip_bytes"] = out.stat().st_size, gzip_size(out)
-        report["metrics"] = evaluate_onnx(out, **arrays)
-        report["threshold"] = threshold
-        report["temperature"] = t
-        return report
+        return _export_float(ckpt.model, out, kwargs, arrays, sparse_storage)
+    return _export_int8(ckpt.model, out, kwargs, arrays, raw(splits.train.x.numpy()))
+
+
+def _export_float(
+    model: nn.Module, out: Path, kwargs: dict[str, Any], arrays: dict[str, Any],
+    sparse_storage: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """The float32 file (optionally with sparse storage): its report, metrics, threshold
+    and temperature."""
+    report = export_onnx(model, out, **kwargs).as_dict()
+    if sparse_storage:
+        report["sparse_storage"] = to_sparse_storage(out, arrays["val_x"])
+        report["dense_storage_bytes"] = report["bytes"]
+        report["bytes"], report["gzip_bytes"] = out.stat().st_size, gzip_size(out)
+    report["metrics"] = evaluate_onnx(out, **arrays)
+    report["threshold"] = kwargs["threshold"]
+    report["temperature"] = kwargs["temperature"]
+    return report
+
+
+def _export_int8(
+    model: nn.Module, out: Path, kwargs: dict[str, Any], arrays: dict[str, Any],
+    calibration: np.ndarray,
+) -> dict[str, Any]:  # fmt: skip
+    """The int8 file, quantized from a float32 export (calibrated on ``calibration``,
+    the training rows), its threshold recalibrated on its own confidence, both files
+    measured; the float32 one is left in a temporary folder."""
+    import onnx
+
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         float_path, int8_path = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
-        float_report = export_onnx(ckpt.model, float_path, **kwargs).as_dict()
+        float_report = export_onnx(model, float_path, **kwargs).as_dict()
         float_metrics = evaluate_onnx(float_path, **arrays)
-        quantize_int8(float_path, int8_path, raw(splits.train.x.numpy()))
-        recal = recalibrate_threshold(int8_path, arrays["val_x"], tpr)
+        quantize_int8(float_path, int8_path, calibration)
+        recal = recalibrate_threshold(int8_path, arrays["val_x"], kwargs["tpr"])
         int8_metrics = evaluate_onnx(int8_path, **arrays)
         # int8 is not faster on every CPU: measure it against the float file, here
         threads = speed_module.default_threads()
@@ -176,8 +212,8 @@ def export_checkpoint(
         "float_bytes": float_report["bytes"],
         "float_gzip_bytes": float_report["gzip_bytes"],
         "size_ratio": float_report["bytes"] / out.stat().st_size,
-        "float_threshold": threshold,
-        "temperature": t,
+        "float_threshold": kwargs["threshold"],
+        "temperature": kwargs["temperature"],
         "threshold": recal["threshold"],
         "float_metrics": float_metrics,
         "metrics": int8_metrics,

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
 from moonprune import models
 from moonprune.assessment import Assessment, assess
 from moonprune.averaging import WeightAveraging
@@ -45,6 +43,7 @@ from moonprune.pipeline import compress
 from moonprune.sparsity import MASKERS, Masker, MaskerConfig, TopologySchedule
 from moonprune.training import Trainer, train
 from moonprune.verification import verify
+from moonprune.version import __version__ as __version__
 
 if TYPE_CHECKING:  # the exporters stay unimported until used (they import onnx)
     from moonprune.exporters import RejectingClassifier as RejectingClassifier

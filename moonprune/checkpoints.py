@@ -4,34 +4,31 @@ Reading files safely (``weights_only=True`` unless trusted; nested state_dicts,
 wrapper prefixes, ``.safetensors``) is :mod:`moonprune.weights`; this module builds
 the network from an :class:`ArchSpec` and loads them into it.
 
-A moonprune checkpoint is a plain dict of tensors and JSON-like values (so it too
-loads with ``weights_only=True``): the architecture spec (factory + kwargs), the
-weights, the masks, the class names, the preprocessing, the head surgery, the
-threshold, the resolved config, the metrics and the moonprune version. Loading it
-rebuilds the network from the factory, replays the head surgery, loads the weights.
+A moonprune checkpoint (what ``compress`` writes) is a
+:class:`~moonprune.checkpoint_record.MoonpruneCheckpoint`, saved as a plain dict of
+tensors and JSON-like values (so it too loads with ``weights_only=True``): this module
+writes it atomically and reads it back, and the record checks every field before it
+rebuilds the network (:mod:`moonprune.checkpoint_record`).
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import inspect
 import math
-import sys
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
+from moonprune.arch import ArchSpec as ArchSpec
+from moonprune.checkpoint_record import FORMAT as FORMAT
+from moonprune.checkpoint_record import FORMAT_VERSION as FORMAT_VERSION
+from moonprune.checkpoint_record import MoonpruneCheckpoint as MoonpruneCheckpoint
+from moonprune.checkpoint_record import checkpoint_from_dict as checkpoint_from_dict
 from moonprune.data import Preprocessing
 from moonprune.errors import CheckpointError
-from moonprune.heads import add_unknown_output_
 from moonprune.outputs import atomic_path
-from moonprune.reliability.features import FeatureStats
-from moonprune.trust import check_fields, recorded_arch
 from moonprune.weights import (
     NESTED_KEYS,
     check_finite,
@@ -40,107 +37,6 @@ from moonprune.weights import (
     load_weights_,
     torch_load,
 )
-
-FORMAT = "moonprune-checkpoint"
-FORMAT_VERSION = 1
-
-
-def _version() -> str:
-    from moonprune import __version__
-
-    return __version__
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """How to build the network: ``package.module:factory`` or ``path/file.py:factory``.
-
-    Example::
-
-        >>> spec = ArchSpec("moonprune.models:demo_cnn", {"num_classes": 3, "width": 4})
-        >>> spec.build().classifier.out_features
-        3
-    """
-
-    factory: str
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-    def resolve(self) -> Callable[..., nn.Module]:
-        """Import the factory; the error names what was tried."""
-        target, sep, attr = self.factory.rpartition(":")
-        if not sep or not target or not attr:
-            raise CheckpointError(
-                f"--arch {self.factory!r} is not of the form package.module:factory "
-                "or path/to/file.py:factory"
-            )
-        if target.endswith(".py"):
-            path = Path(target)
-            if not path.is_file():
-                raise CheckpointError(f"--arch file {target!r} does not exist")
-            spec = importlib.util.spec_from_file_location(f"_moonprune_arch_{path.stem}", path)
-            if spec is None or spec.loader is None:
-                raise CheckpointError(f"cannot import {target!r} as a Python file")
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[spec.name] = module
-            try:
-                spec.loader.exec_module(module)
-            except Exception as exc:
-                raise CheckpointError(f"importing {target!r} failed: {exc}") from None
-        else:
-            try:
-                module = importlib.import_module(target)
-            except ImportError as exc:
-                raise CheckpointError(
-                    f"cannot import module {target!r} for --arch {self.factory!r} ({exc}); "
-                    "install the package or give a path: path/to/file.py:factory"
-                ) from None
-        try:
-            fn = getattr(module, attr)
-        except AttributeError:
-            raise CheckpointError(f"module {target!r} has no attribute {attr!r}") from None
-        if not callable(fn):
-            raise CheckpointError(f"{self.factory!r} is not callable")
-        return fn
-
-    def build(self) -> nn.Module:
-        """Call the factory with ``kwargs``; it must return an ``nn.Module``."""
-        try:
-            model = self.resolve()(**self.kwargs)
-        except TypeError as exc:
-            raise CheckpointError(
-                f"calling {self.factory} with {self.kwargs} failed: {exc}; "
-                "fix the keyword arguments (--arch-kwargs or the recipe's arch_kwargs)"
-            ) from None
-        except CheckpointError:
-            raise
-        except Exception as exc:  # the user's factory: any failure is a bad argument
-            reason = str(exc).splitlines()[0] if str(exc) else ""
-            raise CheckpointError(
-                f"{self.factory}({_kwargs_text(self.kwargs)}) raised {type(exc).__name__}"
-                f"{': ' + reason if reason else ''}; fix the keyword arguments "
-                "(--arch-kwargs or the recipe's arch_kwargs) or the factory"
-            ) from None
-        if not isinstance(model, nn.Module):
-            raise CheckpointError(f"{self.factory} returned {type(model).__name__}, not nn.Module")
-        return model
-
-    def with_defaults(self, **defaults: Any) -> ArchSpec:
-        """Fill keyword arguments the factory accepts but the user did not give (e.g.
-        ``num_classes`` and ``in_channels`` from the data), so common factories need
-        no recipe at all."""
-        try:
-            params = inspect.signature(self.resolve()).parameters
-        except (TypeError, ValueError):
-            return self
-        extra = {k: v for k, v in defaults.items() if k in params and k not in self.kwargs}
-        return ArchSpec(self.factory, {**self.kwargs, **extra}) if extra else self
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"factory": self.factory, "kwargs": dict(self.kwargs)}
-
-
-def _kwargs_text(kwargs: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
 
 
 @dataclass
@@ -210,134 +106,6 @@ def load_dense(
     model = arch.build()
     load_weights_(model, state, str(p), example_input)
     return DenseModel(model, arch)
-
-
-@dataclass
-class MoonpruneCheckpoint:
-    """A compressed model and everything needed to evaluate, export or resume it."""
-
-    model: nn.Module
-    arch: ArchSpec
-    classes: tuple[str, ...]
-    preprocessing: Preprocessing
-    head_layer: str | None = None
-    masks: dict[str, torch.Tensor] = field(default_factory=dict)
-    threshold: float | None = None
-    temperature: float = 1.0
-    tpr: float = 0.95
-    score: str = "msp"
-    config: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    version: str = ""
-    structure: dict[str, dict[str, int]] | None = None
-    #: Mahalanobis/KNN statistics of the classifier's input, fitted on the training
-    #: split of this model (None in checkpoints written before they existed).
-    feature_stats: FeatureStats | None = None
-
-    @property
-    def num_known(self) -> int:
-        """K, the number of known classes."""
-        return len(self.classes)
-
-    @property
-    def has_unknown(self) -> bool:
-        """True when the K+1 head surgery was applied."""
-        return self.head_layer is not None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "moonprune_version": self.version or _version(),
-            "arch": self.arch.as_dict(),
-            "head_layer": self.head_layer,
-            "classes": list(self.classes),
-            "preprocessing": self.preprocessing.as_dict(),
-            "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-            "masks": {k: v.detach().cpu().bool() for k, v in self.masks.items()},
-            "threshold": self.threshold,
-            "temperature": self.temperature,
-            "tpr": self.tpr,
-            "score": self.score,
-            "config": self.config,
-            "metrics": self.metrics,
-            "structure": self.structure,
-            "feature_stats": None if self.feature_stats is None else self.feature_stats.to_dict(),
-        }
-
-
-def checkpoint_from_dict(
-    obj: Mapping[str, Any], source: str, arch: str | None = None
-) -> MoonpruneCheckpoint:
-    """Rebuild a :class:`MoonpruneCheckpoint` from its saved dict.
-
-    Every field is checked first (:func:`moonprune.trust.check_fields`); the recorded
-    factory is called only when it is a moonprune built-in, and ``arch`` (the user's
-    ``--arch``) replaces it otherwise (:func:`moonprune.trust.recorded_arch`).
-    """
-    missing = [k for k in _REQUIRED if k not in obj]
-    if missing:
-        raise CheckpointError(
-            f"{source} is an incomplete moonprune checkpoint (no {missing[0]!r}); "
-            "recreate it with `moonprune compress`"
-        )
-    check_fields(obj, source, FORMAT_VERSION)
-    spec = recorded_arch(obj["arch"], source, arch)
-    model = spec.build()
-    if obj["head_layer"] is not None:
-        add_unknown_output_(model, layer=obj["head_layer"])
-    state, masks = obj["state_dict"], obj["masks"]
-    for key, value in (("state_dict", state), ("masks", masks)):
-        if not isinstance(value, Mapping) or not all(
-            isinstance(t, torch.Tensor) for t in value.values()
-        ):
-            raise CheckpointError(
-                f"{source}: {key!r} must map names to tensors; recreate it with "
-                "`moonprune compress`"
-            )
-    if obj.get("structure"):  # channel-pruned: rebuild the slimmer shapes first
-        from moonprune.sparsity.channel.structure import apply_structure_
-
-        try:
-            apply_structure_(model, obj["structure"], state)
-        except (AttributeError, KeyError) as exc:
-            raise CheckpointError(
-                f"{source}: the channel structure does not fit {spec.factory} ({exc}); "
-                "recreate the checkpoint with `moonprune compress`"
-            ) from None
-    check_finite(state, source)
-    load_weights_(model, state, source)
-    model.eval()
-    stats = obj.get("feature_stats")
-    feature_stats = None if stats is None else FeatureStats.from_dict(stats, source)
-    if feature_stats is not None and len(feature_stats.means) != len(obj["classes"]):
-        raise CheckpointError(
-            f"{source}: the feature statistics hold {len(feature_stats.means)} class means for "
-            f"{len(obj['classes'])} classes; recreate it with `moonprune compress`"
-        )
-    return MoonpruneCheckpoint(
-        model=model,
-        arch=spec,
-        classes=tuple(obj["classes"]),
-        preprocessing=Preprocessing.from_dict(obj["preprocessing"]),
-        head_layer=obj["head_layer"],
-        masks=dict(masks),
-        threshold=None if obj["threshold"] is None else float(obj["threshold"]),
-        temperature=float(obj.get("temperature", 1.0)),
-        tpr=float(obj["tpr"]),
-        score=str(obj["score"]),
-        config=dict(obj["config"]),
-        metrics=dict(obj["metrics"]),
-        version=str(obj["moonprune_version"]),
-        structure=obj.get("structure"),
-        feature_stats=feature_stats,
-    )
-
-
-_REQUIRED = (
-    "format_version", "moonprune_version", "arch", "head_layer", "classes", "preprocessing",
-    "state_dict", "masks", "threshold", "tpr", "score", "config", "metrics",
-)  # fmt: skip
 
 
 def save_checkpoint(ckpt: MoonpruneCheckpoint, path: str | Path) -> Path:

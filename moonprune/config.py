@@ -4,21 +4,25 @@ One fact, one field: the number of known classes K comes from the data and the
 model, never from a setting, and the K+1 head follows from ``moon.enabled``.
 The recipe (``--config recipe.toml``) is parsed here and nowhere else; command-line
 flags override it. A saved run records :meth:`CompressConfig.as_dict`.
+
+The ``[sparsity]`` section, :class:`~moonprune.sparsity.config.SparsityConfig`, lives
+with the sparse methods it configures (and is importable from here); the range checks
+every ``__post_init__`` runs are :mod:`moonprune.config_checks`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from moonprune.augment import check_augment
+from moonprune.config_checks import check_compress, check_gates, check_moon, check_train
 from moonprune.errors import ConfigError
-from moonprune.normalization import check_normalize
 from moonprune.recipe import check_types
-from moonprune.sparsity.base import MaskerConfig
-from moonprune.unknowns import check_unknowns
+from moonprune.sparsity.config import CHANNEL_OPTIONS as CHANNEL_OPTIONS
+from moonprune.sparsity.config import DEFAULT_CHANNEL_SPEEDUP, SparsityConfig
+from moonprune.sparsity.config import UNSTRUCTURED_OPTIONS as UNSTRUCTURED_OPTIONS
+from moonprune.sparsity.config import method_options as method_options
 
 
 @dataclass(frozen=True)
@@ -68,29 +72,7 @@ class TrainConfig:
     divergence_factor: float = 3.0
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"epochs must be >= 1, got {self.epochs}; e.g. --epochs 30")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not 0 <= self.seed < 2**32:
-            raise ConfigError(f"seed must be an integer in [0, 2**32), got {self.seed}")
-        for name in ("lr", "lr_peak_factor", "lr_floor_factor"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"{name} must be a positive number, got {value}")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if not 0 < self.update_end <= 1:
-            raise ConfigError(f"update_end must be in (0, 1], got {self.update_end}")
-        if not (math.isfinite(self.lr_warmup_epochs) and self.lr_warmup_epochs >= 0):
-            raise ConfigError(f"lr_warmup_epochs must be >= 0, got {self.lr_warmup_epochs}")
-        check_augment(self.augment)
-        if self.max_rollbacks < 0:
-            raise ConfigError(f"max_rollbacks must be >= 0, got {self.max_rollbacks}")
-        if not (math.isfinite(self.divergence_factor) and self.divergence_factor > 1):
-            raise ConfigError(f"divergence_factor must be > 1, got {self.divergence_factor}")
+        check_train(self)
 
 
 @dataclass(frozen=True)
@@ -124,17 +106,7 @@ class MoonConfig:
     unknowns_weight: float = 0.5
 
     def __post_init__(self) -> None:
-        check_unknowns(self.unknowns, self.unknowns_fraction, self.unknowns_weight)
-        if self.warmup_epochs < 0:
-            raise ConfigError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
-        if not (math.isfinite(self.init_factor) and self.init_factor > 0):
-            raise ConfigError(f"init_factor must be > 0, got {self.init_factor}")
-        if not (math.isfinite(self.a_final) and self.a_final >= 0):
-            raise ConfigError(f"a_final must be >= 0, got {self.a_final}")
-        if self.average_epochs is not None and self.average_epochs < 0:
-            raise ConfigError(f"average_epochs must be >= 0, got {self.average_epochs}")
-        if not 0 < self.average_fraction <= 1:
-            raise ConfigError(f"average_fraction must be in (0, 1], got {self.average_fraction}")
+        check_moon(self)
 
     def resolved_average_epochs(self, epochs: int) -> int:
         """Averaging epochs for a run of ``epochs``: 0 when MOON is off."""
@@ -147,133 +119,6 @@ class MoonConfig:
                 "lower average_epochs or raise epochs"
             )
         return n
-
-
-DEFAULT_CHANNEL_SPEEDUP = "auto"  # --method channel with no target (sparsity.channel.search)
-#: SparsityConfig fields only ``--method channel`` takes: field -> (default, CLI flag)
-CHANNEL_OPTIONS: dict[str, tuple[object, str]] = {
-    "speedup": (None, "--speedup"),
-    "macs_target": (None, "--macs-target"),
-    "allocation": ("latency", "--allocation"),
-    "round_to": (None, "--round-to"),
-    "importance": ("magnitude", "--importance"),
-    "steps": (None, "--prune-steps"),
-    "latency_batch": (64, "--latency-batch"),
-    "threads": (None, "--latency-threads"),
-}
-#: ... and those only the unstructured maskers take (no flag: recipe only)
-UNSTRUCTURED_OPTIONS: dict[str, tuple[object, str]] = {
-    "distribution": ("erk", "--distribution"),
-    "update_interval": (None, ""),
-    "drop_fraction": (None, ""),
-}
-
-
-def method_options(method: str) -> list[str]:
-    """The sparsity options ``method`` takes (CLI flags; recipe-only fields as
-    ``sparsity.<field>``), for ``moonprune methods``."""
-    own = CHANNEL_OPTIONS if method == "channel" else UNSTRUCTURED_OPTIONS
-    return ["--sparsity", *(flag or f"sparsity.{name}" for name, (_, flag) in own.items())]
-
-
-@dataclass(frozen=True)
-class SparsityConfig:
-    """Which sparse method, how sparse, and how layer densities are distributed.
-
-    For ``method = "channel"``, ``sparsity`` is the fraction of parameters removed
-    (or ``macs_target`` the fraction of dense MACs kept), in ``steps`` pruning steps
-    ranked by ``importance`` (``magnitude`` or ``taylor``); ``round_to`` keeps every
-    pruned layer's channel count a multiple of it (onnxruntime's CPU convolutions are
-    blocked by 8 or 16 channels: odd counts can make a slimmer model slower);
-    ``allocation`` shares the removed channels out between layers: ``latency`` (the
-    default: widths chosen by timing whole candidate networks in onnxruntime on this
-    machine), ``uniform`` (the same fraction everywhere) or ``global``
-    (a MAC-aware ranking across layers; with ``round_to`` it leaves layers of
-    ``round_to`` channels or fewer whole; see :mod:`moonprune.sparsity.channel`).
-    ``speedup`` is a speed target instead: the dense latency / the pruned one at
-    batch ``latency_batch`` with ``threads`` onnxruntime threads (default: the CPUs
-    this process may use), measured on candidate networks before training; with no
-    target at all it is ``"auto"``: the least-pruned candidate clearly faster than
-    dense at batch 1 and at ``latency_batch`` (:mod:`moonprune.sparsity.channel.search`).
-    ``steps`` defaults to ``min(4, epochs)``.
-
-    Example::
-
-        >>> SparsityConfig(method="set", sparsity=0.95).masker_config(seed=1).density
-        0.05...
-    """
-
-    method: str = "rigl"
-    sparsity: float = 0.9
-    distribution: str = "erk"
-    update_interval: int | None = None
-    drop_fraction: float | None = None
-    macs_target: float | None = None
-    steps: int | None = None
-    importance: str = "magnitude"
-    round_to: int | None = None
-    allocation: str = "latency"
-    speedup: float | str | None = None
-    latency_batch: int = 64
-    threads: int | None = None
-
-    def __post_init__(self) -> None:
-        self.masker_config(seed=0)  # validates the shared fields in one place
-        if self.round_to is not None and (
-            isinstance(self.round_to, bool) or not isinstance(self.round_to, int)
-            or self.round_to < 1
-        ):  # fmt: skip
-            raise ConfigError(
-                f"round_to must be a whole number of channels >= 1, got {self.round_to!r}; e.g. 8"
-            )
-        if self.macs_target is not None and not 0 < self.macs_target < 1:
-            raise ConfigError(
-                f"macs_target must be in (0, 1), got {self.macs_target}; e.g. 0.5 keeps half"
-            )
-        if self.importance not in ("magnitude", "taylor"):
-            raise ConfigError(f"importance must be magnitude or taylor, got {self.importance!r}")
-        if self.allocation not in ("uniform", "global", "latency"):
-            raise ConfigError(
-                f"allocation must be latency, global or uniform, got {self.allocation!r}"
-            )
-        if self.speedup not in (None, DEFAULT_CHANNEL_SPEEDUP) and (
-            isinstance(self.speedup, bool) or not isinstance(self.speedup, int | float)
-            or not self.speedup > 1
-        ):  # fmt: skip
-            raise ConfigError(
-                f"speedup must be > 1 or 'auto', got {self.speedup!r}; e.g. 2 (twice as fast)"
-            )
-        if self.speedup is not None and self.macs_target is not None:
-            raise ConfigError("give one channel target: --speedup or --macs-target, not both")
-        for name in ("latency_batch", "threads", "steps"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < 1):  # fmt: skip
-                raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
-        self._check_method_options()
-
-    def _check_method_options(self) -> None:
-        """An option the chosen method ignores is a mistake worth one line, not silence."""
-        if self.method == "channel":
-            ignored, needs = UNSTRUCTURED_OPTIONS, "an unstructured method (rigl, set, ...)"
-        else:
-            ignored, needs = CHANNEL_OPTIONS, "--method channel"
-        for field_name, (default, flag) in ignored.items():
-            if getattr(self, field_name) != default:
-                label = f"{flag} (sparsity.{field_name})" if flag else f"sparsity.{field_name}"
-                raise ConfigError(
-                    f"{label} applies to {needs} only, not to --method {self.method}; drop it"
-                )
-
-    def masker_config(self, seed: int) -> MaskerConfig:
-        """The masker's settings for a run seeded with ``seed``."""
-        return MaskerConfig(
-            sparsity=self.sparsity,
-            distribution=self.distribution,
-            update_interval=self.update_interval,
-            drop_fraction=self.drop_fraction,
-            seed=seed,
-        )
 
 
 @dataclass(frozen=True)
@@ -295,15 +140,7 @@ class Gates:
     max_auroc_drop: float | None = None
 
     def __post_init__(self) -> None:
-        for name, value in asdict(self).items():
-            if value is not None and not math.isfinite(value):
-                raise ConfigError(f"--{name.replace('_', '-')} must be a number, got {value}")
-            if value is not None and not 0 <= value <= 1:
-                hint = f"; did you mean {value / 100:.2f}?" if 1.5 < value <= 100 else ""
-                raise ConfigError(
-                    f"--{name.replace('_', '-')} must be a fraction in [0, 1] (e.g. 0.9), "
-                    f"got {value}{hint}"
-                )
+        check_gates(self)
 
     @property
     def needs_baseline(self) -> bool:
@@ -361,35 +198,7 @@ class CompressConfig:
     gates: Gates = field(default_factory=Gates)
 
     def __post_init__(self) -> None:
-        if not 0 < self.tpr < 1:
-            raise ConfigError(f"tpr must be in (0, 1), got {self.tpr}; e.g. --tpr 0.95")
-        if self.temperature != "auto" and not (
-            isinstance(self.temperature, int | float)
-            and math.isfinite(self.temperature)
-            and self.temperature > 0
-        ):
-            raise ConfigError(
-                f"temperature must be 'auto' or a number > 0, got {self.temperature!r}; "
-                "1 turns temperature scaling off"
-            )
-        if self.ece_bins < 1:
-            raise ConfigError(f"ece_bins must be >= 1, got {self.ece_bins}")
-        check_normalize(self.normalize)
-        if not 1 <= self.knn_k <= self.feature_bank:
-            raise ConfigError(
-                f"knn_k ({self.knn_k}) must be >= 1 and at most feature_bank "
-                f"({self.feature_bank}); e.g. knn_k = 10, feature_bank = 2000"
-            )
-        if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
-            raise ConfigError(f"image_size must be [height, width], got {self.image_size}")
-        if self.channels not in (None, 1, 3):
-            raise ConfigError(f"channels must be 1 or 3, got {self.channels}")
-        if self.on_bad_image not in ("skip", "fail"):
-            raise ConfigError(f"on_bad_image must be 'skip' or 'fail', got {self.on_bad_image!r}")
-        if self.workers is not None and (isinstance(self.workers, bool) or self.workers < 0):
-            raise ConfigError(f"workers must be 0 or more, got {self.workers}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        check_compress(self)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready resolved recipe (what a saved run records)."""

@@ -86,6 +86,25 @@ def unknown_aware_loss(
     return weighted.sum() if reduction == "sum" else weighted.mean()
 
 
+def moon_loss(
+    logits: torch.Tensor, target: torch.Tensor, a: float | None, reduction: Reduction = "mean"
+) -> torch.Tensor:
+    """The training loss at ``a`` (:meth:`MoonSchedule.a_for`): cross-entropy while ``a``
+    is ``None`` (warm-up), else :func:`unknown_aware_loss`. Pure: a loop that calls
+    :meth:`MoonSchedule.observe` itself computes its loss with this.
+
+    Example::
+
+        >>> import torch
+        >>> logits, target = torch.zeros(2, 3), torch.tensor([0, 1])
+        >>> bool(moon_loss(logits, target, None) == F.cross_entropy(logits, target))
+        True
+    """
+    if a is None:
+        return F.cross_entropy(logits, target, reduction=reduction)
+    return unknown_aware_loss(logits, target, a, reduction)
+
+
 def threshold_statistic(
     logits: torch.Tensor, target: torch.Tensor, reduction: Reduction = "mean"
 ) -> float:
@@ -131,8 +150,8 @@ class MoonScheduleConfig:
 
 class MoonSchedule:
     """The auto-tuned weight ``a``, advanced by the loop: :meth:`observe` each batch, then
-    :meth:`a_for` its epoch, then the pure :func:`unknown_aware_loss` (or :meth:`loss`,
-    which does the three).
+    :meth:`a_for` its epoch, then the pure :func:`moon_loss` (or :meth:`loss`, which does
+    the three).
 
     Epochs are 0-based; ``T = total_epochs``, ``W = warmup_epochs``.
 
@@ -234,10 +253,7 @@ class MoonSchedule:
         """:meth:`observe` the batch, then the training loss for ``epoch`` (0-based) at
         :meth:`a_for` ``(epoch)``, reduced over the batch's rows by ``reduction``."""
         self.observe(logits, target, epoch)
-        a = self.a_for(epoch)
-        if a is None:
-            return F.cross_entropy(logits, target, reduction=reduction)
-        return unknown_aware_loss(logits, target, a, reduction)
+        return moon_loss(logits, target, self.a_for(epoch), reduction)
 
     def end_epoch(self, epoch: int) -> None:
         """Nothing to do: ``a`` moves at the first batch of the next epoch (kept so that a

@@ -26,6 +26,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, TypeGuard
 
+from moonprune.arch import ArchSpec
 from moonprune.errors import CheckpointError
 from moonprune.normalization import RECORDED_NORMALIZE
 
@@ -55,16 +56,14 @@ def _json_like(value: Any, depth: int = 0) -> bool:
     return False
 
 
-def recorded_arch(record: Any, source: str, given: str | None = None) -> Any:
-    """The :class:`~moonprune.checkpoints.ArchSpec` a file records, if it may be called.
+def recorded_arch(record: Any, source: str, given: str | None = None) -> ArchSpec:
+    """The :class:`~moonprune.arch.ArchSpec` a file records, if it may be called.
 
     ``given`` is the ``--arch`` the user passed: it replaces a recorded factory (the
     recorded keyword arguments, plain data, are kept), so a checkpoint whose network
     lives in the user's own package loads with ``--arch`` naming it. Without it only a
     moonprune built-in is called.
     """
-    from moonprune.checkpoints import ArchSpec
-
     if not (
         isinstance(record, Mapping)
         and isinstance(record.get("factory"), str)

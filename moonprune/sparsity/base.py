@@ -18,144 +18,24 @@ given, its per-weight state (momentum, Adam moments: every state tensor with the
 weight's shape) is zeroed where the mask is off, so a weight that is grown later
 starts from zero value *and* zero momentum.
 
-The unknown row of a K+1 head (marked by :func:`moonprune.heads.add_unknown_output_`,
-read with :func:`moonprune.conventions.unknown_rows`) is never pruned: a masked-away
-row makes the unknown logit a constant, and magnitude top-k would rank it low. Only
-that row is exempt, not the whole classifier (the MOON paper masks every conv and
-linear layer, the classifier included). The row's weights count as kept weights in
-the global budget, and the rest of the budget is spread over the other weights as
-usual: with ``N`` prunable weights of which ``P`` are pinned, the layer densities
-(ERK or uniform) are computed for the global density ``(d N - P) / (N - P)`` over the
-unpinned weights (the head as a ``(K, in)`` layer), and the head then keeps its share
-plus the row. So the density over all prunable weights is the target ``d``, as
-``measured_sparsity`` counts it, and the known rows of the head keep their share
-(charging the row to the head alone would empty them at 95% uniform). The base class
-enforces the row for every masker, plug-ins included: after ``initial_masks`` and
-after every ``update`` an inactive row weight is switched on in place of the active
-weight of smallest ``|w|`` elsewhere in its layer (the layer's count is kept); SET and
-RigL never drop the row in the first place.
+The unknown row of a K+1 head is never pruned, and counts in the global budget
+(:mod:`moonprune.sparsity.budget`): the base class enforces it for every masker,
+plug-ins included.
 """
 
 from __future__ import annotations
 
 import abc
-import math
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from moonprune.conventions import prunable_weights, unknown_rows
+from moonprune.conventions import prunable_weights
 from moonprune.errors import ConfigError
-from moonprune.sparsity.distributions import keep_counts, layer_densities
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-@dataclass(frozen=True)
-class TopologySchedule:
-    """When a masker may change its masks, in optimizer steps.
-
-    Steps are counted from 1 (the first ``masker.step()`` is step 1). Updates happen
-    only at steps ``t < end_step``: ``end_step`` is the first step at which the
-    topology is frozen. The trainer sets it to
-    ``min(update_end * total_steps, first averaging step)`` so that weight averaging
-    always sees a fixed set of zeros.
-
-    Example::
-
-        >>> TopologySchedule(total_steps=100, end_step=75, steps_per_epoch=10).end_step
-        75
-    """
-
-    total_steps: int
-    end_step: int
-    steps_per_epoch: int
-
-    def __post_init__(self) -> None:
-        for field in ("total_steps", "end_step", "steps_per_epoch"):
-            if not _is_int(getattr(self, field)):
-                raise ConfigError(
-                    f"{field} must be an integer number of steps, got {getattr(self, field)!r}"
-                )
-        if self.total_steps < 1 or self.steps_per_epoch < 1:
-            raise ConfigError(
-                f"a training run needs at least one step (total_steps={self.total_steps}, "
-                f"steps_per_epoch={self.steps_per_epoch}); use more data or a smaller batch"
-            )
-        if not 0 <= self.end_step <= self.total_steps:
-            raise ConfigError(
-                f"end_step={self.end_step} must lie in [0, total_steps={self.total_steps}]"
-            )
-
-
-@dataclass(frozen=True)
-class MaskerConfig:
-    """Settings shared by all maskers; a method ignores what it does not use.
-
-    ``update_interval`` (steps between topology updates) and ``drop_fraction`` (``r_0``
-    of SET/RigL) are ``None`` for the method's default.
-
-    Example::
-
-        >>> MaskerConfig(sparsity=0.9).density
-        0.09999...
-    """
-
-    sparsity: float = 0.9
-    distribution: str = "erk"
-    update_interval: int | None = None
-    drop_fraction: float | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if isinstance(self.sparsity, bool) or not (
-            isinstance(self.sparsity, float | int) and 0.0 < self.sparsity < 1.0
-        ):
-            raise ConfigError(
-                f"sparsity must be in (0, 1), got {self.sparsity!r}; e.g. --sparsity 0.9 "
-                "keeps 10% of the weights"
-            )
-        if self.distribution not in ("erk", "uniform"):
-            raise ConfigError(
-                f"unknown layer-density distribution {self.distribution!r}; use 'erk' or 'uniform'"
-            )
-        if self.update_interval is not None and not (
-            _is_int(self.update_interval) and self.update_interval >= 1
-        ):
-            raise ConfigError(
-                f"update_interval must be a whole number of steps >= 1, got "
-                f"{self.update_interval!r}; leave it unset for the method's default"
-            )
-        if self.drop_fraction is not None and (
-            isinstance(self.drop_fraction, bool)
-            or not isinstance(self.drop_fraction, float | int)
-            or not 0.0 < self.drop_fraction < 1.0
-        ):
-            raise ConfigError(
-                f"drop_fraction must be in (0, 1), got {self.drop_fraction!r}; "
-                "e.g. 0.3 (RigL) or 0.5 (SET)"
-            )
-        if not _is_int(self.seed):
-            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
-
-    @property
-    def density(self) -> float:
-        """Global fraction of prunable weights kept: ``1 - sparsity``."""
-        return 1.0 - self.sparsity
-
-
-def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask (shape of ``scores``) of its ``k`` largest entries.
-
-    Ties are broken by ``torch.topk``: deterministic on one device, not specified.
-    """
-    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k > 0:
-        mask[torch.topk(scores.flatten(), k, sorted=False).indices] = True
-    return mask.view_as(scores)
+from moonprune.sparsity.budget import keep_pinned_, pinned_entries, target_counts
+from moonprune.sparsity.budget import top_k_mask as top_k_mask
+from moonprune.sparsity.config import MaskerConfig as MaskerConfig
+from moonprune.sparsity.config import TopologySchedule as TopologySchedule
 
 
 class Masker(abc.ABC):
@@ -249,23 +129,8 @@ class Masker(abc.ABC):
 
     def target_counts(self) -> dict[str, int]:
         """Kept weights per layer at the target density (ERK or uniform), pinned entries
-        included and counted in the budget (module docstring)."""
-        shapes = {n: p.shape for n, p in self._params.items()}
-        if not self._pinned:
-            densities = layer_densities(shapes, self.config.density, self.config.distribution)
-            return keep_counts(shapes, densities)
-        pinned = {n: int(m.sum()) for n, m in self._pinned.items()}
-        # pinned entries are whole output rows: the rest of the layer is a smaller layer
-        free = {n: (s[0] - pinned.get(n, 0) // math.prod(s[1:]), *s[1:]) for n, s in shapes.items()}
-        total, n_pinned = sum(math.prod(s) for s in shapes.values()), sum(pinned.values())
-        density = (self.config.density * total - n_pinned) / (total - n_pinned)
-        if density <= 0:
-            raise ConfigError(
-                f"sparsity {self.config.sparsity} keeps fewer weights than the {n_pinned} of "
-                "the unknown output's row alone; lower --sparsity"
-            )
-        counts = keep_counts(free, layer_densities(free, density, self.config.distribution))
-        return {n: counts[n] + pinned.get(n, 0) for n in shapes}
+        included and counted in the budget (:mod:`moonprune.sparsity.budget`)."""
+        return target_counts(self._params, self._pinned, self.config)
 
     def magnitude_masks(self, counts: dict[str, int]) -> dict[str, torch.Tensor]:
         """Per layer, keep the ``counts[name]`` weights of largest ``|w|``."""
@@ -288,12 +153,7 @@ class Masker(abc.ABC):
                 f"{type(model).__name__} has no conv or linear layer to prune; "
                 "sparse methods need nn.Conv*d or nn.Linear weights"
             )
-        self._pinned = {}
-        for name, row in unknown_rows(model).items():
-            if name in self._params:
-                pinned = torch.zeros_like(self._params[name], dtype=torch.bool)
-                pinned[row] = True
-                self._pinned[name] = pinned
+        self._pinned = pinned_entries(model, self._params)
         self._schedule = schedule
         self._optimizer = optimizer
         self.step_count = 0
@@ -322,15 +182,7 @@ class Masker(abc.ABC):
     def _keep_pinned_(self) -> None:
         """Switch on every inactive pinned entry, each in place of the active unpinned
         entry of smallest ``|w|`` in its layer (the layer's count is kept)."""
-        for name, pinned in self._pinned.items():
-            mask = self.masks[name]
-            missing = int((pinned & ~mask).sum())
-            if missing == 0:
-                continue
-            candidates = mask & ~pinned
-            magnitude = self._params[name].detach().abs().masked_fill(~candidates, math.inf)
-            off = top_k_mask(-magnitude, min(missing, int(candidates.sum())))
-            self.masks[name] = (mask & ~off) | pinned
+        keep_pinned_(self.masks, self._pinned, self._params)
 
     def apply_masks_(self) -> None:
         """Set pruned weights (and their optimizer state) to exactly ``+0.0``."""

@@ -23,7 +23,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from moonprune.sparsity.base import Masker, MaskerConfig, top_k_mask
+from moonprune.sparsity.base import Masker, MaskerConfig
+from moonprune.sparsity.budget import top_k_mask
 
 
 class MagnitudeMasker(Masker):

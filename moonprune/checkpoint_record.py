@@ -1,0 +1,159 @@
+"""moonprune's checkpoint as a record: :class:`MoonpruneCheckpoint` and its saved dict.
+
+The saved form is a plain dict of tensors and JSON-like values (so it loads with
+``weights_only=True``): the architecture spec (factory + kwargs), the weights, the
+masks, the class names, the preprocessing, the head surgery, the threshold, the
+resolved config, the metrics and the moonprune version. :func:`checkpoint_from_dict`
+checks every field before it rebuilds the network from the factory, replays the head
+surgery and loads the weights. Reading and writing the file is
+:mod:`moonprune.checkpoints`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from moonprune.arch import ArchSpec
+from moonprune.data import Preprocessing
+from moonprune.errors import CheckpointError
+from moonprune.heads import add_unknown_output_
+from moonprune.reliability.features import FeatureStats
+from moonprune.trust import check_fields, recorded_arch
+from moonprune.version import __version__
+from moonprune.weights import check_finite, load_weights_
+
+FORMAT = "moonprune-checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class MoonpruneCheckpoint:
+    """A compressed model and everything needed to evaluate, export or resume it."""
+
+    model: nn.Module
+    arch: ArchSpec
+    classes: tuple[str, ...]
+    preprocessing: Preprocessing
+    head_layer: str | None = None
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    threshold: float | None = None
+    temperature: float = 1.0
+    tpr: float = 0.95
+    score: str = "msp"
+    config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    version: str = ""
+    structure: dict[str, dict[str, int]] | None = None
+    #: Mahalanobis/KNN statistics of the classifier's input, fitted on the training
+    #: split of this model (None in checkpoints written before they existed).
+    feature_stats: FeatureStats | None = None
+
+    @property
+    def num_known(self) -> int:
+        """K, the number of known classes."""
+        return len(self.classes)
+
+    @property
+    def has_unknown(self) -> bool:
+        """True when the K+1 head surgery was applied."""
+        return self.head_layer is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "moonprune_version": self.version or __version__,
+            "arch": self.arch.as_dict(),
+            "head_layer": self.head_layer,
+            "classes": list(self.classes),
+            "preprocessing": self.preprocessing.as_dict(),
+            "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "masks": {k: v.detach().cpu().bool() for k, v in self.masks.items()},
+            "threshold": self.threshold,
+            "temperature": self.temperature,
+            "tpr": self.tpr,
+            "score": self.score,
+            "config": self.config,
+            "metrics": self.metrics,
+            "structure": self.structure,
+            "feature_stats": None if self.feature_stats is None else self.feature_stats.to_dict(),
+        }
+
+
+def checkpoint_from_dict(
+    obj: Mapping[str, Any], source: str, arch: str | None = None
+) -> MoonpruneCheckpoint:
+    """Rebuild a :class:`MoonpruneCheckpoint` from its saved dict.
+
+    Every field is checked first (:func:`moonprune.trust.check_fields`); the recorded
+    factory is called only when it is a moonprune built-in, and ``arch`` (the user's
+    ``--arch``) replaces it otherwise (:func:`moonprune.trust.recorded_arch`).
+    """
+    missing = [k for k in _REQUIRED if k not in obj]
+    if missing:
+        raise CheckpointError(
+            f"{source} is an incomplete moonprune checkpoint (no {missing[0]!r}); "
+            "recreate it with `moonprune compress`"
+        )
+    check_fields(obj, source, FORMAT_VERSION)
+    spec = recorded_arch(obj["arch"], source, arch)
+    model = spec.build()
+    if obj["head_layer"] is not None:
+        add_unknown_output_(model, layer=obj["head_layer"])
+    state, masks = obj["state_dict"], obj["masks"]
+    for key, value in (("state_dict", state), ("masks", masks)):
+        if not isinstance(value, Mapping) or not all(
+            isinstance(t, torch.Tensor) for t in value.values()
+        ):
+            raise CheckpointError(
+                f"{source}: {key!r} must map names to tensors; recreate it with "
+                "`moonprune compress`"
+            )
+    if obj.get("structure"):  # channel-pruned: rebuild the slimmer shapes first
+        from moonprune.sparsity.channel.structure import apply_structure_
+
+        try:
+            apply_structure_(model, obj["structure"], state)
+        except (AttributeError, KeyError) as exc:
+            raise CheckpointError(
+                f"{source}: the channel structure does not fit {spec.factory} ({exc}); "
+                "recreate the checkpoint with `moonprune compress`"
+            ) from None
+    check_finite(state, source)
+    load_weights_(model, state, source)
+    model.eval()
+    stats = obj.get("feature_stats")
+    feature_stats = None if stats is None else FeatureStats.from_dict(stats, source)
+    if feature_stats is not None and len(feature_stats.means) != len(obj["classes"]):
+        raise CheckpointError(
+            f"{source}: the feature statistics hold {len(feature_stats.means)} class means for "
+            f"{len(obj['classes'])} classes; recreate it with `moonprune compress`"
+        )
+    return MoonpruneCheckpoint(
+        model=model,
+        arch=spec,
+        classes=tuple(obj["classes"]),
+        preprocessing=Preprocessing.from_dict(obj["preprocessing"]),
+        head_layer=obj["head_layer"],
+        masks=dict(masks),
+        threshold=None if obj["threshold"] is None else float(obj["threshold"]),
+        temperature=float(obj.get("temperature", 1.0)),
+        tpr=float(obj["tpr"]),
+        score=str(obj["score"]),
+        config=dict(obj["config"]),
+        metrics=dict(obj["metrics"]),
+        version=str(obj["moonprune_version"]),
+        structure=obj.get("structure"),
+        feature_stats=feature_stats,
+    )
+
+
+_REQUIRED = (
+    "format_version", "moonprune_version", "arch", "head_layer", "classes", "preprocessing",
+    "state_dict", "masks", "threshold", "tpr", "score", "config", "metrics",
+)  # fmt: skip
