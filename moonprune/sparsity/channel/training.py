@@ -130,12 +130,12 @@ def train_channel_pruned(
     history: list[EpochInfo] = []
     first = 0
     if saved is not None:
-        channel, tensors = saved
-        pruner.load_state_dict(channel.pruner)  # on the dense network, before re-shaping
-        apply_structure_(model, channel.structure, tensors)
+        resumed, tensors = saved
+        pruner.load_state_dict(resumed.pruner)  # on the dense network, before re-shaping
+        apply_structure_(model, resumed.structure, tensors)
         model.load_state_dict(tensors)
-        history = [EpochInfo(**h) for h in channel.history]
-        first = channel.stage
+        history = [EpochInfo(**h) for h in resumed.history]
+        first = resumed.stage
     final: nn.Module = model
     for stage in range(first, steps):
         if saved is None or stage > first:
