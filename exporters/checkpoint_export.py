@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from moonprune.exporters.onnx_checks import InputBatches
 from moonprune.exporters.onnx_export import export_onnx, gzip_size, run_onnx
 from moonprune.exporters.opsets import check_opset, written_opset
 from moonprune.exporters.quantize import quantize_int8, recalibrate_threshold
@@ -30,11 +31,16 @@ if TYPE_CHECKING:
     from moonprune.data import Preprocessing
 
 
+#: Most training rows the int8 calibration reads (evenly spaced over the split).
+CALIBRATION_ROWS = 2048
+
+
 def evaluate_onnx(
-    path: str | Path, test_x: np.ndarray, test_y: np.ndarray, val_x: np.ndarray,
-    ood: dict[str, np.ndarray],
+    path: str | Path, test_x: np.ndarray | InputBatches, test_y: np.ndarray,
+    val_x: np.ndarray | InputBatches, ood: dict[str, np.ndarray | InputBatches],
 ) -> dict[str, Any]:  # fmt: skip
-    """Accuracy, ID acceptance and AUROC per OOD set of an exported file (onnxruntime)."""
+    """Accuracy, ID acceptance and AUROC per OOD set of an exported file (onnxruntime;
+    the inputs are read and run batch by batch, only the outputs are kept)."""
     from moonprune.reliability import auroc
 
     test = run_onnx(path, test_x)
@@ -149,7 +155,7 @@ def export_checkpoint(
         threshold=threshold, tpr=tpr, score=score, classes=list(ckpt.classes),
         preprocessing=ckpt.preprocessing.as_dict(), sparsity=measured_sparsity(ckpt.model),
         temperature=t,
-        opset=opset, example_inputs=splits.val.x, bake_preprocessing=bake_preprocessing,
+        opset=opset, example_inputs=splits.val.x[:64], bake_preprocessing=bake_preprocessing,
         feature_stats=stats,
     )  # fmt: skip
 
@@ -157,13 +163,15 @@ def export_checkpoint(
         return _raw_pixels(x, ckpt.preprocessing, bake_preprocessing)
 
     arrays: dict[str, Any] = {
-        "test_x": raw(splits.test.x.numpy()), "test_y": splits.test.y.numpy(),
-        "val_x": raw(splits.val.x.numpy()),
-        "ood": {n: raw(s.x.numpy()) for n, s in ood.items()},
+        "test_x": InputBatches(splits.test.x, raw), "test_y": splits.test.y.numpy(),
+        "val_x": InputBatches(splits.val.x, raw),
+        "ood": {n: InputBatches(s.x, raw) for n, s in ood.items()},
     }  # fmt: skip
     if quantize is None:
         return _export_float(ckpt.model, out, kwargs, arrays, sparse_storage)
-    return _export_int8(ckpt.model, out, kwargs, arrays, raw(splits.train.x.numpy()))
+    n = len(splits.train)
+    rows = np.linspace(0, n - 1, min(n, CALIBRATION_ROWS)).round().astype(np.int64)
+    return _export_int8(ckpt.model, out, kwargs, arrays, raw(splits.train.x[rows].numpy()))
 
 
 def _export_float(

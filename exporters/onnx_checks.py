@@ -5,6 +5,7 @@ PyTorch's (:func:`parity`).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from moonprune.exporters.rejector import RejectingClassifier, hostile_rows
 
 from moonprune.errors import ExportError
+from moonprune.streaming import Images, batch_rows
 
 #: largest |logit difference| between PyTorch and onnxruntime an export may show
 LOGIT_TOLERANCE = 1e-4
@@ -19,13 +21,50 @@ LOGIT_TOLERANCE = 1e-4
 BORDERLINE = 1e-5
 
 
-def run_onnx(path: str | Path, x: np.ndarray) -> dict[str, np.ndarray]:
-    """All outputs of the model at ``path`` on ``x`` (float32 NCHW), with onnxruntime."""
+#: Rows per onnxruntime call on small images (a data set of digits or MNIST runs in one
+#: call); large images get fewer (:func:`moonprune.streaming.batch_rows`).
+RUN_ROWS = 4096
+
+
+class InputBatches:
+    """Model input for an exported graph, read batch by batch (re-iterable): the rows of
+    ``x`` (a tensor or a lazily read set), as float32 arrays passed through ``transform``
+    (e.g. undoing the normalisation for a graph that takes raw pixels)."""
+
+    def __init__(self, x: Images, transform: Callable[[np.ndarray], np.ndarray] | None = None):
+        self.x = x
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for batch in self.x.split(batch_rows(self.x.shape, RUN_ROWS)):
+            array = batch.numpy()
+            yield array if self.transform is None else self.transform(array)
+
+    def head(self, n: int) -> np.ndarray:
+        """The first ``n`` rows as one array."""
+        array = self.x[:n].numpy()
+        return array if self.transform is None else self.transform(array)
+
+
+def run_onnx(path: str | Path, x: np.ndarray | InputBatches) -> dict[str, np.ndarray]:
+    """All outputs of the model at ``path`` on ``x`` (float32 NCHW rows), with
+    onnxruntime, at most :func:`~moonprune.streaming.batch_rows` rows per call."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    outputs = session.run(None, {"input": np.ascontiguousarray(x, dtype=np.float32)})
-    return {o.name: v for o, v in zip(session.get_outputs(), outputs, strict=True)}
+    if isinstance(x, np.ndarray):
+        rows = batch_rows(x.shape, RUN_ROWS)
+        batches: Iterable[np.ndarray] = [x[s : s + rows] for s in range(0, len(x), rows)] or [x]
+    else:
+        batches = x
+    parts = [
+        session.run(None, {"input": np.ascontiguousarray(b, dtype=np.float32)}) for b in batches
+    ]
+    names = [o.name for o in session.get_outputs()]
+    return {name: np.concatenate([p[i] for p in parts]) for i, name in enumerate(names)}
 
 
 def check_rejects_hostile_rows(got: dict[str, np.ndarray], n_hostile: int, path: Path) -> None:

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 from moonprune.exporters.feature_rejector import float_score_inputs_, score_node_names
+from moonprune.exporters.onnx_checks import InputBatches
 from moonprune.exporters.onnx_export import (
     check_hostile_rows,
     run_onnx,
@@ -143,7 +144,9 @@ def set_threshold(path: str | Path, threshold: float) -> None:
         onnx.save(model, str(tmp))
 
 
-def recalibrate_threshold(path: str | Path, id_val: np.ndarray, tpr: float) -> dict[str, Any]:
+def recalibrate_threshold(
+    path: str | Path, id_val: np.ndarray | InputBatches, tpr: float
+) -> dict[str, Any]:
     """Choose the threshold on ``path``'s own confidence over ``id_val``; write it."""
     confidence = run_onnx(path, id_val)["confidence"].astype(np.float64)
     threshold = calibrate_threshold(confidence, tpr)

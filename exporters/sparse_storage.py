@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from moonprune.exporters.onnx_checks import InputBatches
 from moonprune.exporters.onnx_export import run_onnx
 
 from moonprune.errors import ExportError
@@ -21,7 +22,7 @@ from moonprune.outputs import atomic_path
 
 
 def to_sparse_storage(
-    path: str | Path, check_inputs: np.ndarray, min_sparsity: float = 0.7
+    path: str | Path, check_inputs: np.ndarray | InputBatches, min_sparsity: float = 0.7
 ) -> dict[str, Any]:
     """Rewrite ``path`` in place with sparse initializers; returns what changed."""
     import onnx

@@ -214,3 +214,30 @@ def test_the_progress_bar_shows_images_per_second() -> None:
         for step in range(3):
             bar.on_step(StepInfo(0, step, 3, 0.5, 0.01, None, 0.2, 64))
     assert "img/s" in out.getvalue()
+
+
+def test_a_streamed_folder_compresses_exports_and_verifies(folder: Path, tmp_path: Path) -> None:
+    """The whole CLI on a lazily read folder: compress (with its ONNX file), export
+    (int8, evaluated batch by batch in onnxruntime) and verify agree with each other."""
+    import json
+
+    torch.manual_seed(0)
+    torch.save(demo_cnn(num_classes=6, width=8).state_dict(), tmp_path / "dense.pt")
+    runner, out = CliRunner(), tmp_path / "run"
+    result = runner.invoke(app, [
+        "compress", str(tmp_path / "dense.pt"), "--arch", "moonprune.models:demo_cnn",
+        "--arch-kwargs", '{"width": 8}', "--data", str(folder), "--ood", "noise",
+        "--out", str(out), "--epochs", "2", "--sparsity", "0.5", "--workers", "1",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    accuracy = report["models"]["compressed"]["accuracy"]
+    result = runner.invoke(app, ["export", str(out / "model.pt"), "--out",
+                                 str(tmp_path / "int8.onnx"), "--quantize", "int8"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["verify", str(out / "model.pt"), "--workers", "0",
+                                 "--json", str(tmp_path / "verify.json")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    verified = json.loads((tmp_path / "verify.json").read_text())
+    assert verified["models"]["compressed"]["accuracy"] == pytest.approx(accuracy, abs=1e-9)
+    assert (tmp_path / "int8.onnx").stat().st_size > 0
