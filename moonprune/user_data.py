@@ -1,4 +1,5 @@
-"""Readers for the user's own data: an ImageFolder and an ``.npz`` file.
+"""Readers for the user's own data: one image file, an ImageFolder's listing (read
+by :mod:`moonprune.folders`) and an ``.npz`` file (memory-mapped when uncompressed).
 
 A file a user brings is untrusted input: every way it can be wrong (no rows, labels
 that are not class indices, pixels that are not numbers, an image too large to
