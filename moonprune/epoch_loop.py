@@ -1,7 +1,9 @@
 """One epoch of sparse fine-tuning, per batch::
 
-    logits = model(x); loss = schedule.loss(...) or cross_entropy(...)
-    loss.backward(); optimizer.step(); masker.step()   # .grad is the dense gradient
+    logits = model(x)
+    schedule.observe(logits, y, epoch)                  # MOON: the ramp's statistic
+    loss = moon_loss(logits, y, schedule.a_for(epoch))  # (no MOON: cross_entropy)
+    loss.backward(); optimizer.step(); masker.step()    # .grad is the dense gradient
     averaging.maybe_update(...)                         # last epochs only
 
 and at the epoch's end: ``schedule.end_epoch``, BatchNorm recalibration of the
@@ -22,7 +24,7 @@ from moonprune.augment import augment_batch
 from moonprune.batching import index_batches, iterate_batches, min_rows_per_batch, read_batches
 from moonprune.errors import ConfigError
 from moonprune.lr_schedule import lr_shape
-from moonprune.objectives import Reduction
+from moonprune.objectives import Reduction, moon_loss
 from moonprune.streaming import batch_rows
 from moonprune.train_records import EpochInfo, StepInfo, _Diverged
 from moonprune.unknown_forward import SynthesizedUnknowns
@@ -70,7 +72,8 @@ class EpochLoop(SynthesizedUnknowns):
         if self.schedule is None:
             loss = F.cross_entropy(logits, y, reduction=reduction)
         else:
-            loss = self.schedule.loss(logits, y, epoch, reduction)
+            self.schedule.observe(logits, y, epoch)
+            loss = moon_loss(logits, y, self.schedule.a_for(epoch), reduction)
         if not self.dist.enabled:
             return loss, loss.item() * len(y)
         return self.dist.share_of_mean(loss, n_global), loss.item()

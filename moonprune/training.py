@@ -2,8 +2,10 @@
 
 One epoch (:mod:`moonprune.epoch_loop`), per batch::
 
-    logits = model(x); loss = schedule.loss(...) or cross_entropy(...)
-    loss.backward(); optimizer.step(); masker.step()   # .grad is the dense gradient
+    logits = model(x)
+    schedule.observe(logits, y, epoch)                  # MOON: the ramp's statistic
+    loss = moon_loss(logits, y, schedule.a_for(epoch))  # (no MOON: cross_entropy)
+    loss.backward(); optimizer.step(); masker.step()    # .grad is the dense gradient
     averaging.maybe_update(...)                         # last epochs only
 
 and at the epoch's end: ``schedule.end_epoch``, BatchNorm recalibration of the
