@@ -8,126 +8,38 @@ set is converted to it, so the model always sees the same kind of tensor.
 
 Splits are stratified and deterministic in the seed: the same spec and seed give the
 same train/val/test indices on every machine.
+
+The containers live in :mod:`moonprune.image_sets`, :class:`Preprocessing` in
+:mod:`moonprune.preprocessing` and OOD loading in :mod:`moonprune.ood_sets`; this
+module is their public home and owns the ID splits.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, overload
 
 import numpy as np
 import torch
 
 from moonprune import folders, sources
 from moonprune.errors import DataError
-from moonprune.rows import LazyRows
+from moonprune.image_sets import ImageSet as ImageSet
+from moonprune.image_sets import Splits as Splits
+from moonprune.ood_sets import load_ood as load_ood
+from moonprune.preprocessing import Preprocessing as Preprocessing
+from moonprune.preprocessing import conform_to as conform_to
+from moonprune.preprocessing import dataset_preprocessing as dataset_preprocessing
 from moonprune.sources import RawImages
-from moonprune.specs import ReadOptions, load_raw, parse_spec, take_classes
-from moonprune.streaming import LazyImages, channel_stats
+from moonprune.specs import ReadOptions as ReadOptions
+from moonprune.specs import load_raw as load_raw
+from moonprune.specs import parse_spec as parse_spec
+from moonprune.specs import take_classes
 
 logger = logging.getLogger(__name__)
 
 #: Default train/val/test fractions when a source has no split of its own.
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How raw pixels become model input: ``((raw * scale) - mean[c]) / std[c]``.
-
-    ``raw * scale`` is the pixel in [0, 1]; ``normalize`` names the convention that
-    chose ``mean``/``std`` (``--normalize``: ``none``, ``dataset``, ``imagenet``, ...;
-    ``None`` in a checkpoint written before the option existed, which used ``dataset``).
-    """
-
-    channels: int
-    height: int
-    width: int
-    scale: float
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    normalize: str | None = None
-
-    @overload
-    def normalise(self, images01: np.ndarray) -> torch.Tensor: ...
-    @overload
-    def normalise(self, images01: LazyRows) -> LazyImages: ...
-
-    def normalise(self, images01: np.ndarray | LazyRows) -> torch.Tensor | LazyImages:
-        """``(N, C, H, W)`` images in [0, 1] -> float32 model input (a lazy view gives a
-        :class:`~moonprune.streaming.LazyImages`, normalised as its batches are read)."""
-        if isinstance(images01, LazyRows):
-            return LazyImages(images01, self)
-        mean = np.asarray(self.mean, dtype=np.float32).reshape(1, -1, 1, 1)
-        std = np.asarray(self.std, dtype=np.float32).reshape(1, -1, 1, 1)
-        return torch.from_numpy(((images01.astype(np.float32) - mean) / std).copy())
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """``(C, H, W)`` the model takes."""
-        return (self.channels, self.height, self.width)
-
-    def as_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {
-            "channels": self.channels,
-            "height": self.height,
-            "width": self.width,
-            "scale": self.scale,
-            "mean": list(self.mean),
-            "std": list(self.std),
-        }
-        if self.normalize is not None:
-            d["normalize"] = self.normalize
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
-        return cls(
-            channels=int(d["channels"]),
-            height=int(d["height"]),
-            width=int(d["width"]),
-            scale=float(d["scale"]),
-            mean=tuple(float(v) for v in d["mean"]),
-            std=tuple(float(v) for v in d["std"]),
-            normalize=d.get("normalize"),
-        )
-
-
-@dataclass(frozen=True)
-class ImageSet:
-    """Model-ready tensors: ``x`` float32 ``(N, C, H, W)``, ``y`` int64 ``(N,)`` (-1 = none).
-
-    ``x`` is a tensor, or for data read lazily a :class:`~moonprune.streaming.LazyImages`
-    with the same ``len``/``shape``/``split``/indexing, read in batches on demand.
-    """
-
-    name: str
-    x: torch.Tensor | LazyImages
-    y: torch.Tensor
-    classes: tuple[str, ...] = field(default=())
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-
-@dataclass(frozen=True)
-class Splits:
-    """The ID data: train (fine-tuning), val (threshold, BN), test (the report)."""
-
-    train: ImageSet
-    val: ImageSet
-    test: ImageSet
-    preprocessing: Preprocessing
-
-    @property
-    def classes(self) -> tuple[str, ...]:
-        return self.train.classes
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.train.classes)
 
 
 def stratified_split(
@@ -264,23 +176,6 @@ def read_split_images(
     return parts
 
 
-def dataset_preprocessing(train: RawImages) -> Preprocessing:
-    """The training split's own per-channel mean/std (``--normalize dataset``)."""
-    mean, std = channel_stats(train.images)
-    std = np.maximum(std, 1e-3)
-    _, c, h, w = train.images.shape
-    return Preprocessing(
-        c, h, w, float(train.pixel_scale), tuple(map(float, mean)), tuple(map(float, std)),
-        "dataset",
-    )  # fmt: skip
-
-
-def conform_to(raw: RawImages, pre: Preprocessing) -> RawImages:
-    """``raw`` converted to ``pre``'s channels and size (unchanged when they match)."""
-    images = sources.conform(raw.images, pre.channels, (pre.height, pre.width))
-    return RawImages(images, raw.labels, raw.classes, raw.pixel_scale)
-
-
 def make_splits(
     spec: str, parts: dict[str, RawImages], preprocessing: Preprocessing | None = None
 ) -> Splits:
@@ -300,44 +195,3 @@ def make_splits(
         )
 
     return Splits(to_set("train"), to_set("val"), to_set("test"), pre)
-
-
-def load_ood(
-    spec: str,
-    preprocessing: Preprocessing,
-    seed: int = 0,
-    n_noise: int = 500,
-    options: ReadOptions | None = None,
-) -> ImageSet:
-    """An OOD set converted to the ID input (channels, size, normalisation); all of it.
-
-    Built-in sets and image folders are converted to the model's input (they are
-    images of their own size). An ``.npz`` array must already have the model's
-    shape: silently resizing a tensor could hide a mistake.
-
-    Example::
-
-        >>> import moonprune
-        >>> splits = moonprune.load_splits("digits:0-5")
-        >>> moonprune.load_ood("digits:6-9", splits.preprocessing).x.shape
-        torch.Size([714, 1, 8, 8])
-    """
-    if spec == "noise":
-        rng = np.random.default_rng(seed + 7919)
-        images: np.ndarray | LazyRows = rng.random(
-            (n_noise, *preprocessing.input_shape), dtype=np.float32
-        )
-    else:
-        raw = load_raw(spec, options)
-        images = raw.images
-        if images.shape[1:] != preprocessing.input_shape:
-            if parse_spec(spec)[0].endswith(".npz"):
-                raise DataError(
-                    f"OOD set {spec!r} has images of shape {images.shape[1:]} but the model "
-                    f"takes {preprocessing.input_shape}; save x in that shape"
-                )
-            images = sources.conform(
-                images, preprocessing.channels, (preprocessing.height, preprocessing.width)
-            )
-    x = preprocessing.normalise(images)
-    return ImageSet(spec, x, torch.full((len(x),), -1, dtype=torch.int64))

@@ -1,15 +1,15 @@
 """``compress``: checkpoint -> K+1 head -> sparse MOON fine-tuning -> report -> export.
 
 Each stage is its own module; this one only wires them together, validates every
-input *before* any output is written, and writes the outputs atomically.
+input *before* any output is written, and writes the outputs atomically. The inputs
+are :mod:`moonprune.compress_inputs`, the report :mod:`moonprune.run_report`, the
+export :mod:`moonprune.compress_export`.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import logging
 import os
 import time
 from collections.abc import Sequence
@@ -25,42 +25,29 @@ from moonprune.assessment import Assessment, assess_logits, collect
 from moonprune.batching import check_batch_size
 from moonprune.calibration import choose_temperature
 from moonprune.checkpoints import (
-    ArchSpec,
     DenseModel,
     MoonpruneCheckpoint,
-    load_dense,
     measured_sparsity,
     save_checkpoint,
 )
+from moonprune.compress_export import deployed_speed, export_run
+from moonprune.compress_inputs import CHANNEL, Inputs, input_paths, training_settings
+from moonprune.compress_inputs import prepare_inputs as prepare_inputs
 from moonprune.config import CompressConfig
-from moonprune.data import (
-    ImageSet,
-    ReadOptions,
-    Splits,
-    load_ood,
-    make_splits,
-    parse_spec,
-    read_split_images,
-)
 from moonprune.distributed import DistContext, from_env
-from moonprune.errors import CheckpointError, ConfigError
+from moonprune.errors import ConfigError
 from moonprune.feature_scores import FeatureOptions
-from moonprune.heads import add_unknown_output_, find_classifier, output_width
-from moonprune.normalization import NormalizationChoice, choose_normalization
+from moonprune.gate_checks import GateCheck, check_gates
+from moonprune.heads import add_unknown_output_, find_classifier
 from moonprune.outputs import OutputDir, write_json
-from moonprune.reliability.scores import check_score
 from moonprune.reporting import layer_sparsity, unknowns_summary, write_html_report
+from moonprune.run_report import Calibrated, RunFacts, build_report
 from moonprune.sparsity import MASKERS
 from moonprune.sparsity.channel.settings import check_channel_config
 from moonprune.sparsity.channel.structure import module_structure
 from moonprune.sparsity.channel.training import train_channel_pruned
-from moonprune.streaming import LazyImages
+from moonprune.train_records import TrainResult
 from moonprune.training import TrainCallback, train
-from moonprune.verification import GateCheck, check_gates
-from moonprune.weights import ClassCountMismatch
-
-logger = logging.getLogger(__name__)
-CHANNEL = "channel"
 
 
 def resolve_device(name: str, dist: DistContext | None = None) -> torch.device:
@@ -89,119 +76,6 @@ class CompressResult:
     checkpoint: MoonpruneCheckpoint
     files: dict[str, Path] = field(default_factory=dict)
     checks: list[GateCheck] = field(default_factory=list)
-
-
-@dataclass
-class Inputs:
-    """Everything validated and loaded before training starts."""
-
-    dense: DenseModel
-    splits: Splits
-    ood: dict[str, ImageSet]
-    normalization: NormalizationChoice
-
-
-def prepare_inputs(
-    cfg: CompressConfig, dense: DenseModel | None = None, device: torch.device | None = None
-) -> Inputs:
-    """Load data and model and check they fit together (class count, input shape), then
-    normalise the data as the model expects (``cfg.normalize``, evaluated on ``device``)."""
-    options = ReadOptions(cfg.image_size, cfg.channels, cfg.on_bad_image, cfg.workers)
-    parts = read_split_images(cfg.data, seed=cfg.train.seed, options=options)
-    splits = make_splits(cfg.data, parts)
-    if dense is None:
-        arch = None
-        if cfg.arch:
-            pre = splits.preprocessing
-            arch = ArchSpec(cfg.arch, dict(cfg.arch_kwargs)).with_defaults(
-                num_classes=splits.num_classes, in_channels=pre.channels
-            )
-        dense = _load_for_data(cfg, arch, splits)
-    if dense.preprocessing is not None:  # a moonprune checkpoint keeps its own inputs
-        splits = make_splits(cfg.data, parts, dense.preprocessing)
-    try:
-        width = output_width(dense.model, splits.train.x[:2])
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"the model cannot run on the data's input of shape "
-            f"{tuple(splits.train.x.shape[1:])}: {str(exc).splitlines()[0]}; check --arch and "
-            "the data"
-        ) from None
-    expected = splits.num_classes + (1 if dense.head_layer else 0)
-    if dense.head_layer and not cfg.moon.enabled:
-        raise ConfigError(
-            "the starting model already has the unknown output (a moonprune checkpoint); "
-            "continue with MOON (drop --no-moon) or start from the dense model"
-        )
-    if width != expected:
-        raise CheckpointError(
-            f"the model has {width} outputs but the data {cfg.data!r} has "
-            f"{splits.num_classes} classes; pick a matching class subset (e.g. "
-            f"{cfg.data.partition(':')[0]}:0-{width - 1}) or the right checkpoint"
-        )
-    if dense.arch is None:
-        raise CheckpointError(
-            "a whole pickled module cannot be rebuilt for the saved checkpoint; "
-            "also pass --arch package.module:factory"
-        )
-    check_score(cfg.score)
-    if cfg.sparsity.method != CHANNEL:
-        MASKERS.create(cfg.sparsity.method, cfg.sparsity.masker_config(cfg.train.seed))
-    if device is not None:  # the candidates are evaluated where the model will train
-        dense.model.to(device)
-    choice = choose_normalization(
-        dense.model,
-        parts["val"],
-        splits.preprocessing,
-        cfg.normalize,
-        splits.num_classes,
-        dense.preprocessing,
-    )
-    if choice.preprocessing != splits.preprocessing:
-        splits = make_splits(cfg.data, parts, choice.preprocessing)
-    ood = {
-        spec: load_ood(spec, splits.preprocessing, seed=cfg.train.seed, options=options)
-        for spec in cfg.ood
-    }
-    return Inputs(dense, splits, ood, choice)
-
-
-def _load_for_data(cfg: CompressConfig, arch: ArchSpec | None, splits: Splits) -> DenseModel:
-    """:func:`load_dense`; when ``num_classes`` was taken from the data (not given by the
-    user), a classifier of another width means the data is the thing to change."""
-    try:
-        return load_dense(cfg.checkpoint, arch, cfg.trust_checkpoint, splits.train.x[:2])
-    except ClassCountMismatch as exc:
-        if "num_classes" in cfg.arch_kwargs or exc.model_classes != splits.num_classes:
-            raise
-        n, name = exc.checkpoint_classes, parse_spec(cfg.data)[0]
-        raise CheckpointError(
-            f"the checkpoint has {n} classes but the data {cfg.data!r} has "
-            f"{splits.num_classes}; pick a class subset such as {name}:0-{n - 1}, or the "
-            "right checkpoint"
-        ) from None
-
-
-@dataclass
-class Calibrated:
-    """A model's assessment with its temperature, and the same without (T = 1)."""
-
-    after: Assessment
-    before: Assessment
-
-    def summary(self) -> dict[str, Any]:
-        """ECE/NLL/AUROC before and after temperature scaling (the report's view)."""
-        b, a = self.before.metrics, self.after.metrics
-        auroc_b = {n: m["auroc"] for n, m in b["ood"].items()}
-        auroc_a = {n: m["auroc"] for n, m in a["ood"].items()}
-        return {
-            "temperature": self.after.temperature,
-            "temperature_fit": self.after.temperature_record(),
-            "ece_before": b["ece"], "ece_after": a["ece"],
-            "nll_before": b["nll"], "nll_after": a["nll"],
-            "auroc_before": auroc_b, "auroc_after": auroc_a,
-            "auroc_changed": any(abs(auroc_a[n] - auroc_b[n]) > 1e-12 for n in auroc_a),
-        }  # fmt: skip
 
 
 def _assess(model: nn.Module, inputs: Inputs, cfg: CompressConfig) -> Calibrated:
@@ -257,31 +131,6 @@ def compress(
         out.unlock()
 
 
-def input_paths(cfg: CompressConfig) -> list[str]:
-    """The files and folders a run reads (``--out`` must not replace any of them)."""
-    specs = [cfg.data, *cfg.ood]  # "folder:0-3" names the folder before the colon
-    return [cfg.checkpoint, *specs, *(s.rpartition(":")[0] for s in specs if ":" in s)]
-
-
-#: Settings that do not change the trained weights (a resumed run may change them).
-_NOT_TRAINING = ("out", "ood", "gates", "export", "device", "score", "tpr", "temperature",
-                 "ece_bins", "trust_checkpoint", "feature_bank", "knn_k", "workers")  # fmt: skip
-
-
-def training_settings(cfg: CompressConfig, splits: Splits) -> dict[str, Any]:
-    """What shapes the trained weights: the settings, and a digest of the training rows
-    (a data folder whose images changed is other data under the same name)."""
-    digest = hashlib.sha256()
-    x = splits.train.x
-    if isinstance(x, LazyImages):  # the files' names, sizes and times, not the pixels
-        digest.update(x.fingerprint())
-    else:
-        digest.update(x.detach().cpu().contiguous().numpy().tobytes())
-    digest.update(splits.train.y.detach().cpu().contiguous().numpy().tobytes())
-    settings = {k: v for k, v in cfg.as_dict().items() if k not in _NOT_TRAINING}
-    return {**settings, "training_data_sha256": digest.hexdigest()}
-
-
 def _compress(
     cfg: CompressConfig,
     out: OutputDir,
@@ -303,33 +152,68 @@ def _compress(
     if cfg.arch and inputs.dense.arch is not None:  # record the kwargs actually used
         cfg = dataclasses.replace(cfg, arch_kwargs=dict(inputs.dense.arch.kwargs))
     dense_model = inputs.dense.model.to(device).eval()
-    assert inputs.dense.arch is not None  # prepare_inputs checked it
     # settings that cannot train fail now, before the minutes of dense evaluation
     check_batch_size(dense_model, cfg.train.batch_size, dist.world_size)
     if cfg.sparsity.method == CHANNEL:
         check_channel_config(cfg)
     t0 = time.perf_counter()
     dense_calibrated = _assess(dense_model, inputs, cfg)
-    dense_assessment = dense_calibrated.after
     dense_eval_s = time.perf_counter() - t0
-
     model = copy.deepcopy(dense_model)
-    head_layer = None
-    if inputs.dense.head_layer:  # continuing from a moonprune checkpoint: already K+1
-        head_layer = inputs.dense.head_layer
-    elif cfg.moon.enabled:
-        head_layer = add_unknown_output_(
-            model, inputs.splits.train.x[:2].to(device), cfg.head_layer
-        )
-    structure_stats: dict[str, Any] | None = None
+    head_layer = _unknown_head(model, inputs, cfg, device)
     work = out.open() if dist.is_main else out.work
     if dist.is_main and not resume:
         out.save_settings(settings)
+    t0 = time.perf_counter()
+    result, structure_stats = _train(model, head_layer, inputs, cfg, out, dist, device,
+                                     callback, resume)  # fmt: skip
+    train_s = time.perf_counter() - t0
+    compressed = result.model.eval()
+    unknowns, synthesized = unknowns_summary(
+        compressed, inputs.splits.val, cfg.moon, cfg.train.seed
+    )
+    calibrated = _assess(compressed, inputs, cfg)
+    assessment, dense_assessment = calibrated.after, dense_calibrated.after
+    checks = check_gates(cfg.gates, assessment, dense_assessment) if cfg.gates.any else []
+    facts = RunFacts(measured_sparsity(compressed), structure_stats, unknowns, dense_eval_s,
+                     train_s)  # fmt: skip
+    report = build_report(cfg, inputs, dense_calibrated, calibrated, result, facts, checks)
+    ckpt = _checkpoint(cfg, inputs, compressed, head_layer, result, assessment,
+                       dense_assessment.metrics, structure_stats)  # fmt: skip
+    if not dist.is_main:  # data-parallel: rank 0 writes the outputs
+        return CompressResult(out.final, report, ckpt, {}, checks)
+    models = {"dense": dense_model, "compressed": compressed}
+    assessments = {"dense": dense_assessment, "compressed": assessment}
+    names = _write_outputs(cfg, inputs, ckpt, report, facts, models, assessments, synthesized,
+                           work, t_start)  # fmt: skip
+    final = out.commit()
+    files = {name: final / name for name in names}
+    return CompressResult(final, report, ckpt, files, checks)
+
+
+def _unknown_head(
+    model: nn.Module, inputs: Inputs, cfg: CompressConfig, device: torch.device
+) -> str | None:
+    """The layer holding the unknown output: the checkpoint's when continuing from a
+    moonprune checkpoint (already K+1), else added now when MOON is on."""
+    if inputs.dense.head_layer:
+        return inputs.dense.head_layer
+    if cfg.moon.enabled:
+        return add_unknown_output_(model, inputs.splits.train.x[:2].to(device), cfg.head_layer)
+    return None
+
+
+def _train(
+    model: nn.Module, head_layer: str | None, inputs: Inputs, cfg: CompressConfig,
+    out: OutputDir, dist: Any, device: torch.device, callback: TrainCallback | None,
+    resume: bool,
+) -> tuple[TrainResult, dict[str, Any] | None]:  # fmt: skip
+    """Fine-tune ``model`` with a masker, or prune its channels (then also the
+    structure's record); an interrupted run with no state to resume leaves nothing."""
     try:
-        t0 = time.perf_counter()
         if cfg.sparsity.method == CHANNEL:
             head = head_layer or find_classifier(model, inputs.splits.train.x[:2].to(device))
-            result, structure_stats = train_channel_pruned(
+            return train_channel_pruned(
                 model,
                 inputs.splits.train,
                 head,
@@ -339,87 +223,33 @@ def _compress(
                 state_path=out.state_path,
                 resume=resume,
             )
-        else:
-            masker = MASKERS.create(cfg.sparsity.method, cfg.sparsity.masker_config(cfg.train.seed))
-            result = train(
-                model,
-                masker,
-                inputs.splits.train,
-                cfg.train,
-                cfg.moon,
-                state_path=out.state_path,
-                resume=resume,
-                callback=callback if dist.is_main else None,
-                dist=dist,
-            )
-        train_s = time.perf_counter() - t0
+        masker = MASKERS.create(cfg.sparsity.method, cfg.sparsity.masker_config(cfg.train.seed))
+        result = train(
+            model,
+            masker,
+            inputs.splits.train,
+            cfg.train,
+            cfg.moon,
+            state_path=out.state_path,
+            resume=resume,
+            callback=callback if dist.is_main else None,
+            dist=dist,
+        )
+        return result, None
     except (Exception, KeyboardInterrupt):
         if dist.is_main and not out.state_path.exists():  # nothing to resume: leave nothing
             out.discard()
         raise
-    compressed = result.model.eval()
-    unknowns, synthesized = unknowns_summary(
-        compressed, inputs.splits.val, cfg.moon, cfg.train.seed
-    )
-    calibrated = _assess(compressed, inputs, cfg)
-    assessment = calibrated.after
-    dense_metrics, compressed_metrics = dense_assessment.metrics, assessment.metrics
-    checks = check_gates(cfg.gates, assessment, dense_assessment) if cfg.gates.any else []
-    sparsity = measured_sparsity(compressed)
-    report: dict[str, Any] = {
-        "moonprune_version": _version(),
-        "structure": structure_stats,
-        "method": cfg.sparsity.method,
-        "moon": cfg.moon.enabled,
-        "unknowns": unknowns,
-        # channel runs aim at a MAC or parameter fraction (in "structure"), not at zeros
-        "target_sparsity": None if structure_stats else cfg.sparsity.sparsity,
-        "sparsity": sparsity,
-        "threshold": assessment.threshold,
-        "tpr": cfg.tpr,
-        "score": cfg.score,
-        "acceptance": assessment.acceptance,
-        "models": {"dense": dense_metrics, "compressed": compressed_metrics},
-        "ci": {"dense": dense_assessment.ci, "compressed": assessment.ci},
-        "temperature": assessment.temperature,
-        "calibration": {"dense": dense_calibrated.summary(), "compressed": calibrated.summary()},
-        "gates": [c.as_dict() for c in checks],
-        "passed": all(c.passed for c in checks),
-        "timing": {
-            "dense_eval_s": dense_eval_s,
-            "train_s": train_s,
-            "epoch_s_mean": float(np.mean([h.seconds for h in result.history]))
-            if result.history
-            else 0.0,
-        },
-        "data": {
-            "id": cfg.data,
-            "classes": list(inputs.splits.classes),
-            "n_train": len(inputs.splits.train),
-            "n_val": len(inputs.splits.val),
-            "n_test": len(inputs.splits.test),
-            "ood": {name: len(s) for name, s in inputs.ood.items()},
-        },
-        "preprocessing": inputs.normalization.as_dict(),
-        "history": [
-            {"epoch": h.epoch, "loss": h.loss, "lr": h.lr, "a": h.a, "density": h.density}
-            | {"unknown_rate": h.unknown_rate}
-            for h in result.history
-        ],
-        "rollbacks": [vars(r) for r in getattr(result, "rollbacks", [])],
-        # the method's figure (the paper reports T = 1) beside the deployed one
-        "auroc_t1": {
-            "dense": _aurocs(dense_calibrated.before),
-            "compressed": _aurocs(calibrated.before),
-        },
-        "warnings": inputs.normalization.warnings()
-        + accuracy_warnings(dense_metrics, compressed_metrics)
-        + unknowns["warnings"],
-        # AUROC / FPR95 of every score, so the user sees which one works on this data
-        "scores": {"dense": dense_assessment.score_table, "compressed": assessment.score_table},
-        "config": cfg.as_dict(),
-    }
-    ckpt = MoonpruneCheckpoint(
+
+
+def _checkpoint(
+    cfg: CompressConfig, inputs: Inputs, compressed: nn.Module, head_layer: str | None,
+    result: TrainResult, assessment: Assessment, dense_metrics: dict[str, Any],
+    structure_stats: dict[str, Any] | None,
+) -> MoonpruneCheckpoint:  # fmt: skip
+    """The compressed model with everything needed to deploy and re-verify it."""
+    assert inputs.dense.arch is not None  # prepare_inputs checked it
+    return MoonpruneCheckpoint(
         model=compressed.cpu(),
         arch=inputs.dense.arch,
         classes=inputs.splits.classes,
@@ -434,18 +264,27 @@ def _compress(
         tpr=cfg.tpr,
         score=cfg.score,
         config=cfg.as_dict(),
-        metrics={"dense": dense_metrics, "compressed": compressed_metrics},
+        metrics={"dense": dense_metrics, "compressed": assessment.metrics},
         feature_stats=assessment.feature_stats,
     )
-    if not dist.is_main:  # data-parallel: rank 0 writes the outputs
-        return CompressResult(out.final, report, ckpt, {}, checks)
+
+
+def _write_outputs(
+    cfg: CompressConfig, inputs: Inputs, ckpt: MoonpruneCheckpoint, report: dict[str, Any],
+    facts: RunFacts, models: dict[str, nn.Module], assessments: dict[str, Assessment],
+    synthesized: dict[str, np.ndarray], work: Path, t_start: float,
+) -> list[str]:  # fmt: skip
+    """model.pt, model.onnx (with ``export``), report.json/.html and recipe.json written
+    to ``work``; adds the export's record and timing to ``report``. Returns the names."""
     files = {"model.pt": save_checkpoint(ckpt, work / "model.pt")}
     if cfg.export:
         t0 = time.perf_counter()
-        files["model.onnx"], report["export"] = _export(ckpt, inputs, work / "model.onnx", sparsity)
-        if structure_stats is not None:
-            report["structure"]["speed"] = _deployed_speed(
-                files["model.onnx"], dense_model, dense_assessment, inputs, cfg
+        files["model.onnx"], report["export"] = export_run(
+            ckpt, inputs, work / "model.onnx", facts.sparsity
+        )
+        if facts.structure is not None:
+            report["structure"]["speed"] = deployed_speed(
+                files["model.onnx"], models["dense"], assessments["dense"], inputs, cfg
             )
         report["timing"]["export_s"] = time.perf_counter() - t0
     report["timing"]["total_s"] = time.perf_counter() - t_start
@@ -453,87 +292,9 @@ def _compress(
     write_html_report(
         work / "report.html",
         report,
-        {"dense": dense_assessment, "compressed": assessment},
-        {"dense": layer_sparsity(dense_model), "compressed": layer_sparsity(compressed)},
+        assessments,
+        {name: layer_sparsity(model) for name, model in models.items()},
         synthesized,
     )
     write_json(cfg.as_dict(), work / "recipe.json")
-    final = out.commit()
-    files = {name: final / name for name in [*files, "report.json", "report.html", "recipe.json"]}
-    return CompressResult(final, report, ckpt, files, checks)
-
-
-#: A compressed model this far (accuracy, absolute) below the dense one is flagged.
-ACCURACY_DROP_WARNING = 0.05
-
-
-def accuracy_warnings(dense: dict[str, Any], compressed: dict[str, Any]) -> list[str]:
-    """The report's and console's warning when fine-tuning lost much accuracy."""
-    drop = dense["accuracy"] - compressed["accuracy"]
-    if drop <= ACCURACY_DROP_WARNING:
-        return []
-    return [
-        f"the compressed model's accuracy is {100 * drop:.1f} points below the dense model's "
-        f"({100 * compressed['accuracy']:.1f}% vs {100 * dense['accuracy']:.1f}%); try more "
-        "--epochs, a lower --sparsity or a lower --lr"
-    ]
-
-
-def _aurocs(assessment: Assessment) -> dict[str, float]:
-    return {name: m["auroc"] for name, m in assessment.metrics["ood"].items()}
-
-
-def _export(
-    ckpt: MoonpruneCheckpoint, inputs: Inputs, path: Path, sparsity: float
-) -> tuple[Path, dict[str, Any]]:
-    from moonprune.exporters import export_onnx
-
-    assert ckpt.threshold is not None
-    export_report = export_onnx(
-        ckpt.model,
-        path,
-        num_known=ckpt.num_known,
-        input_shape=ckpt.preprocessing.input_shape,
-        threshold=ckpt.threshold,
-        tpr=ckpt.tpr,
-        score=ckpt.score,
-        classes=list(ckpt.classes),
-        preprocessing=ckpt.preprocessing.as_dict(),
-        sparsity=sparsity,
-        temperature=ckpt.temperature,
-        example_inputs=inputs.splits.val.x[:64],
-        feature_stats=ckpt.feature_stats,
-    )
-    return path, export_report.as_dict()
-
-
-def _deployed_speed(
-    path: Path, dense_model: nn.Module, dense: Assessment, inputs: Inputs, cfg: CompressConfig
-) -> dict[str, Any]:
-    """The exported channel-pruned file timed against the dense model exported with the
-    same rejector (score, and the dense model's own threshold and statistics), at batch
-    1 and ``--latency-batch`` (:func:`moonprune.speed.time_speedups`)."""
-    import tempfile
-
-    from moonprune.exporters import export_onnx
-    from moonprune.speed import default_threads, time_speedups
-
-    threads = cfg.sparsity.threads or default_threads()
-    batches = tuple(dict.fromkeys((1, cfg.sparsity.latency_batch)))
-    with tempfile.TemporaryDirectory(prefix="moonprune-dense-") as tmp:
-        dense_path = Path(tmp) / "dense.onnx"
-        export_onnx(copy.deepcopy(dense_model).cpu(), dense_path,
-                    num_known=len(inputs.splits.classes),
-                    input_shape=inputs.splits.preprocessing.input_shape,
-                    threshold=dense.threshold, score=cfg.score,
-                    temperature=dense.temperature, example_inputs=inputs.splits.val.x[:64],
-                    feature_stats=dense.feature_stats)  # fmt: skip
-        measured = time_speedups(dense_path, {"model": path}, batches, threads)["model"]
-    return {"speedup": {str(b): v for b, v in measured.items()}, "threads": threads,
-            "compared_with": "the dense model exported with the same rejector"}  # fmt: skip
-
-
-def _version() -> str:
-    from moonprune import __version__
-
-    return __version__
+    return [*files, "report.json", "report.html", "recipe.json"]

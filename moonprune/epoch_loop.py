@@ -1,0 +1,196 @@
+"""One epoch of sparse fine-tuning, per batch::
+
+    logits = model(x)
+    schedule.observe(logits, y, epoch)                  # MOON: the ramp's statistic
+    loss = moon_loss(logits, y, schedule.a_for(epoch))  # (no MOON: cross_entropy)
+    loss.backward(); optimizer.step(); masker.step()    # .grad is the dense gradient
+    averaging.maybe_update(...)                         # last epochs only
+
+and at the epoch's end: ``schedule.end_epoch``, BatchNorm recalibration of the
+average, and the epoch's record. Shuffling, augmentation and dropout are seeded per
+epoch (``seed``, ``epoch``), so a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moonprune.augment import augment_batch
+from moonprune.batching import index_batches, iterate_batches, min_rows_per_batch, read_batches
+from moonprune.errors import ConfigError
+from moonprune.lr_schedule import lr_shape
+from moonprune.objectives import Reduction, moon_loss
+from moonprune.streaming import batch_rows
+from moonprune.train_records import EpochInfo, StepInfo, _Diverged
+from moonprune.unknown_forward import SynthesizedUnknowns
+from moonprune.unknowns import epoch_generator
+
+logger = logging.getLogger(__name__)
+
+#: An epoch whose ID training rows go to "unknown" (argmax K) more often than this warns.
+UNKNOWN_RATE_WARNING = 0.01
+
+
+@dataclass
+class EpochTotals:
+    """What one epoch's steps add up on this rank (and the last step's lr, density)."""
+
+    loss: float = 0.0
+    rows: int = 0
+    unknown: int = 0
+    lr: float = 0.0
+    density: float = 1.0
+
+
+@dataclass(frozen=True)
+class EpochDraws:
+    """The epoch's seeded random streams: augmentation (the same on every rank) and
+    synthesized unknowns (each rank its own)."""
+
+    augment: torch.Generator
+    unknowns: torch.Generator
+
+
+class EpochLoop(SynthesizedUnknowns):
+    """The trainer's epoch: its batches, each optimisation step, and the epoch's record."""
+
+    def _loss(
+        self, logits: torch.Tensor, y: torch.Tensor, epoch: int, n_global: int
+    ) -> tuple[torch.Tensor, float]:
+        """The loss to back-propagate and the sum of the per-row losses of ``y``'s rows.
+
+        One process: the batch mean. Data-parallel: this rank's row sum scaled by
+        :meth:`DistContext.share_of_mean`, so the averaged gradient is that of the mean
+        over all ``n_global`` rows (0 from a rank without rows, never NaN).
+        """
+        reduction: Reduction = "sum" if self.dist.enabled else "mean"
+        if self.schedule is None:
+            loss = F.cross_entropy(logits, y, reduction=reduction)
+        else:
+            self.schedule.observe(logits, y, epoch)
+            loss = moon_loss(logits, y, self.schedule.a_for(epoch), reduction)
+        if not self.dist.enabled:
+            return loss, loss.item() * len(y)
+        return self.dist.share_of_mean(loss, n_global), loss.item()
+
+    def _run_epoch(self, epoch: int) -> None:
+        start = time.perf_counter()
+        torch.manual_seed(self.cfg.seed * 100_003 + epoch)
+        self.model.train()
+        seed = self.cfg.seed * 100_003 + epoch
+        totals = EpochTotals(lr=self.cfg.lr)
+        # the global batches' indices; each rank reads only its own rows of each
+        global_batches = index_batches(
+            len(self.data), self.cfg.batch_size, seed, min_last=self.min_last
+        )
+        sizes = [len(b) for b in global_batches]
+        batches = read_batches(self.data, [self.dist.shard(b) for b in global_batches], self.device)
+        draws = EpochDraws(
+            # augmentation draws: seeded per epoch, made for the global batch on every rank
+            torch.Generator().manual_seed(seed + 7_919),
+            # synthesized unknowns: each rank draws from its own seeded stream
+            epoch_generator(self.cfg.seed, epoch, self.dist.rank),
+        )
+        for i, (x, y) in enumerate(batches):
+            self._train_step(epoch, i, x, y, sizes[i], draws, totals)
+        self._end_epoch(epoch, totals, start)
+
+    def _train_step(
+        self, epoch: int, i: int, x: torch.Tensor, y: torch.Tensor, n_global: int,
+        draws: EpochDraws, totals: EpochTotals,
+    ) -> None:  # fmt: skip
+        """One optimisation step on this rank's rows ``x``, ``y`` of global batch ``i``
+        (``n_global`` rows), added to ``totals``."""
+        x = augment_batch(x, self.cfg.augment, draws.augment, n_total=n_global, rows=self.dist.rows)
+        lr = self.cfg.lr * self.lr_scale * self._lr_shape(epoch, i)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.unknowns:
+            logits, unknown_loss = self._forward_with_unknowns(x, y, n_global, draws.unknowns)
+        else:
+            logits = self.forward(x)
+        self._outputs = logits.shape[-1]
+        loss, row_sum = self._loss(logits, y, epoch, n_global)
+        if self.unknowns:
+            loss = loss + unknown_loss
+        if self.schedule is not None:  # the guard's symptom: ID rows called unknown
+            totals.unknown += int((logits.detach().argmax(dim=-1) == logits.shape[-1] - 1).sum())
+        if not torch.isfinite(loss):
+            if self.dist.enabled:  # ranks cannot agree on a rollback mid-epoch
+                raise ConfigError(
+                    f"the loss became {loss.item()} at epoch {epoch + 1}, step {i}; "
+                    "lower the learning rate (--lr) or check the data for NaN"
+                )
+            raise _Diverged(f"the loss became {loss.item()} at step {i}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.masker.step()
+        if self.averaging is not None:
+            self.averaging.maybe_update(self.model, epoch, i, self.steps_per_epoch)
+        totals.loss += row_sum
+        totals.rows += len(y)
+        totals.lr = lr
+        if self.callback is not None:  # the step's loss: the mean over this rank's rows
+            if i % 20 == 0:
+                totals.density = self.masker.stats()["density"]
+            step_loss = row_sum / max(len(y), 1)
+            self.callback.on_step(
+                StepInfo(
+                    epoch, i, self.steps_per_epoch, step_loss, lr, self._a(), totals.density,
+                    len(y),
+                )
+            )  # fmt: skip
+
+    def _end_epoch(self, epoch: int, totals: EpochTotals, start: float) -> None:
+        """Advance the schedule, recalibrate the average's BatchNorm, record the epoch."""
+        a_used = self._a()  # the value this epoch trained with, before the ramp moves on
+        if self.schedule is not None:
+            self.schedule.end_epoch(epoch)
+        if self.averaging is not None:
+            recalibration = iterate_batches(
+                self.data,
+                batch_rows(self.data.x.shape, 256),
+                0,
+                self.device,
+                False,
+                min_rows_per_batch(self.model),
+            )
+            self.averaging.end_epoch(epoch, (x for x, _ in recalibration))
+        stats = self.masker.stats()
+        total_loss, n_rows, n_unknown_all = self.dist.all_reduce_sum(
+            [totals.loss, float(totals.rows), float(totals.unknown)]
+        )
+        unknown_rate = n_unknown_all / max(n_rows, 1) if self.schedule is not None else None
+        if unknown_rate is not None and unknown_rate > UNKNOWN_RATE_WARNING:
+            logger.warning(
+                "epoch %d: the model puts %.1f%% of the ID training rows into 'unknown'; "
+                "synthesized unknowns may look like ID data (try --unknowns none or a lower "
+                "--unknowns-weight)", epoch + 1, 100 * unknown_rate,
+            )  # fmt: skip
+        info = EpochInfo(
+            epoch,
+            total_loss / max(n_rows, 1),
+            totals.lr,
+            a_used,
+            stats["density"],
+            time.perf_counter() - start,
+            self.averaging is not None and self.averaging.is_active(epoch),
+            stats,
+            unknown_rate,
+        )
+        self.history.append(info)
+        if self.callback is not None:
+            self.callback.on_epoch_end(info)
+
+    def _lr_shape(self, epoch: int, step: int) -> float:
+        """The schedule's factor at this step (:func:`moonprune.lr_schedule.lr_shape`)."""
+        return lr_shape(epoch, step, self.steps_per_epoch, self.cfg, self.main_epochs)
+
+    def _a(self) -> float | None:
+        return None if self.schedule is None else self.schedule.a
