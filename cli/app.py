@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> Any:
     exit 2, like every bad input; an exception no command caught is exit 3, one line."""
     from typer._click.exceptions import ClickException
 
+    from moonprune.streaming import limit_heap_growth
+
+    limit_heap_growth()  # memory that does not grow with the data (see its docstring)
     args = argv if argv is not None else sys.argv[1:]
     try:
         code = app(args=args, prog_name="moonprune", standalone_mode=False)

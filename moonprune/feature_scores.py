@@ -98,5 +98,17 @@ def collect_outputs(
     for name in (n for n in FEATURE_SCORES if stats.has(n)):  # older stats lack some
         scorer = FeatureScore(name, stats)
         with torch.no_grad():
-            values[name] = {s: scorer(f).double().numpy() for s, (_, f) in outputs.items()}
+            values[name] = {s: _scored(scorer, f) for s, (_, f) in outputs.items()}
     return {name: logits for name, (logits, _) in outputs.items()}, FeatureScores(stats, values)
+
+
+#: Rows scored at once: bounds the (rows, classes, D) and (rows, bank) intermediates
+#: (every built-in evaluation set fits in one chunk).
+SCORE_ROWS = 4096
+
+
+def _scored(scorer: FeatureScore, features: torch.Tensor) -> np.ndarray:
+    """``scorer`` over ``features`` (N, D), :data:`SCORE_ROWS` rows at a time, float64."""
+    if len(features) == 0:
+        return scorer(features).double().numpy()
+    return torch.cat([scorer(chunk) for chunk in features.split(SCORE_ROWS)]).double().numpy()

@@ -21,6 +21,8 @@ fi
 ruff check moonprune cli exporters tests benchmarks examples
 ruff format --check moonprune cli exporters tests benchmarks examples
 mypy
+# issue 21's rules: modules <= 300 lines, functions <= 80, no import cycle
+python scripts/check_structure.py
 # API reference from the docstrings; any warning fails the build
 docs_dir=$(mktemp -d)
 python -W error::UserWarning -m pdoc -o "$docs_dir" moonprune

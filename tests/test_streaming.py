@@ -241,3 +241,18 @@ def test_a_streamed_folder_compresses_exports_and_verifies(folder: Path, tmp_pat
     verified = json.loads((tmp_path / "verify.json").read_text())
     assert verified["models"]["compressed"]["accuracy"] == pytest.approx(accuracy, abs=1e-9)
     assert (tmp_path / "int8.onnx").stat().st_size > 0
+
+
+def test_limit_heap_growth_sets_glibcs_threshold_unless_the_environment_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from moonprune.streaming import limit_heap_growth
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert limit_heap_growth() is False  # the user's own setting wins
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    expected = sys.platform.startswith("linux") and os.path.exists(
+        "/lib/x86_64-linux-gnu/libc.so.6"
+    )
+    if expected:
+        assert limit_heap_growth() is True
