@@ -163,7 +163,9 @@ def main() -> None:
     args = parser.parse_args()
     root = args.root or Path(tempfile.gettempdir()) / "moonprune-data-scale"
     import moonprune
+    from moonprune.streaming import limit_heap_growth
 
+    limit_heap_growth()  # as the CLI does: the loop comparison below runs in-process
     torch.manual_seed(0)
     ckpt = root / "resnet8.pt"
     root.mkdir(parents=True, exist_ok=True)
