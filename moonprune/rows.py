@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from moonprune.errors import DataError
+from moonprune.pixels import conform_one, read_image
 
 #: Rows read per chunk by the statistics and validation passes.
 CHUNK = 256
@@ -98,9 +99,6 @@ class FolderSource(RowSource):
         self.n = len(self.files)
 
     def read(self, index: int) -> np.ndarray:
-        from moonprune.sources import conform_one
-        from moonprune.user_data import read_image
-
         path = self.files[index]
         try:
             image, _ = read_image(path)
@@ -134,8 +132,6 @@ class ConformedSource(RowSource):
         self.row_shape = (self.channels, *self.size)
 
     def read(self, index: int) -> np.ndarray:
-        from moonprune.sources import conform_one
-
         return conform_one(self.base.read(index), self.channels, self.size)
 
     def fingerprint(self) -> bytes:

