@@ -21,7 +21,7 @@ import torch
 from moonprune.errors import DataError
 from moonprune.rows import FolderSource, LazyRows
 from moonprune.sources import RawImages
-from moonprune.streaming import check_workers
+from moonprune.streaming import check_workers, keep_as_is
 from moonprune.user_data import list_image_folder, read_image
 
 logger = logging.getLogger(__name__)
@@ -58,10 +58,6 @@ class _Check(torch.utils.data.Dataset[Any]):
         return out
 
 
-def _as_is(batch: Any) -> Any:
-    return batch
-
-
 def check_files(files: list[Path], workers: int) -> list[Probe]:
     """Decode each of ``files`` once (``workers`` processes) and return its probe."""
     check = _Check(files)
@@ -70,7 +66,7 @@ def check_files(files: list[Path], workers: int) -> list[Probe]:
         results: Any = (check[c] for c in chunks)
     else:
         results = torch.utils.data.DataLoader(
-            check, sampler=chunks, batch_size=None, collate_fn=_as_is,
+            check, sampler=chunks, batch_size=None, collate_fn=keep_as_is,
             num_workers=min(workers, len(chunks)),
         )  # fmt: skip
     return [probe for chunk in results for probe in chunk]

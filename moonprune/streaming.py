@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from moonprune.errors import DataError
-from moonprune.rows import LazyRows, concat_rows
+from moonprune.rows import CHUNK, LazyRows, concat_rows
 
 if TYPE_CHECKING:
     from moonprune.data import Preprocessing
@@ -127,7 +127,8 @@ class _BatchReader(torch.utils.data.Dataset[Any]):
         return self.pre.normalise(images)
 
 
-def _as_is(batch: Any) -> Any:
+def keep_as_is(batch: Any) -> Any:
+    """A ``collate_fn`` for readers that return whole batches (nothing to stack)."""
     return batch
 
 
@@ -149,7 +150,7 @@ def stream(
             sampler=batches,  # each element is one batch
             batch_size=None,
             num_workers=min(workers, len(batches)),
-            collate_fn=_as_is,
+            collate_fn=keep_as_is,
             pin_memory=pin_memory,
             prefetch_factor=4,
         )
@@ -236,7 +237,7 @@ def channel_stats(rows: np.ndarray | LazyRows) -> tuple[np.ndarray, np.ndarray]:
     channels = rows.shape[1]
     total, squares = np.zeros(channels), np.zeros(channels)
     n = len(rows)
-    chunks = [slice(s, min(s + 256, n)) for s in range(0, n, 256)]
+    chunks = [slice(s, min(s + CHUNK, n)) for s in range(0, n, CHUNK)]
     for chunk in stream(rows, chunks, None, check_workers(rows.workers)):
         chunk64 = chunk.numpy().astype(np.float64)
         total += chunk64.sum(axis=(0, 2, 3))

@@ -1,15 +1,8 @@
 """The sparse fine-tuning loop: masker + MOON objective + weight averaging, resumable.
 
-One epoch (:mod:`moonprune.epoch_loop`), per batch::
-
-    logits = model(x)
-    schedule.observe(logits, y, epoch)                  # MOON: the ramp's statistic
-    loss = moon_loss(logits, y, schedule.a_for(epoch))  # (no MOON: cross_entropy)
-    loss.backward(); optimizer.step(); masker.step()    # .grad is the dense gradient
-    averaging.maybe_update(...)                         # last epochs only
-
-and at the epoch's end: ``schedule.end_epoch``, BatchNorm recalibration of the
-average, and (when a state path is given) an atomic training-state file holding the
+Each epoch runs as :mod:`moonprune.epoch_loop` shows (the per-batch steps, then the
+ramp, BatchNorm recalibration of the average and the epoch's record); after it, when
+a state path is given, an atomic training-state file holding the
 model, optimiser, masker, schedule and averaging state
 (:mod:`moonprune.training_state`), so an interrupted run resumes to bit-identical
 final weights. Shuffling and dropout are seeded per epoch (``seed``, ``epoch``), so a
