@@ -497,8 +497,9 @@ def run_ablation(grid: Grid, seeds: tuple[int, ...], log: Any) -> str:
         f"### Ablation: RigL 90%, {grid.name}, seeds {list(seeds)} (AUROC at T = 1, %)",
         "",
         f"| arch | variant | accuracy | ECE | MSP mean AUROC | MSP {near} (near) | MSP far | "
-        "unknown mean AUROC | mean p(unknown) ID / near | rollbacks |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"unknown mean AUROC | {FEATURES[0]} mean AUROC | {FEATURES[0]} {near} (near) | "
+        "mean p(unknown) ID / near | rollbacks |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     far = tuple(o for o in grid.ood if o in FAR)
     for arch_name in grid.archs:
@@ -514,7 +515,9 @@ def run_ablation(grid: Grid, seeds: tuple[int, ...], log: Any) -> str:
                 f"{_ms([m['ece'] for m in c])} | {_ms([score_mean(r, 'msp') for r in sel])} | "
                 f"{_ms([score_mean(r, 'msp', (near,)) for r in sel])} | "
                 f"{_ms([score_mean(r, 'msp', far) for r in sel])} | "
-                f"{_ms([score_mean(r, 'unknown') for r in sel])} | {pu_text} | "
+                f"{_ms([score_mean(r, 'unknown') for r in sel])} | "
+                f"{_ms([score_mean(r, FEATURES[0]) for r in sel])} | "
+                f"{_ms([score_mean(r, FEATURES[0], (near,)) for r in sel])} | {pu_text} | "
                 f"{sum(r['rollbacks'] for r in sel)} |"
             )
     return "\n".join(lines) + "\n"
@@ -534,16 +537,18 @@ def main() -> None:
         default=[],
         help="also run MOON with these --unknowns settings (e.g. synth vos)",
     )
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = parser.parse_args()
     grid = FAST if args.fast else DIGITS if args.digits else FULL
     if args.seeds:
         grid = Grid(**{**vars(grid), "seeds": tuple(args.seeds)})
     if args.unknowns:
         grid = Grid(**{**vars(grid), "unknowns": tuple(args.unknowns)})
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     tag = ("fast" if args.fast else "digits" if args.digits else "full") + (
         "-unknowns" if args.unknowns else "")  # fmt: skip
     flags = (" --fast" if args.fast else "") + (" --digits" if args.digits else "")
+    flags += f" --threads {args.threads}" if args.threads != 2 else ""
     start = time.perf_counter()
     if args.ablation:
         with open(ROOT / "benchmarks" / f"ablation-{tag}.jsonl", "w") as log:
