@@ -430,7 +430,7 @@ def without(fix: str | None) -> Iterator[None]:
     the unknown row."""
     import moonprune.heads as heads
     import moonprune.objectives as objectives
-    import moonprune.sparsity.base as base
+    import moonprune.sparsity.budget as base
 
     saved = (objectives.unknown_aware_loss, heads.expanded_linear, base.unknown_rows)
     if fix == "gradient":
