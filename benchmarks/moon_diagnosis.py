@@ -56,7 +56,7 @@ def measure(model: torch.nn.Module, splits: Any, ood: dict[str, Any], k: int) ->
     for name, values in sets.items():
         p_u = torch.softmax(values.double(), 1)[:, k].mean().item() if has_unknown else 0.0
         out["p_unknown"][name] = p_u
-    for score in SCORES:
+    for score in SCORES.names("logits"):
         if score == "unknown" and not has_unknown:
             continue
         id_s = compute_score(logits.test, k, score).double().numpy()
@@ -123,7 +123,7 @@ def render(rows: list[dict[str, Any]], norms: dict[str, float], seconds: float) 
     ]
     for model in models:
         sel = [r for r in rows if r["model"] == model]
-        for score in SCORES:
+        for score in SCORES.names("logits"):
             if (score, ood[0]) not in sel[0]["auroc"]:
                 continue
             cells = [_mean([r["auroc"][(score, o)] for r in sel]) for o in ood]

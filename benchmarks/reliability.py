@@ -152,7 +152,7 @@ def every_score(model: torch.nn.Module, splits: Any, ood: dict[str, Any]) -> dic
     logits = collect(model.eval(), splits, ood)
     k = splits.num_classes
     out: dict[str, dict[str, float]] = {}
-    for score in SCORES:
+    for score in SCORES.names("logits"):
         id_scores = compute_score(logits.test, k, score).double().numpy()
         out[score] = {
             name: float(auroc(id_scores, compute_score(v, k, score).double().numpy()))

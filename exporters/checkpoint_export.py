@@ -134,6 +134,7 @@ def export_checkpoint(
     from moonprune.assessment import assess
     from moonprune.checkpoints import load_checkpoint, measured_sparsity
     from moonprune.data import load_ood, load_splits
+    from moonprune.reliability.options import EvalOptions
 
     out = Path(out)
     _check_options(out, model_path, quantize, sparse_storage, tpr, opset)
@@ -146,7 +147,7 @@ def export_checkpoint(
     score = score or ckpt.score
     threshold, t, stats = ckpt.threshold, ckpt.temperature, ckpt.feature_stats
     if threshold is None or tpr != ckpt.tpr or score != ckpt.score or temperature is not None:
-        refit = assess(ckpt.model, splits, {}, score=score, tpr=tpr, n_boot=1,
+        refit = assess(ckpt.model, splits, {}, EvalOptions(score, tpr, n_boot=1),
                        temperature=t if temperature is None else temperature,
                        feature_stats=stats)  # fmt: skip
         threshold, t, stats = refit.threshold, refit.temperature, refit.feature_stats

@@ -40,6 +40,8 @@ from moonprune.objectives import (
     unknown_aware_loss,
 )
 from moonprune.pipeline import compress
+from moonprune.reliability import SCORES
+from moonprune.reliability.options import EvalOptions
 from moonprune.sparsity import MASKERS, Masker, MaskerConfig, TopologySchedule
 from moonprune.training import Trainer, train
 from moonprune.verification import verify
@@ -65,9 +67,11 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "MASKERS",
+    "SCORES",
     "ArchSpec",
     "Assessment",
     "CompressConfig",
+    "EvalOptions",
     "Gates",
     "Masker",
     "MaskerConfig",

@@ -3,7 +3,9 @@
 Shared by ``compress`` (dense and compressed side by side) and ``verify``. The model
 runs once per data set; every number is computed from those logits:
 
-- metrics on the ID *test* split vs each OOD set (:func:`evaluate_logits`);
+- metrics on the ID *test* split vs each OOD set (:func:`evaluate_logits`), with one
+  :class:`~moonprune.reliability.options.EvalOptions` record (score, TPR, ECE bins,
+  bootstrap size and seed) for every step;
 - an optional temperature T (fitted on the validation split, or given), applied
   before every probability and score;
 - the rejection threshold on the ID *validation* split (accepts ``tpr`` of it), with
@@ -41,7 +43,9 @@ from moonprune.reliability import (
     ood_metrics,
 )
 from moonprune.reliability.features import FeatureStats
-from moonprune.reliability.scores import SCORES, check_score, is_feature_score
+from moonprune.reliability.options import EvalOptions
+from moonprune.reliability.registry import SCORES
+from moonprune.reliability.scores import is_feature_score
 
 
 @dataclass
@@ -120,20 +124,17 @@ def assess(
     model: nn.Module,
     splits: Splits,
     ood: Mapping[str, ImageSet],
+    options: EvalOptions | None = None,
     *,
-    score: str = "msp",
-    tpr: float = 0.95,
-    ece_bins: int = 15,
-    n_boot: int = 200,
-    seed: int = 0,
     threshold: float | None = None,
     temperature: str | float = 1.0,
     feature_stats: FeatureStats | None = None,
     fit_on: ImageSet | None = None,
 ) -> Assessment:
-    """Evaluate ``model``; ``temperature="auto"`` fits T on the validation split.
-    Feature scores use ``feature_stats``, else fit them on ``fit_on`` (default: the
-    training split) as :func:`collect` does.
+    """Evaluate ``model`` with ``options`` (default :class:`EvalOptions`):
+    :func:`collect`, then the temperature (``"auto"`` fits T on the validation split),
+    then :func:`assess_logits`. Feature scores use ``feature_stats``, else fit them on
+    ``fit_on`` (default: the training split) as :func:`collect` does.
 
     Example::
 
@@ -141,26 +142,20 @@ def assess(
         >>> splits = moonprune.load_splits("digits:0-2")
         >>> noise = {"noise": moonprune.load_ood("noise", splits.preprocessing)}
         >>> model = moonprune.models.demo_cnn(num_classes=3, width=4)
-        >>> result = moonprune.assess(model, splits, noise, n_boot=20)
+        >>> result = moonprune.assess(model, splits, noise, moonprune.EvalOptions(n_boot=20))
         >>> sorted(result.metrics["ood"]["noise"])
         ['aupr_in', 'aupr_out', 'auroc', 'fpr95']
     """
     logits = collect(model, splits, ood, feature_stats=feature_stats, fit_on=fit_on)
     choice = choose_temperature(temperature, logits.val, splits.val.y)
-    return assess_logits(logits, splits, score=score, tpr=tpr, ece_bins=ece_bins,
-                         n_boot=n_boot, seed=seed, threshold=threshold,
-                         temperature=choice)  # fmt: skip
+    return assess_logits(logits, splits, options, threshold=threshold, temperature=choice)
 
 
 def assess_logits(
     logits: ModelLogits,
     splits: Splits,
+    options: EvalOptions | None = None,
     *,
-    score: str = "msp",
-    tpr: float = 0.95,
-    ece_bins: int = 15,
-    n_boot: int = 200,
-    seed: int = 0,
     threshold: float | None = None,
     temperature: float | TemperatureChoice = 1.0,
 ) -> Assessment:
@@ -172,14 +167,15 @@ def assess_logits(
     :class:`~moonprune.calibration.TemperatureChoice` is kept on the assessment, so
     the report can say what was fitted and why it was or was not used.
     """
+    options = options or EvalOptions()
+    score, tpr, n_boot, seed = options.score, options.tpr, options.n_boot, options.seed
     if not isinstance(temperature, TemperatureChoice):
         temperature = TemperatureChoice(temperature, None, float(temperature))
     k = splits.num_classes
     t = temperature.used
-    scores = score_sets(logits, k, check_score(score), t)
+    scores = score_sets(logits, k, score, t)
     metrics = evaluate_logits(
-        logits.test / t, splits.test.y, {n: v / t for n, v in logits.ood.items()}, k,
-        score=score, ece_bins=ece_bins, tpr=tpr,
+        logits.test / t, splits.test.y, {n: v / t for n, v in logits.ood.items()}, k, options,
         scores=scores if is_feature_score(score) else None,
     ).as_dict()  # fmt: skip
     if threshold is None:
@@ -249,7 +245,8 @@ def score_table(
 ) -> dict[str, dict[str, dict[str, float]]]:
     """AUROC and FPR95 (ID test vs each OOD set) of every score this model offers: the
     logit scores at ``t`` (``unknown`` only with the K+1 head) and the feature scores."""
-    names = [s for s in SCORES if s != "unknown" or logits.test.shape[-1] == k + 1]
+    has_unknown = logits.test.shape[-1] == k + 1
+    names = [n for n in SCORES.names("logits") if SCORES.get(n).available(has_unknown, False)]
     names += list(logits.features.values) if logits.features is not None else []
     table = {}
     for name in names:

@@ -40,6 +40,7 @@ from moonprune.feature_scores import FeatureOptions
 from moonprune.gate_checks import GateCheck, check_gates
 from moonprune.heads import add_unknown_output_, find_classifier
 from moonprune.outputs import OutputDir, write_json
+from moonprune.reliability.options import EvalOptions
 from moonprune.reporting import layer_sparsity, unknowns_summary, write_html_report
 from moonprune.run_report import Calibrated, RunFacts, build_report
 from moonprune.sparsity import MASKERS
@@ -83,10 +84,9 @@ def _assess(model: nn.Module, inputs: Inputs, cfg: CompressConfig) -> Calibrated
     options = FeatureOptions(cfg.feature_bank, cfg.knn_k, cfg.train.seed)
     logits = collect(model, inputs.splits, inputs.ood, options=options)
     choice = choose_temperature(cfg.temperature, logits.val, inputs.splits.val.y)
-    kwargs: dict[str, Any] = {"score": cfg.score, "tpr": cfg.tpr, "ece_bins": cfg.ece_bins,
-                              "seed": cfg.train.seed}  # fmt: skip
-    after = assess_logits(logits, inputs.splits, temperature=choice, **kwargs)
-    before = after if choice.used == 1.0 else assess_logits(logits, inputs.splits, **kwargs)
+    eval_options = EvalOptions(cfg.score, cfg.tpr, cfg.ece_bins, seed=cfg.train.seed)
+    after = assess_logits(logits, inputs.splits, eval_options, temperature=choice)
+    before = after if choice.used == 1.0 else assess_logits(logits, inputs.splits, eval_options)
     return Calibrated(after, before)
 
 

@@ -30,6 +30,7 @@ from moonprune.gate_checks import check_gates as check_gates
 from moonprune.heads import add_unknown_output_
 from moonprune.outputs import check_output_path as check_output_path
 from moonprune.outputs import write_json
+from moonprune.reliability.options import EvalOptions
 from moonprune.reporting import layer_sparsity, write_html_report
 from moonprune.sparsity.channel.structure import size_vs_dense
 from moonprune.verify_data import SPLITS as SPLITS
@@ -147,8 +148,7 @@ def _assess_models(
     set the deployed threshold is measured, not recalibrated."""
     cfg, score, tpr = ckpt.config, request.score, request.tpr
     splits, ood_sets, fit_on = loaded.splits, loaded.ood, loaded.fit_on
-    kwargs: dict[str, Any] = {"score": score, "tpr": tpr, "ece_bins": ece_bins,
-                              "n_boot": n_boot, "seed": request.seed}  # fmt: skip
+    options = EvalOptions(score, tpr, ece_bins, n_boot, request.seed)
     t0 = time.perf_counter()
     t_model = ckpt.temperature if temperature is None else temperature
     t_dense = cfg.get("temperature", "auto") if temperature is None else temperature
@@ -156,14 +156,14 @@ def _assess_models(
     deployed = (score, tpr, t_model) == (ckpt.score, ckpt.tpr, ckpt.temperature)
     fixed = ckpt.threshold if request.split == "all" and deployed else None
     compressed = assess(
-        ckpt.model, splits, ood_sets, temperature=t_model, threshold=fixed,
-        feature_stats=ckpt.feature_stats, fit_on=fit_on, **kwargs,
+        ckpt.model, splits, ood_sets, options, temperature=t_model, threshold=fixed,
+        feature_stats=ckpt.feature_stats, fit_on=fit_on,
     )  # fmt: skip
     compressed_s = time.perf_counter() - t0
     dense = None
     if dense_model is not None:
-        dense = assess(dense_model, splits, ood_sets, temperature=t_dense, fit_on=fit_on,
-                       **kwargs)  # fmt: skip
+        dense = assess(dense_model, splits, ood_sets, options, temperature=t_dense,
+                       fit_on=fit_on)  # fmt: skip
     timing = {"compressed_eval_s": compressed_s, "total_eval_s": time.perf_counter() - t0}
     return compressed, dense, timing
 

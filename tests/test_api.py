@@ -27,7 +27,7 @@ def test_public_name_has_a_running_example(name: str, tmp_path, monkeypatch) -> 
     module = (
         obj
         if inspect.ismodule(obj)
-        else sys.modules[type(obj).__module__ if name == "MASKERS" else obj.__module__]
+        else sys.modules[type(obj).__module__ if name in ("MASKERS", "SCORES") else obj.__module__]
     )
     globs = {**vars(module), "moonprune": moonprune}  # as pytest --doctest-modules would
     tests = doctest.DocTestFinder(recurse=False).find(obj, name, globs=globs)

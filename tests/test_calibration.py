@@ -25,6 +25,7 @@ from moonprune.reliability import (
     evaluate_logits,
     expected_calibration_error,
 )
+from moonprune.reliability.options import EvalOptions
 
 
 def _calibrated_logits(
@@ -104,7 +105,7 @@ def test_t_equal_one_leaves_every_output_unchanged(digits06: Splits) -> None:
 
     noise = {"noise": load_ood("noise", digits06.preprocessing)}
     collected = collect(model, digits06, noise)
-    at_one = assess_logits(collected, digits06, temperature=1.0, n_boot=5)
+    at_one = assess_logits(collected, digits06, EvalOptions(n_boot=5), temperature=1.0)
     plain = evaluate_logits(collected.test, digits06.test.y, collected.ood, k).as_dict()
     # T = 1 changes nothing; p(unknown) is reported beside the metrics
     assert {key: v for key, v in at_one.metrics.items() if key != "p_unknown"} == plain

@@ -21,6 +21,7 @@ from moonprune.data import load_ood, load_splits
 from moonprune.errors import ConfigError
 from moonprune.models import demo_cnn
 from moonprune.pipeline import compress
+from moonprune.reliability.options import EvalOptions
 from moonprune.reliability.scores import score_names
 from moonprune.verification import verify
 
@@ -136,8 +137,8 @@ def test_a_feature_score_without_a_final_linear_is_refused() -> None:
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 8), torch.nn.Flatten())  # no nn.Linear
     splits = load_splits(DATA, seed=0)
     with pytest.raises(ConfigError, match=r"final nn\.Linear"):
-        assess(model, splits, {}, score="mahalanobis", n_boot=1)
-    assert "mahalanobis" not in assess(model, splits, {}, n_boot=1).score_table
+        assess(model, splits, {}, EvalOptions(score="mahalanobis", n_boot=1))
+    assert "mahalanobis" not in assess(model, splits, {}, EvalOptions(n_boot=1)).score_table
 
 
 @pytest.mark.parametrize("command", ["verify", "export"])

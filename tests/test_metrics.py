@@ -15,6 +15,7 @@ from torch import nn
 
 from moonprune.errors import ConfigError, DataError
 from moonprune.reliability import (
+    EvalOptions,
     OODMetrics,
     accuracy,
     aupr_in,
@@ -23,7 +24,6 @@ from moonprune.reliability import (
     bootstrap_ci,
     calibrate_threshold,
     collect_logits,
-    evaluate,
     evaluate_logits,
     expected_calibration_error,
     fpr_at_tpr,
@@ -365,7 +365,7 @@ def test_evaluate_logits_hand_computed() -> None:
 
 def test_evaluate_logits_passes_ece_bins_and_tpr() -> None:
     id_logits, labels, ood = _hand_batch()
-    result = evaluate_logits(id_logits, labels, ood, num_known=2, ece_bins=1, tpr=0.5)
+    result = evaluate_logits(id_logits, labels, ood, 2, EvalOptions(ece_bins=1, tpr=0.5))
     # one bin: |accuracy - mean confidence| = |3/4 - 1.8/4|
     assert result.ece == pytest.approx(0.3, abs=1e-6)
     # 2 of 4 ID accepted at t = .6; no OOD score reaches it
@@ -388,7 +388,9 @@ def test_model_metrics_as_dict_is_the_report_shape() -> None:
 def test_evaluate_logits_plain_head_uses_score_name() -> None:
     id_logits = torch.tensor([[3.0, 0.0], [0.0, 1.0], [2.0, 2.5]])
     ood = {"x": torch.tensor([[0.5, 0.0], [2.8, 0.0]])}
-    result = evaluate_logits(id_logits, torch.tensor([0, 1, 0]), ood, 2, score="max_logit")
+    result = evaluate_logits(
+        id_logits, torch.tensor([0, 1, 0]), ood, 2, EvalOptions(score="max_logit")
+    )
     assert result.accuracy == pytest.approx(2 / 3)
     # max logit: ID {3, 1, 2.5} vs OOD {.5, 2.8}: 4 of 6 pairs (MSP would give 3.5 of 6)
     assert result.ood["x"].auroc == pytest.approx(4 / 6)
@@ -442,18 +444,34 @@ def test_collect_logits_bad_batch_size() -> None:
         collect_logits(_dropout_net(), torch.randn(2, 1, 2, 2), batch_size=0)
 
 
-def test_evaluate_is_collect_then_evaluate_logits() -> None:
-    model = _dropout_net().train()
-    x, y = torch.randn(12, 1, 2, 2), torch.randint(0, 2, (12,))
-    ood = {"noise": 3 * torch.randn(7, 1, 2, 2)}
-    result = evaluate(model, x, y, ood, num_known=2, ece_bins=10, tpr=0.9)
-    expected = evaluate_logits(
-        collect_logits(model, x),
-        y,
-        {"noise": collect_logits(model, ood["noise"])},
-        2,
-        ece_bins=10,
-        tpr=0.9,
-    )
-    assert result == expected
-    assert model.training
+@pytest.mark.parametrize(
+    ("change", "word"),
+    [
+        ({"score": "msq"}, "did you mean 'msp'"),
+        ({"tpr": 1.0}, "tpr"),
+        ({"tpr": math.nan}, "tpr"),
+        ({"tpr": "0.9"}, "tpr"),
+        ({"ece_bins": 0}, "ece_bins"),
+        ({"n_boot": True}, "n_boot"),
+        ({"seed": 1.5}, "seed"),
+    ],
+)
+def test_eval_options_refuse_bad_values(change: dict[str, Any], word: str) -> None:
+    with pytest.raises(ConfigError, match=word):
+        EvalOptions(**change)
+
+
+def test_eval_options_reach_the_metrics() -> None:
+    id_logits, labels, ood = _hand_batch()
+    one_bin = evaluate_logits(id_logits, labels, ood, 2, EvalOptions(ece_bins=1))
+    many = evaluate_logits(id_logits, labels, ood, 2, EvalOptions(ece_bins=10))
+    known = torch.softmax(id_logits.double(), -1)[:, :2]
+    confidence = known.amax(-1).numpy()
+    correct = (known.argmax(-1) == labels).numpy()
+    assert one_bin.ece == pytest.approx(abs(confidence.mean() - correct.mean()))
+    assert many.ece == pytest.approx(expected_calibration_error(confidence, correct, n_bins=10))
+    by_energy = evaluate_logits(id_logits, labels, ood, 2, EvalOptions(score="energy"))
+    energy_scores = torch.logsumexp(id_logits[:, :2], -1).double().numpy()
+    ood_energy = torch.logsumexp(next(iter(ood.values()))[:, :2], -1).double().numpy()
+    name = next(iter(ood))
+    assert by_energy.ood[name].auroc == pytest.approx(auroc(energy_scores, ood_energy))

@@ -1,5 +1,6 @@
 """Reliability: OOD scores, detection and calibration metrics, model evaluation.
 
+- :mod:`~moonprune.reliability.registry`: every OOD score by name (``SCORES``);
 - :mod:`~moonprune.reliability.scores`: OOD scores of logits, higher = in-distribution;
 - :mod:`~moonprune.reliability.metrics`: AUROC, AUPR-In/Out, FPR at a TPR, the
   rejection threshold, ECE, NLL, accuracy and bootstrap intervals (numpy);
@@ -11,7 +12,6 @@ from __future__ import annotations
 from moonprune.reliability.evaluation import (
     ModelMetrics,
     collect_logits,
-    evaluate,
     evaluate_logits,
 )
 from moonprune.reliability.metrics import (
@@ -28,9 +28,9 @@ from moonprune.reliability.metrics import (
     negative_log_likelihood,
     ood_metrics,
 )
+from moonprune.reliability.options import EvalOptions
+from moonprune.reliability.registry import SCORES, Score, ScoreFn, ScoreRegistry
 from moonprune.reliability.scores import (
-    SCORES,
-    ScoreFn,
     compute_score,
     energy,
     get_score,
@@ -42,10 +42,13 @@ from moonprune.reliability.scores import (
 
 __all__ = [
     "SCORES",
+    "EvalOptions",
     "ModelMetrics",
     "OODMetric",
     "OODMetrics",
+    "Score",
     "ScoreFn",
+    "ScoreRegistry",
     "accuracy",
     "aupr_in",
     "aupr_out",
@@ -55,7 +58,6 @@ __all__ = [
     "collect_logits",
     "compute_score",
     "energy",
-    "evaluate",
     "evaluate_logits",
     "expected_calibration_error",
     "fpr_at_tpr",

@@ -8,7 +8,7 @@ index ``K`` (:mod:`moonprune.conventions`). The conventions, for both widths:
 - probabilities: the softmax over *all* columns, so ``p(unknown)`` lowers the known
   ones (:func:`~moonprune.reliability.scores.known_probabilities`);
 - ECE confidence: the largest known-class probability; NLL: ``-log p[y]``;
-- OOD score: :func:`~moonprune.reliability.scores.compute_score` ``score``, higher =
+- OOD score: :func:`~moonprune.reliability.scores.compute_score` ``options.score``, higher =
   more in-distribution; ID test set positive against each OOD set.
 """
 
@@ -31,6 +31,7 @@ from moonprune.reliability.metrics import (
     negative_log_likelihood,
     ood_metrics,
 )
+from moonprune.reliability.options import EvalOptions
 from moonprune.reliability.scores import compute_score, known_probabilities
 from moonprune.streaming import Images, batch_rows
 
@@ -108,19 +109,21 @@ def evaluate_logits(
     id_labels: torch.Tensor,
     ood_logits: Mapping[str, torch.Tensor],
     num_known: int,
-    score: str = "msp",
-    ece_bins: int = 15,
-    tpr: float = 0.95,
+    options: EvalOptions | None = None,
     scores: Mapping[str, np.ndarray] | None = None,
 ) -> ModelMetrics:
     """Metrics from precomputed logits (see the module docstring for the conventions).
 
     ``id_logits`` (N, K) or (N, K + 1), ``id_labels`` (N,) in [0, K), each
-    ``ood_logits[name]`` (M, same width). ECE uses ``ece_bins`` equal-width bins;
-    ``fpr95`` is the OOD acceptance at the threshold accepting ``tpr`` of ID.
-    ``scores`` (``"id_test"`` and each OOD name -> (N,)) are precomputed OOD scores,
-    e.g. of the classifier's input features; they replace ``score``.
+    ``ood_logits[name]`` (M, same width). ECE uses ``options.ece_bins`` equal-width
+    bins; ``fpr95`` is the OOD acceptance at the threshold accepting ``options.tpr`` of
+    ID. ``scores`` (``"id_test"`` and each OOD name -> (N,)) are precomputed OOD
+    scores, e.g. of the classifier's input features; they replace ``options.score``.
+    This is the metrics step of the one evaluation path; a whole model is assessed by
+    :func:`moonprune.assessment.assess`.
     """
+    options = options or EvalOptions()
+    score, ece_bins, tpr = options.score, options.ece_bins, options.tpr
     if isinstance(num_known, bool) or not isinstance(num_known, int) or num_known < 1:
         raise ConfigError(f"num_known must be a positive integer, got {num_known!r}")
     _check_logits(id_logits, num_known, "ID logits")
@@ -161,29 +164,4 @@ def evaluate_logits(
         ),
         nll=negative_log_likelihood(probs.numpy(), labels),
         ood={name: ood_metrics(id_scores, values, tpr) for name, values in ood_scores.items()},
-    )
-
-
-def evaluate(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    ood: Mapping[str, torch.Tensor],
-    num_known: int,
-    score: str = "msp",
-    ece_bins: int = 15,
-    tpr: float = 0.95,
-) -> ModelMetrics:
-    """:func:`collect_logits` on ``x`` and on each OOD input, then :func:`evaluate_logits`.
-
-    ``x`` (N, C, H, W) with labels ``y`` (N,); ``ood`` maps a set name to its inputs.
-    """
-    return evaluate_logits(
-        collect_logits(model, x),
-        y,
-        {name: collect_logits(model, inputs) for name, inputs in ood.items()},
-        num_known,
-        score=score,
-        ece_bins=ece_bins,
-        tpr=tpr,
     )

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from moonprune.errors import CheckpointError, ConfigError, DataError
+from moonprune.reliability.registry import SCORES, Score
 from moonprune.streaming import Images, batch_rows
 
 #: name -> one-line description; the logit scores live in :mod:`.scores`.
@@ -51,6 +52,8 @@ FEATURE_SCORES: dict[str, str] = {
     "(Mahalanobis++)",
     "knn": "cosine similarity of the classifier's input to its k-th nearest training feature",
 }
+for _name, _text in FEATURE_SCORES.items():
+    SCORES.register(Score(_name, _text, "features"))
 DEFAULT_BANK_SIZE = 2000
 DEFAULT_K = 10
 #: The stored tensors each score needs inside the graph.

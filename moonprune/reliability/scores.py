@@ -14,19 +14,16 @@ with the unknown column at index ``K`` (see :mod:`moonprune.conventions`).
 
 The scores of the classifier's input features (``mahalanobis``, ``knn``) need
 statistics fitted on training data; they live in :mod:`.features` and are named
-here only so every score name is validated in one place (:func:`check_score`).
+in the same registry (:mod:`.registry`), so every score name is validated in one place.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
+import moonprune.reliability.features  # noqa: F401  (registers the feature scores)
 from moonprune.errors import ConfigError
-from moonprune.reliability.features import FEATURE_SCORES
-
-ScoreFn = Callable[[torch.Tensor, int, float], torch.Tensor]
+from moonprune.reliability.registry import SCORES, Score, ScoreFn
 
 
 def known_probabilities(
@@ -57,39 +54,41 @@ def not_unknown(logits: torch.Tensor, num_known: int, temperature: float = 1.0) 
     return known_probabilities(logits, num_known, temperature).sum(dim=-1)
 
 
-SCORES: dict[str, tuple[ScoreFn, str]] = {
-    "msp": (msp, "max softmax probability over the K known classes (MOON reference)"),
-    "energy": (energy, "negative free energy T*logsumexp(known logits / T)"),
-    "max_logit": (max_logit, "largest known-class logit"),
-    "unknown": (not_unknown, "1 - p(unknown); needs the K+1 head"),
-}
+for _score in (
+    Score("msp", "max softmax probability over the K known classes (MOON reference)", "logits",
+          msp),
+    Score("energy", "negative free energy T*logsumexp(known logits / T)", "logits", energy),
+    Score("max_logit", "largest known-class logit", "logits", max_logit),
+    Score("unknown", "1 - p(unknown); needs the K+1 head", "logits", not_unknown,
+          needs_unknown_head=True),
+):  # fmt: skip
+    SCORES.register(_score)
 
 
 def score_names() -> list[str]:
     """Every OOD score: the logit scores, then the feature scores."""
-    return [*SCORES, *FEATURE_SCORES]
+    return SCORES.names()
 
 
 def is_feature_score(name: str) -> bool:
     """True for a score of the classifier's input (:mod:`.features`)."""
-    return name in FEATURE_SCORES
+    return SCORES.get(name).reads == "features"
 
 
 def check_score(name: str) -> str:
-    """``name`` if it is a score (of logits or features); else a ConfigError listing all."""
-    if name not in SCORES and name not in FEATURE_SCORES:
-        raise ConfigError(f"unknown OOD score {name!r}; choose one of: {', '.join(score_names())}")
-    return name
+    """``name`` if it is a registered score; else a ConfigError listing all."""
+    return SCORES.get(name).name
 
 
 def get_score(name: str) -> ScoreFn:
     """The logit score function called ``name``; unknown names list the valid ones."""
-    if check_score(name) in FEATURE_SCORES:
+    fn = SCORES.get(name).fn
+    if fn is None:
         raise ConfigError(
             f"the {name!r} score reads the classifier's input features, not the logits; "
             "evaluate it with moonprune.assessment (it fits the statistics)"
         )
-    return SCORES[name][0]
+    return fn
 
 
 def compute_score(
