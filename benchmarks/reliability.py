@@ -492,6 +492,18 @@ def run_ablation(grid: Grid, seeds: tuple[int, ...], log: Any) -> str:
                 log.flush()
                 print(f"ablation {grid.name} {arch_name} seed {seed} {name}: mean AUROC "
                       f"{100 * score_mean(row, 'msp'):.2f}", flush=True)  # fmt: skip
+    return render_ablation(grid, seeds, rows)
+
+
+def _feature(row: dict[str, Any], score: str, names: tuple[str, ...] | None = None) -> float:
+    value = feature_mean(row, score, names=names)
+    if value is None:
+        raise KeyError(f"{score} missing from a row's report scores")
+    return value
+
+
+def render_ablation(grid: Grid, seeds: tuple[int, ...], rows: list[dict[str, Any]]) -> str:
+    """The ablation's table from its rows (as logged in ``ablation-*.jsonl``)."""
     near = grid.ood[0]
     lines = [
         f"### Ablation: RigL 90%, {grid.name}, seeds {list(seeds)} (AUROC at T = 1, %)",
@@ -516,8 +528,9 @@ def run_ablation(grid: Grid, seeds: tuple[int, ...], log: Any) -> str:
                 f"{_ms([score_mean(r, 'msp', (near,)) for r in sel])} | "
                 f"{_ms([score_mean(r, 'msp', far) for r in sel])} | "
                 f"{_ms([score_mean(r, 'unknown') for r in sel])} | "
-                f"{_ms([score_mean(r, FEATURES[0]) for r in sel])} | "
-                f"{_ms([score_mean(r, FEATURES[0], (near,)) for r in sel])} | {pu_text} | "
+                f"{_ms([_feature(r, FEATURES[0]) for r in sel])} | "
+                f"{_ms([_feature(r, FEATURES[0], (near,)) for r in sel])} | "
+                f"{pu_text} | "
                 f"{sum(r['rollbacks'] for r in sel)} |"
             )
     return "\n".join(lines) + "\n"
@@ -538,6 +551,8 @@ def main() -> None:
         help="also run MOON with these --unknowns settings (e.g. synth vos)",
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--render-only", action="store_true",
+                        help="rebuild the ablation's section from its .jsonl log")  # fmt: skip
     args = parser.parse_args()
     grid = FAST if args.fast else DIGITS if args.digits else FULL
     if args.seeds:
@@ -551,7 +566,18 @@ def main() -> None:
     flags += f" --threads {args.threads}" if args.threads != 2 else ""
     start = time.perf_counter()
     if args.ablation:
-        with open(ROOT / "benchmarks" / f"ablation-{tag}.jsonl", "w") as log:
+        log_path = ROOT / "benchmarks" / f"ablation-{tag}.jsonl"
+        if args.render_only:
+            rows = [json.loads(line) for line in log_path.read_text().splitlines()]
+            seeds = tuple(args.seeds or sorted({r["seed"] for r in rows}))
+            text = render_ablation(grid, seeds, rows)
+            minutes = sum(r["seconds"] for r in rows) / 60
+            text += f"\nCommand: `python benchmarks/reliability.py --ablation{flags}`; "
+            text += f"{minutes:.1f} min of runs (section rebuilt from {log_path.name})\n"
+            update_section(f"ablation-{tag}", text)
+            print(text)
+            return
+        with open(log_path, "w") as log:
             text = run_ablation(grid, tuple(args.seeds or (0, 1, 2)), log)
         seeds = " --seeds " + " ".join(map(str, args.seeds)) if args.seeds else ""
         command = f"python benchmarks/reliability.py --ablation{flags}{seeds}"

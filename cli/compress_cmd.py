@@ -135,22 +135,19 @@ def methods() -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from moonprune.config import method_options
-    from moonprune.sparsity import MASKERS
-    from moonprune.sparsity.channel.settings import CHANNEL_DESCRIPTION
+    from moonprune.sparsity import MASKERS, METHODS
 
     table = Table(title="sparse methods (--method)")
     for col in ("name", "description", "origin"):
         table.add_column(col)
-    rows = [(n, d, MASKERS.origin(n)) for n, d in MASKERS.describe().items()]
-    rows.append(("channel", CHANNEL_DESCRIPTION, "moonprune"))
-    options: dict[str, list[str]] = {}  # one line per option list
-    for name, description, origin in rows:
-        table.add_row(name, description, origin)
-        options.setdefault(", ".join(method_options(name)), []).append(name)
+    options: dict[str, list[str]] = {}  # one line per option list and step time
+    for name in METHODS.names():
+        info = METHODS.info(name)
+        table.add_row(name, info.description, info.origin)
+        options.setdefault(f"(steps {info.steps}): {', '.join(info.flags())}", []).append(name)
     console.print(table)
     for flags, names in options.items():
-        console.print(f"options of {', '.join(names)}: {flags}", highlight=False)
+        console.print(f"options of {', '.join(names)} {flags}", highlight=False)
     for name, error in MASKERS.plugin_errors.items():
         console.print(f"[yellow]plug-in {escape(repr(name))} failed to load:[/] {escape(error)}")
 

@@ -28,12 +28,9 @@ from moonprune.errors import CheckpointError, ConfigError
 from moonprune.heads import output_width
 from moonprune.normalization import NormalizationChoice, choose_normalization
 from moonprune.reliability.scores import check_score
-from moonprune.sparsity import MASKERS
+from moonprune.sparsity import MASKERS, METHODS
 from moonprune.streaming import LazyImages
 from moonprune.weights import ClassCountMismatch
-
-#: The structured method, trained by :mod:`moonprune.sparsity.channel` (no masker).
-CHANNEL = "channel"
 
 
 @dataclass
@@ -90,7 +87,7 @@ def prepare_inputs(
             "also pass --arch package.module:factory"
         )
     check_score(cfg.score)
-    if cfg.sparsity.method != CHANNEL:
+    if not METHODS.is_structured(cfg.sparsity.method):  # an unknown name fails here
         MASKERS.create(cfg.sparsity.method, cfg.sparsity.masker_config(cfg.train.seed))
     if device is not None:  # the candidates are evaluated where the model will train
         dense.model.to(device)

@@ -22,7 +22,6 @@ from moonprune.recipe import check_types
 from moonprune.sparsity.config import CHANNEL_OPTIONS as CHANNEL_OPTIONS
 from moonprune.sparsity.config import DEFAULT_CHANNEL_SPEEDUP, SparsityConfig
 from moonprune.sparsity.config import UNSTRUCTURED_OPTIONS as UNSTRUCTURED_OPTIONS
-from moonprune.sparsity.config import method_options as method_options
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from moonprune.checkpoints import (
     save_checkpoint,
 )
 from moonprune.compress_export import deployed_speed, export_run
-from moonprune.compress_inputs import CHANNEL, Inputs, input_paths, training_settings
+from moonprune.compress_inputs import Inputs, input_paths, training_settings
 from moonprune.compress_inputs import prepare_inputs as prepare_inputs
 from moonprune.config import CompressConfig
 from moonprune.distributed import DistContext, from_env
@@ -43,7 +43,7 @@ from moonprune.outputs import OutputDir, write_json
 from moonprune.reliability.options import EvalOptions
 from moonprune.reporting import layer_sparsity, unknowns_summary, write_html_report
 from moonprune.run_report import Calibrated, RunFacts, build_report
-from moonprune.sparsity import MASKERS
+from moonprune.sparsity import MASKERS, METHODS
 from moonprune.sparsity.channel.settings import check_channel_config
 from moonprune.sparsity.channel.structure import module_structure
 from moonprune.sparsity.channel.training import train_channel_pruned
@@ -154,7 +154,7 @@ def _compress(
     dense_model = inputs.dense.model.to(device).eval()
     # settings that cannot train fail now, before the minutes of dense evaluation
     check_batch_size(dense_model, cfg.train.batch_size, dist.world_size)
-    if cfg.sparsity.method == CHANNEL:
+    if METHODS.is_structured(cfg.sparsity.method):
         check_channel_config(cfg)
     t0 = time.perf_counter()
     dense_calibrated = _assess(dense_model, inputs, cfg)
@@ -211,7 +211,7 @@ def _train(
     """Fine-tune ``model`` with a masker, or prune its channels (then also the
     structure's record); an interrupted run with no state to resume leaves nothing."""
     try:
-        if cfg.sparsity.method == CHANNEL:
+        if METHODS.is_structured(cfg.sparsity.method):
             head = head_layer or find_classifier(model, inputs.splits.train.x[:2].to(device))
             return train_channel_pruned(
                 model,

@@ -377,10 +377,12 @@ def test_methods_lists_channel_with_the_options_it_takes() -> None:
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert "moonprune" in next(line for line in lines if line.startswith("│ channel"))
-    channel = next(line for line in lines if line.startswith("options of channel:"))
+    channel = next(line for line in lines if line.startswith("options of channel "))
+    assert "steps between fine-tuning stages" in channel
     assert all(flag in channel for _, flag in CHANNEL_OPTIONS.values()), channel
     rigl = next(line for line in lines if line.startswith("options of") and "rigl" in line)
     assert "--distribution" in rigl and "--speedup" not in rigl
+    assert "steps after every optimizer step" in rigl
 
 
 def test_an_unreachable_speedup_exits_2_before_training(tmp_path: Path) -> None:

@@ -16,12 +16,15 @@ from moonprune.sparsity.maskers import (
     RigLMasker,
     SETMasker,
 )
+from moonprune.sparsity.methods import MethodInfo, MethodRegistry
 from moonprune.sparsity.registry import ENTRY_POINT_GROUP, MaskerRegistry
 from moonprune.sparsity.torch_ao import TorchAOMasker
 
 MASKERS = MaskerRegistry(entry_point_group=ENTRY_POINT_GROUP)
 for _cls in (MagnitudeMasker, GradualMagnitudeMasker, SETMasker, RigLMasker, TorchAOMasker):
     MASKERS.register(_cls)
+#: Every pruning method: the maskers above (and plug-ins) and channel pruning.
+METHODS = MethodRegistry(MASKERS)
 
 
 def create_masker(name: str, config: MaskerConfig) -> Masker:
@@ -31,11 +34,14 @@ def create_masker(name: str, config: MaskerConfig) -> Masker:
 
 __all__ = [
     "MASKERS",
+    "METHODS",
     "GradualMagnitudeMasker",
     "MagnitudeMasker",
     "Masker",
     "MaskerConfig",
     "MaskerRegistry",
+    "MethodInfo",
+    "MethodRegistry",
     "RigLMasker",
     "SETMasker",
     "TopologySchedule",

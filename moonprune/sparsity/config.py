@@ -132,11 +132,14 @@ UNSTRUCTURED_OPTIONS: dict[str, tuple[object, str]] = {
 }
 
 
-def method_options(method: str) -> list[str]:
-    """The sparsity options ``method`` takes (CLI flags; recipe-only fields as
-    ``sparsity.<field>``), for ``moonprune methods``."""
-    own = CHANNEL_OPTIONS if method == "channel" else UNSTRUCTURED_OPTIONS
-    return ["--sparsity", *(flag or f"sparsity.{name}" for name, (_, flag) in own.items())]
+#: The options of each structured method (every masker takes UNSTRUCTURED_OPTIONS);
+#: :mod:`moonprune.sparsity.methods` lists the methods with them.
+STRUCTURED_OPTIONS: dict[str, dict[str, tuple[object, str]]] = {"channel": CHANNEL_OPTIONS}
+
+
+def options_of(method: str) -> dict[str, tuple[object, str]]:
+    """The method-specific options ``method`` takes: field -> (default, CLI flag)."""
+    return STRUCTURED_OPTIONS.get(method, UNSTRUCTURED_OPTIONS)
 
 
 @dataclass(frozen=True)
@@ -217,12 +220,13 @@ class SparsityConfig:
 
     def _check_method_options(self) -> None:
         """An option the chosen method ignores is a mistake worth one line, not silence."""
-        if self.method == "channel":
-            ignored, needs = UNSTRUCTURED_OPTIONS, "an unstructured method (rigl, set, ...)"
-        else:
-            ignored, needs = CHANNEL_OPTIONS, "--method channel"
-        for field_name, (default, flag) in ignored.items():
-            if getattr(self, field_name) != default:
+        own = options_of(self.method)
+        every = {"an unstructured method (rigl, set, ...)": UNSTRUCTURED_OPTIONS}
+        every |= {f"--method {name}": table for name, table in STRUCTURED_OPTIONS.items()}
+        for needs, table in every.items():
+            for field_name, (default, flag) in table.items():
+                if field_name in own or getattr(self, field_name) == default:
+                    continue
                 label = f"{flag} (sparsity.{field_name})" if flag else f"sparsity.{field_name}"
                 raise ConfigError(
                     f"{label} applies to {needs} only, not to --method {self.method}; drop it"

@@ -13,17 +13,18 @@ The modules, each importing only those above it in this list (no cycle):
   of the ``latency`` allocation;
 - :mod:`~moonprune.sparsity.channel.search`: candidates timed in onnxruntime
   (:mod:`moonprune.speed`), one chosen;
+- :mod:`~moonprune.sparsity.channel.settings`: the run's target, steps and epochs per
+  stage, checked before training;
 - :mod:`~moonprune.sparsity.channel.pruner`: :class:`ChannelPruner
   <moonprune.sparsity.channel.pruner.ChannelPruner>`, one step at a time, with its
   ``state_dict``;
-- :mod:`~moonprune.sparsity.channel.settings`: the run's target, steps and epochs per
-  stage, checked before training;
 - :mod:`~moonprune.sparsity.channel.state`: the resumable training state;
 - :mod:`~moonprune.sparsity.channel.training`: the run, prune and fine-tune per
   stage, resumable.
 
 Outside the package, :mod:`moonprune.checkpoints`, :mod:`moonprune.verification`,
 ``moonprune.exporters.inspection`` and :mod:`moonprune.pipeline` use the structure
-functions, and ``moonprune methods`` lists the method. This ``__init__`` imports
+functions, and :data:`moonprune.sparsity.METHODS` lists the method (its registry
+entry, ``moonprune methods``). This ``__init__`` imports
 nothing, so reading a pruned checkpoint does not load the training loop.
 """

@@ -48,12 +48,15 @@ from moonprune.errors import CheckpointError, ConfigError
 from moonprune.sparsity.channel.allocation import GlobalAllocator, prune_to_widths_
 from moonprune.sparsity.channel.plan import ChannelPlan, Target
 from moonprune.sparsity.channel.search import Timer, search_plan
+from moonprune.sparsity.channel.settings import channel_target
 from moonprune.sparsity.channel.structure import (
     count_macs_params,
     layer_widths,
+    module_structure,
     require_torch_pruning,
 )
 from moonprune.sparsity.channel.uniform import UniformAllocator
+from moonprune.sparsity.config import SparsityConfig
 from moonprune.speed import default_threads
 
 logger = logging.getLogger(__name__)
@@ -61,6 +64,11 @@ logger = logging.getLogger(__name__)
 
 class ChannelPruner:
     """Prunes ``model`` in place to a parameter, MAC or speed target, in ``steps`` steps.
+
+    The lifecycle every method shares (:mod:`moonprune.sparsity.methods`): building the
+    pruner prepares it (dense sizes, the allocation; the latency plan is timed here),
+    :meth:`step` prunes one step, :meth:`finalize` returns the pruned structure, and
+    :meth:`state_dict` / :meth:`load_state_dict` resume it.
 
     ``measure``: ``params`` or ``macs`` (``keep`` is the kept fraction), ``latency``
     (``keep`` is 1 / the speed-up at batch ``latency_batch``) or ``auto`` (the default
@@ -131,6 +139,17 @@ class ChannelPruner:
                 self.plan = self._search(latency_batch, threads or default_threads(), timer)
             self.grid = self.plan.grid
             self._dense_widths = layer_widths(model)
+
+    @classmethod
+    def from_config(
+        cls, model: nn.Module, example: torch.Tensor, head_layer: str, sp: SparsityConfig,
+        steps: int, plan: ChannelPlan | None = None,
+    ) -> ChannelPruner:  # fmt: skip
+        """The pruner a run's ``[sparsity]`` settings ask for, in ``steps`` steps."""
+        keep, measure = channel_target(sp)
+        return cls(model, example, head_layer, keep=keep, measure=measure, steps=steps,
+                   importance=sp.importance, round_to=sp.round_to, allocation=sp.allocation,
+                   latency_batch=sp.latency_batch, threads=sp.threads, plan=plan)  # fmt: skip
 
     def _search(self, batch: int, threads: int, timer: Timer | None) -> ChannelPlan:
         """Time candidate networks before any training (on CPU copies)."""
@@ -236,7 +255,17 @@ class ChannelPruner:
         self.done += 1
         return self.stats()
 
+    def finalize(self) -> dict[str, dict[str, int]]:
+        """The lifecycle's last call (:mod:`moonprune.sparsity.methods`): every step must
+        be done. Returns the pruned network's structure (module -> sizes), the record a
+        checkpoint keeps to rebuild it."""
+        if self.done < self.steps:
+            raise RuntimeError(f"finalize after {self.done} of {self.steps} pruning steps")
+        self.model.zero_grad(set_to_none=True)
+        return module_structure(self.model)
+
     def stats(self) -> dict[str, float]:
+        """The network's MACs and parameters now, also as fractions of the dense ones."""
         macs, params = count_macs_params(self.model, self.example)
         return {
             "macs_fraction": macs / self.dense_macs,

@@ -1,8 +1,8 @@
 """``--method channel``'s settings as a run uses them: target, steps, epochs per stage.
 
 Read from :class:`~moonprune.config.SparsityConfig` and checked before anything is
-trained (:func:`check_channel_config`); ``moonprune methods`` lists the method with
-:data:`CHANNEL_DESCRIPTION` and the options of ``moonprune.config.CHANNEL_OPTIONS``.
+trained (:func:`check_channel_config`); ``moonprune methods`` lists the method from
+its registry entry (:data:`moonprune.sparsity.METHODS`).
 """
 
 from __future__ import annotations
@@ -12,10 +12,6 @@ from moonprune.errors import ConfigError
 from moonprune.sparsity.channel.structure import require_torch_pruning
 
 DEFAULT_STEPS = 4
-CHANNEL_DESCRIPTION = (
-    "structured: removes whole channels; widths chosen by timing candidate networks in "
-    "onnxruntime (--speedup X, default auto: faster at batch 1 and --latency-batch)"
-)
 
 
 def resolved_steps(steps: int | None, epochs: int) -> int:

@@ -155,6 +155,7 @@ def train_channel_pruned(
         history += [dataclasses.replace(h, epoch=h.epoch + offset) for h in result.history]
         final = result.model
     final.eval()
+    pruner.finalize()  # every step done
     return TrainResult(final, {}, history), _stats(pruner, cfg, steps)
 
 
@@ -189,13 +190,9 @@ def _make_pruner(model: nn.Module, example: torch.Tensor, head_layer: str, cfg: 
     other rank takes its plan (a refusal on rank 0 stops them all). A given ``plan``
     (a resumed run's, read by every rank) is taken as it is."""
     sp = cfg.sparsity
-    keep, measure = channel_target(sp)
 
     def make(plan: ChannelPlan | None = None) -> ChannelPruner:
-        return ChannelPruner(model, example, head_layer, keep=keep, measure=measure,
-                             steps=steps, importance=sp.importance, round_to=sp.round_to,
-                             allocation=sp.allocation, latency_batch=sp.latency_batch,
-                             threads=sp.threads, plan=plan)  # fmt: skip
+        return ChannelPruner.from_config(model, example, head_layer, sp, steps, plan)
 
     if plan is not None or sp.allocation != "latency" or not dist.enabled:
         return make(plan)
