@@ -16,7 +16,8 @@ from moonprune.sparsity.maskers import (
     RigLMasker,
     SETMasker,
 )
-from moonprune.sparsity.methods import MethodInfo, MethodRegistry
+from moonprune.sparsity.method_info import MethodInfo
+from moonprune.sparsity.methods import MethodRegistry
 from moonprune.sparsity.registry import ENTRY_POINT_GROUP, MaskerRegistry
 from moonprune.sparsity.torch_ao import TorchAOMasker
 

@@ -14,7 +14,8 @@ Both kinds follow one lifecycle, **prepare → step → finalize**, with ``stats
 
 :data:`METHODS` lists both with the options each takes (``moonprune methods``,
 ``--method``). Maskers, plug-ins included, come from
-:data:`~moonprune.sparsity.MASKERS`; structured methods are registered here. This
+:data:`~moonprune.sparsity.MASKERS`; a structured method's entry is defined in its
+own package (:mod:`moonprune.sparsity.channel.entry`) and listed here. This
 module imports no training code and nothing of Torch-Pruning: channel pruning's
 modules load only when a structured method is created.
 
@@ -30,7 +31,6 @@ Example::
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -38,57 +38,16 @@ from torch import nn
 
 from moonprune.errors import ConfigError
 from moonprune.sparsity.base import Masker
-from moonprune.sparsity.config import (
-    STRUCTURED_OPTIONS,
-    UNSTRUCTURED_OPTIONS,
-    SparsityConfig,
-    options_of,
-)
+from moonprune.sparsity.channel.entry import CHANNEL_METHOD
+from moonprune.sparsity.config import UNSTRUCTURED_OPTIONS, SparsityConfig
+from moonprune.sparsity.method_info import MethodInfo
 from moonprune.sparsity.registry import MaskerRegistry
 
 if TYPE_CHECKING:
     from moonprune.sparsity.channel.pruner import ChannelPruner
 
-#: When each kind of method steps.
-MASKER_STEPS = "after every optimizer step"
-STRUCTURED_STEPS = "between fine-tuning stages"
-
-
-@dataclass(frozen=True)
-class MethodInfo:
-    """A method's registry entry: what it is, where it comes from, when it steps, and
-    the sparsity options it takes (``SparsityConfig`` field names; any other
-    method-specific field is refused for it)."""
-
-    name: str
-    description: str
-    origin: str
-    structured: bool
-    options: tuple[str, ...]
-
-    @property
-    def steps(self) -> str:
-        """When the training loop calls ``step``."""
-        return STRUCTURED_STEPS if self.structured else MASKER_STEPS
-
-    def flags(self) -> list[str]:
-        """The options as a user gives them: CLI flags, or ``sparsity.<field>`` for a
-        recipe-only field (``moonprune methods``)."""
-        table = options_of(self.name)
-        return ["--sparsity", *(table[n][1] or f"sparsity.{n}" for n in self.options)]
-
-
-_DESCRIPTIONS = {
-    "channel": "structured: removes whole channels; widths chosen by timing candidate "
-    "networks in onnxruntime (--speedup X, default auto: faster at batch 1 and "
-    "--latency-batch)",
-}
-#: The structured methods moonprune ships (each trained by its own package), with the
-#: options :data:`~moonprune.sparsity.config.STRUCTURED_OPTIONS` gives them.
-STRUCTURED: dict[str, MethodInfo] = {
-    name: MethodInfo(name, _DESCRIPTIONS[name], "moonprune", True, tuple(table))
-    for name, table in STRUCTURED_OPTIONS.items()
-}
+#: The structured methods moonprune ships, each entry defined in its own package.
+STRUCTURED: dict[str, MethodInfo] = {CHANNEL_METHOD.name: CHANNEL_METHOD}
 
 
 class MethodRegistry:

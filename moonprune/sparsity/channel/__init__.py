@@ -3,6 +3,8 @@ is smaller and faster, with MOON fine-tuning between the pruning steps.
 
 The modules, each importing only those above it in this list (no cycle):
 
+- :mod:`~moonprune.sparsity.channel.entry`: the method's registry entry (what it is,
+  when it steps, its options), which :data:`moonprune.sparsity.METHODS` lists;
 - :mod:`~moonprune.sparsity.channel.structure`: MACs and parameters, layer widths,
   and a pruned network's sizes (recorded, and rebuilt on a fresh model);
 - :mod:`~moonprune.sparsity.channel.allocation`: the ``global`` allocation (a
