@@ -119,7 +119,9 @@ def checkpoint_from_dict(
 ) -> MoonpruneCheckpoint:
     """Rebuild a :class:`MoonpruneCheckpoint` from its saved dict.
 
-    Every field is checked first (:func:`moonprune.trust.check_fields`); the recorded
+    Every field is checked first (:func:`moonprune.trust.check_fields`, and the run
+    record by :meth:`RunRecord.from_dict`, or for a format 1 file, written before the
+    record, by :meth:`RunRecord.from_legacy` from its top-level fields); the recorded
     factory is called only when it is a moonprune built-in, and ``arch`` (the user's
     ``--arch``) replaces it otherwise (:func:`moonprune.trust.recorded_arch`).
     """
