@@ -66,22 +66,6 @@ def check_out_path(out: Path, inputs: Iterable[str | Path]) -> None:
     check_output_path(out, "--out", inputs=list(inputs))
 
 
-def _recorded_data(cfg: dict[str, Any], source: str) -> tuple[str, list[str], int]:
-    """The data spec, OOD specs and seed a checkpoint's config records, checked."""
-    data, ood = cfg.get("data"), cfg.get("ood") or []
-    train = cfg.get("train") or {}
-    seed = train.get("seed", 0) if isinstance(train, dict) else None
-    if not data or not isinstance(data, str):
-        raise ConfigError(f"{source} records no data spec to calibrate the threshold on")
-    if not isinstance(ood, list) or not all(isinstance(o, str) for o in ood):
-        raise ConfigError(f"{source}: the recorded OOD sets are not a list of specs; "
-                          "recreate it with `moonprune compress`")  # fmt: skip
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ConfigError(f"{source}: the recorded seed {seed!r} is not an integer; "
-                          "recreate it with `moonprune compress`")  # fmt: skip
-    return data, ood, seed
-
-
 def _check_options(
     out: Path, model_path: str | Path, quantize: str | None, sparse_storage: bool,
     tpr: float | None, opset: int | None,
@@ -133,23 +117,23 @@ def export_checkpoint(
     """
     from moonprune.assessment import assess
     from moonprune.checkpoints import load_checkpoint, measured_sparsity
-    from moonprune.data import load_ood, load_splits
     from moonprune.reliability.options import EvalOptions
+    from moonprune.reopen import RunOverrides, reopen_run
 
     out = Path(out)
     _check_options(out, model_path, quantize, sparse_storage, tpr, opset)
     ckpt = load_checkpoint(model_path, arch)
-    data, ood_specs, seed = _recorded_data(ckpt.config, str(model_path))
-    check_out_path(out, [data, *ood_specs])  # data given as files
-    splits = load_splits(data, seed=seed, preprocessing=ckpt.preprocessing)
-    ood = {s: load_ood(s, ckpt.preprocessing, seed=seed) for s in ood_specs}
-    tpr = ckpt.tpr if tpr is None else tpr
-    score = score or ckpt.score
+    if ckpt.run.data is None:
+        raise ConfigError(f"{model_path} records no data spec to calibrate the threshold on")
+    check_out_path(out, [ckpt.run.data, *ckpt.run.ood])  # data given as files
+    run = reopen_run(ckpt, RunOverrides(score=score, tpr=tpr, temperature=temperature))
+    assert run.data is not None  # reopened with its data
+    splits, ood, settings = run.data.splits, run.data.ood, run.settings
+    tpr, score = settings.tpr, settings.score
     threshold, t, stats = ckpt.threshold, ckpt.temperature, ckpt.feature_stats
     if threshold is None or tpr != ckpt.tpr or score != ckpt.score or temperature is not None:
         refit = assess(ckpt.model, splits, {}, EvalOptions(score, tpr, n_boot=1),
-                       temperature=t if temperature is None else temperature,
-                       feature_stats=stats)  # fmt: skip
+                       temperature=settings.temperature, feature_stats=stats)  # fmt: skip
         threshold, t, stats = refit.threshold, refit.temperature, refit.feature_stats
     kwargs: dict[str, Any] = dict(
         num_known=ckpt.num_known, input_shape=ckpt.preprocessing.input_shape,

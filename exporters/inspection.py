@@ -96,9 +96,11 @@ def inspect_checkpoint(path: str | Path, arch: str | None = None) -> dict[str, A
     ``arch`` as for :func:`moonprune.checkpoints.load_checkpoint`."""
     from moonprune.checkpoints import load_checkpoint
     from moonprune.conventions import prunable_weights
+    from moonprune.reopen import reopen_run
 
     path = Path(path)
     ckpt = load_checkpoint(path, arch)
+    settings = reopen_run(ckpt, load_data=False).settings  # what the run records
     named = [(n, w.detach().cpu().numpy()) for n, w in prunable_weights(ckpt.model)]
     structure = _structure_view(ckpt) if ckpt.structure else None
     return {
@@ -113,10 +115,15 @@ def inspect_checkpoint(path: str | Path, arch: str | None = None) -> dict[str, A
             "classes": list(ckpt.classes),
             "unknown_head": ckpt.head_layer,
             "threshold": ckpt.threshold,
-            "tpr": ckpt.tpr,
-            "score": ckpt.score,
+            "tpr": settings.tpr,
+            "score": settings.score,
+            "temperature": settings.temperature,
+            "temperature_setting": ckpt.run.temperature_setting,
             "preprocessing": ckpt.preprocessing.as_dict(),
-            "method": ckpt.config.get("sparsity", {}).get("method"),
+            "method": settings.method,
+            "data": settings.data,
+            "ood": list(settings.ood),
+            "seed": settings.seed,
         },
         **_layer_rows(named),
     }

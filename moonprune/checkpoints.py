@@ -8,7 +8,8 @@ A moonprune checkpoint (what ``compress`` writes) is a
 :class:`~moonprune.checkpoint_record.MoonpruneCheckpoint`, saved as a plain dict of
 tensors and JSON-like values (so it too loads with ``weights_only=True``): this module
 writes it atomically and reads it back, and the record checks every field before it
-rebuilds the network (:mod:`moonprune.checkpoint_record`).
+rebuilds the network (:mod:`moonprune.checkpoint_record`); what the run was asked and
+deployed is its :class:`~moonprune.run_record.RunRecord`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from moonprune.checkpoint_record import checkpoint_from_dict as checkpoint_from_
 from moonprune.data import Preprocessing
 from moonprune.errors import CheckpointError
 from moonprune.outputs import atomic_path
+from moonprune.run_record import RunRecord as RunRecord
 from moonprune.weights import (
     NESTED_KEYS,
     check_finite,
@@ -114,13 +116,13 @@ def save_checkpoint(ckpt: MoonpruneCheckpoint, path: str | Path) -> Path:
     Example::
 
         >>> import moonprune
-        >>> from moonprune.checkpoints import MoonpruneCheckpoint
+        >>> from moonprune.checkpoints import MoonpruneCheckpoint, RunRecord
         >>> from moonprune.data import Preprocessing
         >>> ckpt = MoonpruneCheckpoint(
         ...     model=moonprune.models.demo_cnn(num_classes=2, width=4),
         ...     arch=moonprune.ArchSpec("moonprune.models:demo_cnn",
         ...                             {"num_classes": 2, "width": 4}),
-        ...     classes=("a", "b"), preprocessing=Preprocessing(1, 8, 8, 1.0, (0.0,), (1.0,)))
+        ...     classes=("a", "b"), run=RunRecord(Preprocessing(1, 8, 8, 1.0, (0.0,), (1.0,))))
         >>> moonprune.save_checkpoint(ckpt, "saved.pt").name
         'saved.pt'
         >>> moonprune.load_checkpoint("saved.pt").classes

@@ -27,6 +27,7 @@ from moonprune.calibration import choose_temperature
 from moonprune.checkpoints import (
     DenseModel,
     MoonpruneCheckpoint,
+    RunRecord,
     measured_sparsity,
     save_checkpoint,
 )
@@ -249,21 +250,18 @@ def _checkpoint(
 ) -> MoonpruneCheckpoint:  # fmt: skip
     """The compressed model with everything needed to deploy and re-verify it."""
     assert inputs.dense.arch is not None  # prepare_inputs checked it
+    run = RunRecord(inputs.splits.preprocessing, cfg.score, cfg.tpr, assessment.threshold,
+                    assessment.temperature, config=cfg)  # fmt: skip
     return MoonpruneCheckpoint(
         model=compressed.cpu(),
         arch=inputs.dense.arch,
         classes=inputs.splits.classes,
-        preprocessing=inputs.splits.preprocessing,
+        run=run,
         head_layer=head_layer,
         masks=result.masks,
-        threshold=assessment.threshold,
-        temperature=assessment.temperature,
         structure=(
             module_structure(compressed) if structure_stats or inputs.dense.structure else None
         ),
-        tpr=cfg.tpr,
-        score=cfg.score,
-        config=cfg.as_dict(),
         metrics={"dense": dense_metrics, "compressed": assessment.metrics},
         feature_stats=assessment.feature_stats,
     )

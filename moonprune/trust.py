@@ -5,9 +5,10 @@ A moonprune checkpoint records the factory that builds its network
 would let any file run code (``os:system`` with ``{"command": ...}``), so a factory
 read from a file is called only when it is one of moonprune's own
 (:data:`moonprune.models.BUILTIN_FACTORIES`) or the user named it on the command line
-(``--arch``). The other fields (threshold, temperature, classes, preprocessing,
-structure) are checked for type and range on every load, so a tampered or damaged
-file stops with one line instead of exporting a model that accepts nothing.
+(``--arch``). The other fields (classes, structure, and the run record with the
+threshold, temperature and preprocessing: :mod:`moonprune.run_record`) are checked for
+type and range on every load, so a tampered or damaged file stops with one line
+instead of exporting a model that accepts nothing.
 
 Example::
 
@@ -28,7 +29,6 @@ from typing import Any, TypeGuard
 
 from moonprune.arch import ArchSpec
 from moonprune.errors import CheckpointError
-from moonprune.normalization import RECORDED_NORMALIZE
 
 BUILTIN_MODULE = "moonprune.models"
 
@@ -41,7 +41,7 @@ def is_builtin_factory(factory: str) -> bool:
     return module == BUILTIN_MODULE and bool(sep) and attr in BUILTIN_FACTORIES
 
 
-def _json_like(value: Any, depth: int = 0) -> bool:
+def json_like(value: Any, depth: int = 0) -> bool:
     """Plain data only: what a recipe or ``--arch-kwargs`` can express."""
     if value is None or isinstance(value, bool | int | str):
         return True
@@ -50,9 +50,9 @@ def _json_like(value: Any, depth: int = 0) -> bool:
     if depth > 8:
         return False
     if isinstance(value, list | tuple):
-        return all(_json_like(v, depth + 1) for v in value)
+        return all(json_like(v, depth + 1) for v in value)
     if isinstance(value, Mapping):
-        return all(isinstance(k, str) and _json_like(v, depth + 1) for k, v in value.items())
+        return all(isinstance(k, str) and json_like(v, depth + 1) for k, v in value.items())
     return False
 
 
@@ -74,7 +74,7 @@ def recorded_arch(record: Any, source: str, given: str | None = None) -> ArchSpe
             "recreate the checkpoint with `moonprune compress`"
         )
     factory, kwargs = record["factory"], dict(record["kwargs"])
-    if not _json_like(kwargs):
+    if not json_like(kwargs):
         raise CheckpointError(
             f"{source}: the factory's keyword arguments hold something other than plain "
             "numbers, strings and lists; recreate the checkpoint with `moonprune compress`"
@@ -101,17 +101,15 @@ def checked_recipe_arch(recipe_arch: Any, given: str | None, recipe: str) -> Non
         )
 
 
-def _finite(value: Any) -> TypeGuard[float]:
+def finite_number(value: Any) -> TypeGuard[float]:
+    """A finite int or float (never a bool)."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-#: Where each score's values lie; a threshold outside can accept all or nothing.
-_SCORE_RANGE = {"msp": (0.0, 1.0), "unknown": (0.0, 1.0), "mahalanobis": (-math.inf, 0.0),
-                "mahalanobis++": (-math.inf, 0.0)}  # fmt: skip
-
-
 def check_fields(obj: Mapping[str, Any], source: str, format_version: int) -> None:
-    """Type and range of everything a checkpoint records besides the weights.
+    """Type and range of what a checkpoint records about its model besides the weights
+    (the format version, the classes, the head, the channel structure, the metrics;
+    the run record checks itself: :meth:`moonprune.run_record.RunRecord.from_dict`).
 
     Raises :class:`CheckpointError` naming the first bad field; a file that fails here
     was edited by hand or damaged, so the fix is always to recreate it.
@@ -132,62 +130,14 @@ def check_fields(obj: Mapping[str, Any], source: str, format_version: int) -> No
     ):
         raise CheckpointError(
             f"{source}: 'classes' must be a list of at least 2 distinct names, got "
-            f"{_short(classes)}; {fix}"
+            f"{short_repr(classes)}; {fix}"
         )
-    score = obj.get("score")
-    from moonprune.reliability.scores import score_names
-
-    if score not in score_names():
-        raise CheckpointError(f"{source}: unknown OOD score {_short(score)}; {fix}")
-    threshold = obj.get("threshold")
-    if threshold is not None:
-        lo, hi = _SCORE_RANGE.get(score, (-math.inf, math.inf))
-        if not _finite(threshold) or not lo <= threshold <= hi:
-            raise CheckpointError(
-                f"{source}: threshold {_short(threshold)} is not a finite value of the "
-                f"{score!r} score (range [{lo}, {hi}]); {fix}"
-            )
-    temperature = obj.get("temperature", 1.0)
-    if not _finite(temperature) or temperature <= 0:
-        raise CheckpointError(
-            f"{source}: temperature {_short(temperature)} must be a finite number > 0; {fix}"
-        )
-    tpr = obj.get("tpr")
-    if not (_finite(tpr) and 0 < tpr < 1):
-        raise CheckpointError(f"{source}: tpr {_short(tpr)} must lie in (0, 1); {fix}")
-    _check_preprocessing(obj.get("preprocessing"), source, fix)
     _check_structure(obj.get("structure"), source, fix)
-    for key in ("config", "metrics"):
-        if not isinstance(obj.get(key), Mapping):
-            raise CheckpointError(f"{source}: {key!r} must be a mapping; {fix}")
+    if not isinstance(obj.get("metrics"), Mapping):
+        raise CheckpointError(f"{source}: 'metrics' must be a mapping; {fix}")
     head = obj.get("head_layer")
     if head is not None and not isinstance(head, str):
-        raise CheckpointError(f"{source}: head_layer {_short(head)} must be a name; {fix}")
-
-
-def _check_preprocessing(pre: Any, source: str, fix: str) -> None:
-    ok = isinstance(pre, Mapping)
-    if ok:
-        dims = [pre.get(k) for k in ("channels", "height", "width")]
-        mean, std = pre.get("mean"), pre.get("std")
-        ok = (
-            all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims)
-            and _finite(pre.get("scale"))
-            and pre.get("scale", 0) > 0
-            and isinstance(mean, list | tuple)
-            and isinstance(std, list | tuple)
-            and len(mean) == len(std) == dims[0]
-            and all(_finite(m) for m in mean)
-            and all(_finite(s) and s > 0 for s in std)
-            # absent in checkpoints written before --normalize (they used "dataset")
-            and pre.get("normalize") in (None, *RECORDED_NORMALIZE)
-        )
-    if not ok:
-        raise CheckpointError(
-            f"{source}: the preprocessing record is damaged (channels, height, width > 0; "
-            f"finite mean; std > 0, one per channel; normalize one of "
-            f"{', '.join(RECORDED_NORMALIZE)}), got {_short(pre)}; {fix}"
-        )
+        raise CheckpointError(f"{source}: head_layer {short_repr(head)} must be a name; {fix}")
 
 
 #: The size attributes a channel-pruned checkpoint may set (nothing else is written).
@@ -224,6 +174,7 @@ def _check_structure(structure: Any, source: str, fix: str) -> None:
         )
 
 
-def _short(value: Any) -> str:
+def short_repr(value: Any) -> str:
+    """``repr(value)``, cut to 60 characters for a one-line message."""
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."

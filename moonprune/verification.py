@@ -31,16 +31,13 @@ from moonprune.heads import add_unknown_output_
 from moonprune.outputs import check_output_path as check_output_path
 from moonprune.outputs import write_json
 from moonprune.reliability.options import EvalOptions
+from moonprune.reopen import SPLITS as SPLITS
+from moonprune.reopen import RunData as VerifyData
+from moonprune.reopen import RunOverrides, reopen_run
+from moonprune.reopen import RunSettings as VerifyRequest
+from moonprune.reopen import whole as whole
 from moonprune.reporting import layer_sparsity, write_html_report
 from moonprune.sparsity.channel.structure import size_vs_dense
-from moonprune.verify_data import SPLITS as SPLITS
-from moonprune.verify_data import (
-    VerifyData,
-    VerifyRequest,
-    load_verify_data,
-    resolve_request,
-)
-from moonprune.verify_data import whole as whole
 
 
 @dataclass
@@ -122,8 +119,10 @@ def verify(
     """
     gates = gates or Gates()
     ckpt = load_checkpoint(model_path, arch)
-    request = resolve_request(ckpt, data, ood, split, seed, score, tpr, temperature, workers)
-    loaded = load_verify_data(ckpt, request, baseline is not None)
+    overrides = RunOverrides(data, ood, split, seed, score, tpr, temperature, workers)
+    run = reopen_run(ckpt, overrides, require_ood=True, has_baseline=baseline is not None)
+    request, loaded = run.settings, run.data
+    assert loaded is not None  # reopened with its data
     dense_model = None
     if baseline is not None:
         base_arch = ArchSpec(baseline_arch) if baseline_arch else _dense_arch(ckpt.arch)

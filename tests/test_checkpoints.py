@@ -11,6 +11,7 @@ import torch
 from moonprune.checkpoints import (
     ArchSpec,
     MoonpruneCheckpoint,
+    RunRecord,
     load_checkpoint,
     load_dense,
     save_checkpoint,
@@ -155,11 +156,9 @@ def test_moonprune_checkpoint_round_trip(tmp_path: Path) -> None:
         model=model,
         arch=ARCH,
         classes=("a", "b", "c"),
-        preprocessing=Preprocessing(1, 8, 8, 1 / 16, (0.3,), (0.4,)),
+        run=RunRecord(Preprocessing(1, 8, 8, 1 / 16, (0.3,), (0.4,)), threshold=0.7),
         head_layer=layer,
         masks=masks,
-        threshold=0.7,
-        config={"x": 1},
     )
     path = save_checkpoint(ckpt, tmp_path / "model.pt")
     assert not list(tmp_path.glob(".*.tmp"))

@@ -260,7 +260,7 @@ def test_export_refuses_a_stored_threshold_outside_the_score(
     import torch
 
     ckpt = torch.load("model.pt", weights_only=True)
-    ckpt["threshold"] = threshold
+    ckpt["run"]["threshold"] = threshold
     torch.save(ckpt, "tampered.pt")
     result = runner.invoke(app, ["export", "tampered.pt", "--out", "t.onnx"])
     assert result.exit_code == 2, result.output

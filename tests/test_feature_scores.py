@@ -184,14 +184,14 @@ def test_collect_fits_on_the_training_split_in_eval_mode(digits06) -> None:
 
 
 def test_checkpoint_without_stats_loads_and_damaged_stats_refused(tmp_path) -> None:
-    from moonprune.checkpoints import ArchSpec, MoonpruneCheckpoint
+    from moonprune.checkpoints import ArchSpec, MoonpruneCheckpoint, RunRecord
     from moonprune.data import Preprocessing
     from moonprune.models import demo_cnn
 
     ckpt = MoonpruneCheckpoint(
         model=demo_cnn(num_classes=2, width=4),
         arch=ArchSpec("moonprune.models:demo_cnn", {"num_classes": 2, "width": 4}),
-        classes=("a", "b"), preprocessing=Preprocessing(1, 8, 8, 1.0, (0.0,), (1.0,)),
+        classes=("a", "b"), run=RunRecord(Preprocessing(1, 8, 8, 1.0, (0.0,), (1.0,))),
     )  # fmt: skip
     old = ckpt.to_dict()
     del old["feature_stats"]  # written before issue 17
@@ -204,4 +204,5 @@ def test_checkpoint_without_stats_loads_and_damaged_stats_refused(tmp_path) -> N
     with pytest.raises(CheckpointError, match="3 class means for 2 classes"):
         checkpoint_from_dict({**old, "feature_stats": three.to_dict()}, "bad.pt")
     with pytest.raises(CheckpointError, match="not a finite value"):
-        checkpoint_from_dict({**old, "score": "mahalanobis", "threshold": 3.0}, "bad.pt")
+        run = {**old["run"], "score": "mahalanobis", "threshold": 3.0}
+        checkpoint_from_dict({**old, "run": run}, "bad.pt")

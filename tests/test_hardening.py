@@ -43,8 +43,10 @@ def run_dir(small_run: Path) -> Path:
 
 
 def _tampered(run_dir: Path, tmp_path: Path, **fields: Any) -> Path:
+    """model.pt with ``fields`` replaced where they live: the run record's in it."""
     obj = torch.load(run_dir / "run" / "model.pt", weights_only=True)
-    obj.update(fields)
+    for key, value in fields.items():
+        (obj["run"] if key in obj["run"] else obj)[key] = value
     path = tmp_path / "model.pt"
     torch.save(obj, path)
     return path

@@ -20,7 +20,7 @@ from moonprune.demo import train_dense
 from moonprune.errors import CheckpointError, ConfigError
 from moonprune.normalization import CandidateScore, best_candidate, convention, parse_custom
 from moonprune.pipeline import compress, prepare_inputs
-from moonprune.trust import _check_preprocessing
+from moonprune.run_record import parse_preprocessing
 
 runner = CliRunner()
 DATA = "digits:0-2"
@@ -227,12 +227,11 @@ def test_cli_refuses_bad_normalize_and_writes_nothing(tmp_path, flag: str, messa
 
 def test_the_recorded_convention_is_checked_on_load() -> None:
     record = Preprocessing(1, 8, 8, 1 / 16, (0.0,), (1.0,), "none").as_dict()
-    _check_preprocessing(record, "m.pt", "fix")
+    assert parse_preprocessing(record, "m.pt").normalize == "none"
     old = {k: v for k, v in record.items() if k != "normalize"}  # before --normalize
-    _check_preprocessing(old, "m.pt", "fix")
-    assert Preprocessing.from_dict(old).normalize is None
+    assert parse_preprocessing(old, "m.pt").normalize is None
     with pytest.raises(CheckpointError, match="normalize one of"):
-        _check_preprocessing({**record, "normalize": "os.system"}, "m.pt", "fix")
+        parse_preprocessing({**record, "normalize": "os.system"}, "m.pt")
 
 
 def test_the_demo_records_its_dataset_normalisation(demo_run) -> None:
