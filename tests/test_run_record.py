@@ -23,6 +23,7 @@ from moonprune.errors import CheckpointError, ConfigError
 from moonprune.models import demo_cnn
 from moonprune.pipeline import compress
 from moonprune.preprocessing import Preprocessing
+from moonprune.reliability.options import EvalOptions
 from moonprune.reopen import RunOverrides, reopen_run
 from moonprune.run_record import RECORD_VERSION, RunRecord
 from moonprune.verification import verify
@@ -238,7 +239,7 @@ def test_export_recalibrates_on_the_recorded_seeds_split(seeded_run: Path, tmp_p
 
     def threshold_on(seed: int) -> float:
         splits = load_splits(DATA, seed=seed, preprocessing=ckpt.preprocessing)
-        fitted = assess(ckpt.model, splits, {}, score=ckpt.score, tpr=0.8, n_boot=1,
+        fitted = assess(ckpt.model, splits, {}, EvalOptions(ckpt.score, 0.8, n_boot=1),
                         temperature=ckpt.temperature, feature_stats=ckpt.feature_stats)  # fmt: skip
         assert fitted.threshold is not None
         return fitted.threshold
