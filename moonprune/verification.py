@@ -31,6 +31,8 @@ from moonprune.heads import add_unknown_output_
 from moonprune.outputs import check_output_path as check_output_path
 from moonprune.outputs import write_json
 from moonprune.reliability.options import EvalOptions
+from moonprune.report_parts import CalibrationSummary, plain
+from moonprune.report_records import VerifyDataSummary, VerifyReport, VerifyTiming
 from moonprune.reporting import layer_sparsity, write_html_report
 from moonprune.sparsity.channel.structure import size_vs_dense
 from moonprune.verify_data import SPLITS as SPLITS
@@ -47,7 +49,7 @@ from moonprune.verify_data import whole as whole
 class VerifyResult:
     """The report (DESIGN.md contract + gates), the checks, and the assessments."""
 
-    report: dict[str, Any]
+    report: VerifyReport
     checks: list[GateCheck]
     compressed: Assessment
     dense: Assessment | None
@@ -142,7 +144,7 @@ def verify(
 def _assess_models(
     ckpt: MoonpruneCheckpoint, dense_model: nn.Module | None, request: VerifyRequest,
     loaded: VerifyData, temperature: str | float | None, ece_bins: int, n_boot: int,
-) -> tuple[Assessment, Assessment | None, dict[str, float]]:  # fmt: skip
+) -> tuple[Assessment, Assessment | None, VerifyTiming]:  # fmt: skip
     """The checkpoint's assessment, the baseline's (if any), and their timing. The
     baseline gets its own temperature the way the checkpoint's was set; on a held-out
     set the deployed threshold is measured, not recalibrated."""
@@ -164,65 +166,54 @@ def _assess_models(
     if dense_model is not None:
         dense = assess(dense_model, splits, ood_sets, options, temperature=t_dense,
                        fit_on=fit_on)  # fmt: skip
-    timing = {"compressed_eval_s": compressed_s, "total_eval_s": time.perf_counter() - t0}
-    return compressed, dense, timing
+    return compressed, dense, VerifyTiming(compressed_s, time.perf_counter() - t0)
 
 
 def _report(
     ckpt: MoonpruneCheckpoint, request: VerifyRequest, loaded: VerifyData,
     compressed: Assessment, dense: Assessment | None, checks: list[GateCheck],
-    timing: dict[str, float],
-) -> dict[str, Any]:  # fmt: skip
-    """The JSON report (DESIGN.md contract + gates)."""
+    timing: VerifyTiming,
+) -> VerifyReport:  # fmt: skip
+    """The typed report (DESIGN.md contract + gates)."""
     cfg, fitted_on = ckpt.config, loaded.fitted_on
-    models = {"compressed": compressed.metrics}
-    ci = {"compressed": compressed.ci}
+    method = cfg.get("sparsity", {}).get("method")
+    named = {"dense": dense, "compressed": compressed}
+    models = {n: a for n, a in named.items() if a is not None}
+    # where the feature scores' statistics come from
+    fitted = {"compressed": "checkpoint" if ckpt.feature_stats else fitted_on}
     if dense is not None:
-        models["dense"] = dense.metrics
-        ci["dense"] = dense.ci
-    return {
-        "moonprune_version": ckpt.version,
-        "method": cfg.get("sparsity", {}).get("method"),
-        "moon": ckpt.has_unknown,
-        "target_sparsity": None
-        if cfg.get("sparsity", {}).get("method") == "channel"
-        else cfg.get("sparsity", {}).get("sparsity"),
-        "sparsity": measured_sparsity(ckpt.model),
-        "structure": _structure(ckpt),
-        "threshold": compressed.threshold,
-        "checkpoint_threshold": ckpt.threshold,
-        "temperature": compressed.temperature,
-        "calibration": {
-            name: {"temperature": a.temperature, "temperature_fit": a.temperature_record()}
-            for name, a in (("dense", dense), ("compressed", compressed))
-            if a is not None
+        fitted["dense"] = fitted_on
+    return VerifyReport(
+        moonprune_version=ckpt.version,
+        method=method,
+        moon=ckpt.has_unknown,
+        target_sparsity=None if method == "channel" else cfg.get("sparsity", {}).get("sparsity"),
+        sparsity=measured_sparsity(ckpt.model),
+        structure=_structure(ckpt),
+        threshold=compressed.threshold,
+        checkpoint_threshold=ckpt.threshold,
+        temperature=compressed.temperature,
+        calibration={
+            n: CalibrationSummary(a.temperature, plain(a.temperature_record()))
+            for n, a in models.items()
         },
-        "tpr": request.tpr,
-        "score": request.score,
-        "acceptance": compressed.acceptance,
-        "models": models,
-        "ci": ci,
-        "scores": {
-            name: a.score_table
-            for name, a in (("dense", dense), ("compressed", compressed))
-            if a is not None
-        },
-        "data": {
-            "id": request.data,
-            "ood": list(request.ood),
-            "seed": request.seed,
-            "split": request.split,
-            "n_test": len(loaded.splits.test),
-            # where the feature scores' statistics come from
-            "features_fitted_on": {
-                "compressed": "checkpoint" if ckpt.feature_stats else fitted_on,
-                **({"dense": fitted_on} if dense is not None else {}),
-            },
-        },
-        "gates": [c.as_dict() for c in checks],
-        "passed": all(c.passed for c in checks),
-        "timing": timing,
-    }
+        tpr=request.tpr,
+        score=request.score,
+        acceptance=plain(compressed.acceptance),
+        models=plain({n: models[n].metrics for n in ("compressed", "dense") if n in models}),
+        ci=plain({n: models[n].ci for n in ("compressed", "dense") if n in models}),
+        scores=plain({n: a.score_table for n, a in models.items()}),
+        data=VerifyDataSummary(
+            request.data,
+            list(request.ood),
+            request.seed,
+            request.split,
+            len(loaded.splits.test),
+            fitted,
+        ),
+        gates=list(checks),
+        timing=timing,
+    )
 
 
 def _dense_arch(arch: ArchSpec) -> ArchSpec:
@@ -246,7 +237,7 @@ def save_outputs(
         target = check_output_path(path, option)
         try:
             if option == "--json":
-                write_json(result.report, target)
+                write_json(result.report.to_json(), target)
             else:
                 _write_html(result, target)
         except OSError as exc:
