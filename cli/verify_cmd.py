@@ -11,6 +11,7 @@ from rich.table import Table
 
 if TYPE_CHECKING:
     from moonprune.report_records import VerifyReport
+    from moonprune.verification import VerifyResult
 
 GATE_HELP = "Fraction in [0, 1], e.g. 0.9."
 #: ``verify``'s gate options: the fields of :class:`moonprune.config.Gates`
@@ -182,7 +183,7 @@ def _measure(flags: Mapping[str, Any]) -> Any:
     )  # fmt: skip
 
 
-def _show(result: Any) -> None:
+def _show(result: VerifyResult) -> None:
     """The ID data measured on, the metrics with intervals, the scores, the acceptance
     and temperature lines, and the gate verdicts."""
     from moonprune.cli.guard import console
