@@ -48,16 +48,16 @@ def run(seeds: list[int], epochs: int) -> list[dict[str, Any]]:
                 result = compress(cfg, dense=DenseModel(_copy(dense), arch))
                 total = time.perf_counter() - start
             rep = result.report
-            history = rep["history"]
+            history = rep.history
             rows.append(
                 {
                     "seed": seed,
                     "variant": "MOON" if moon else "plain",
-                    "dense": rep["models"]["dense"],
-                    "compressed": rep["models"]["compressed"],
-                    "sparsity": rep["sparsity"],
-                    "epoch_s": rep["timing"]["epoch_s_mean"],
-                    "train_s": rep["timing"]["train_s"],
+                    "dense": rep.models["dense"],
+                    "compressed": rep.models["compressed"],
+                    "sparsity": rep.sparsity,
+                    "epoch_s": rep.timing.epoch_s_mean,
+                    "train_s": rep.timing.train_s,
                     "total_s": total,
                     "epochs": len(history),
                 }

@@ -6,7 +6,7 @@
 For each ID set (digits 0-5, mnist5k 0-5), architecture (demo_cnn width 16, resnet8
 width 8) and seed, a dense model is trained as ``benchmarks/reliability.py`` trains
 it (``moonprune.demo.train_dense``), then compressed with ``moonprune.compress``
-(RigL 90%, MOON, a few epochs). ``report["scores"]`` holds the AUROC of every score
+(RigL 90%, MOON, a few epochs). ``report.scores`` holds the AUROC of every score
 (logit scores msp, energy, max_logit, unknown; feature scores mahalanobis, knn) for
 the dense and the compressed model against held-out classes 6-9, the other digit
 set's 6-9, textures, photos, faces and noise. Written into benchmarks/RESULTS.md,
@@ -67,14 +67,14 @@ def run(seeds: list[int], epochs: int, dense_epochs: int, log: Any) -> list[dict
                     })  # fmt: skip
                     start = time.perf_counter()
                     report = compress(cfg, dense=DenseModel(copy.deepcopy(dense), spec)).report
-                row = {"data": data, "arch": arch_name, "seed": seed, "scores": report["scores"],
-                       "accuracy": {m: report["models"][m]["accuracy"] for m in
+                row = {"data": data, "arch": arch_name, "seed": seed, "scores": report.scores,
+                       "accuracy": {m: report.models[m]["accuracy"] for m in
                                     ("dense", "compressed")},
                        "seconds": time.perf_counter() - start}  # fmt: skip
                 rows.append(row)
                 log.write(json.dumps(row) + "\n")
                 log.flush()
-                means = {s: mean_auroc(v) for s, v in report["scores"]["compressed"].items()}
+                means = {s: mean_auroc(v) for s, v in report.scores["compressed"].items()}
                 print(
                     f"{data} {arch_name} seed {seed}: compressed mean AUROC "
                     + ", ".join(f"{s} {100 * m:.1f}" for s, m in means.items()),

@@ -173,11 +173,11 @@ def run_one(
         seconds = time.perf_counter() - start
     rep = result.report
     return {
-        "dense": rep["models"]["dense"], "compressed": rep["models"]["compressed"],
+        "dense": rep.models["dense"], "compressed": rep.models["compressed"],
         "scores": every_score(result.checkpoint.model, setting.splits, setting.ood),
-        "dense_scores": setting.dense_scores, "rollbacks": len(rep["rollbacks"]),
-        "report_scores": rep.get("scores"),
-        "epoch_s": rep["timing"]["epoch_s_mean"], "seconds": seconds,
+        "dense_scores": setting.dense_scores, "rollbacks": len(rep.rollbacks),
+        "report_scores": rep.scores,
+        "epoch_s": rep.timing.epoch_s_mean, "seconds": seconds,
     }  # fmt: skip
 
 

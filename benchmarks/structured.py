@@ -81,7 +81,7 @@ def run(arch: tuple[str, str, dict[str, Any], tuple[int, ...]], dense: torch.nn.
             result = compress(cfg, dense=given)
         except ConfigError as exc:
             return {"refused": str(exc)}
-    return result.report
+    return result.report.to_json()
 
 
 def speed_cells(structure: dict[str, Any]) -> tuple[list[str], list[float]]:

@@ -114,14 +114,14 @@ def run_variant(grid: Grid, setting: Any, seed: int, variant: str) -> dict[str, 
         seconds = time.perf_counter() - start
     rep, model = result.report, result.checkpoint.model.eval()
     row: dict[str, Any] = {
-        "accuracy": rep["models"]["compressed"]["accuracy"],
+        "accuracy": rep.models["compressed"]["accuracy"],
         "scores": every_score(model, setting.splits, setting.ood),
         "features": {s: {n: v["auroc"] for n, v in t.items()}
-                     for s, t in rep["scores"]["compressed"].items()
+                     for s, t in rep.scores["compressed"].items()
                      if s in ("mahalanobis", "mahalanobis++", "knn")},
-        "p_unknown": rep["models"]["compressed"].get("p_unknown"),
-        "epoch_s": rep["timing"]["epoch_s_mean"], "seconds": seconds,
-        "unknown_rate": [h.get("unknown_rate") for h in rep["history"]],
+        "p_unknown": rep.models["compressed"].get("p_unknown"),
+        "epoch_s": rep.timing.epoch_s_mean, "seconds": seconds,
+        "unknown_rate": [h.unknown_rate for h in rep.history],
     }  # fmt: skip
     if variant != "plain":
         x, y = setting.splits.test.x, setting.splits.test.y

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from moonprune.cli import compress_options as opts
 from moonprune.cli.compress_recipe import compress_config
 from moonprune.cli.render import RichProgress, comparison_table, scores_table, summary_lines
+
+if TYPE_CHECKING:
+    from moonprune.pipeline import CompressResult
 
 
 def _interrupted(out: Path, can_resume: bool = True) -> NoReturn:
@@ -32,7 +35,7 @@ def _interrupted(out: Path, can_resume: bool = True) -> NoReturn:
     raise typer.Exit(130)
 
 
-def _show(result: Any) -> None:
+def _show(result: CompressResult) -> None:
     from moonprune.cli.guard import console
     from moonprune.cli.verify_cmd import enforce_gates, gate_table
 

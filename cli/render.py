@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from moonprune.report_records import Report, RunReport
 from moonprune.reporting import structure_phrase
 from moonprune.training import EpochInfo, StepInfo
 
@@ -80,16 +81,15 @@ def _delta(a: float, b: float, higher_is_better: bool, pct: bool = False) -> str
     return f"[{colour}]{scale * d:+.2f}[/]" if pct else f"[{colour}]{d:+.4f}[/]"
 
 
-def comparison_table(report: dict[str, Any]) -> Table:
+def comparison_table(report: RunReport) -> Table:
     """Dense vs compressed: accuracy, ECE, NLL, and AUROC/FPR95 per OOD set."""
-    dense, comp = report["models"]["dense"], report["models"]["compressed"]
-    variant = "+ MOON" if report.get("moon") else "(plain)"
-    structure = report.get("structure")
-    if structure:
-        title = f"{report['method']} {variant}: {structure_phrase(structure)}"
+    dense, comp = report.models["dense"], report.models["compressed"]
+    variant = "+ MOON" if report.moon else "(plain)"
+    if report.structure:
+        title = f"{report.method} {variant}: {structure_phrase(report.structure)}"
     else:
-        target = report.get("target_sparsity")
-        title = f"{report['method']} {variant} at {100 * report['sparsity']:.1f}% sparsity" + (
+        target = report.target_sparsity
+        title = f"{report.method} {variant} at {100 * report.sparsity:.1f}% sparsity" + (
             f" (target {100 * target:.0f}%)" if target is not None else ""
         )
     table = Table(title=title)
@@ -111,10 +111,10 @@ def comparison_table(report: dict[str, Any]) -> Table:
     return table
 
 
-def scores_table(report: dict[str, Any]) -> Table | None:
+def scores_table(report: Report) -> Table | None:
     """Every score's mean AUROC / FPR95 over the OOD sets, per model; the deployed
     score (``--score``: threshold and ONNX confidence) is marked."""
-    per_model = report.get("scores")
+    per_model = report.scores
     if not per_model:
         return None
     models = list(per_model)
@@ -131,17 +131,17 @@ def scores_table(report: dict[str, Any]) -> Table | None:
             for key in ("auroc", "fpr95"):
                 values = [v[key] for v in per_ood.values()] if per_ood else []
                 cells.append(f"{100 * sum(values) / len(values):.1f}" if values else "-")
-        table.add_row(f"{name} *" if name == report.get("score") else name, *cells)
+        table.add_row(f"{name} *" if name == report.score else name, *cells)
     return table
 
 
-def acceptance_lines(report: dict[str, Any]) -> list[str]:
+def acceptance_lines(report: Report) -> list[str]:
     """The threshold's ID validation acceptance and each OOD set's rejection."""
-    acc = report["acceptance"]
+    acc = report.acceptance
     lines = [
-        f"threshold {report['threshold']:.4f} ({report['score']}) accepts "
+        f"threshold {report.threshold:.4f} ({report.score}) accepts "
         f"{100 * acc['id_val_accepted']:.1f}% of ID validation inputs "
-        f"(target {100 * report['tpr']:.0f}%)",
+        f"(target {100 * report.tpr:.0f}%)",
     ]
     for name, frac in acc["ood_rejected"].items():
         lines.append(f"  rejects {100 * frac:.1f}% of {name}")
@@ -157,95 +157,95 @@ def _temperature_choice(fit: dict[str, Any]) -> str:
     return f"fitted {fit['fitted']:.3f}, {used}"
 
 
-def temperature_lines(report: dict[str, Any]) -> list[str]:
+def temperature_lines(report: Report) -> list[str]:
     """Per model: the fitted T, whether it was used (and why not), and its effect."""
     lines = []
-    for name, cal in report.get("calibration", {}).items():
-        fit = cal.get("temperature_fit")
-        if fit is not None:
-            lines.append(f"{name} temperature: {_temperature_choice(fit)}")
-        if cal["temperature"] == 1.0 or "ece_before" not in cal:
+    for name, cal in report.calibration.items():
+        if cal.temperature_fit is not None:
+            lines.append(f"{name} temperature: {_temperature_choice(cal.temperature_fit)}")
+        effect = cal.effect
+        if cal.temperature == 1.0 or effect is None:
             continue
         lines.append(
-            f"{name} at T={cal['temperature']:.3f}: ECE {100 * cal['ece_before']:.2f}% -> "
-            f"{100 * cal['ece_after']:.2f}%, NLL {cal['nll_before']:.4f} -> {cal['nll_after']:.4f}"
+            f"{name} at T={cal.temperature:.3f}: ECE {100 * effect.ece_before:.2f}% -> "
+            f"{100 * effect.ece_after:.2f}%, NLL {effect.nll_before:.4f} -> {effect.nll_after:.4f}"
         )
-        if cal["auroc_changed"]:
+        if effect.auroc_changed:
             changes = ", ".join(
-                f"{n} {100 * cal['auroc_before'][n]:.2f} -> {100 * v:.2f}"
-                for n, v in cal["auroc_after"].items()
+                f"{n} {100 * effect.auroc_before[n]:.2f} -> {100 * v:.2f}"
+                for n, v in effect.auroc_after.items()
             )
             lines.append(f"  T changes the score's ranking: AUROC {changes}")
     return lines
 
 
-def method_lines(report: dict[str, Any]) -> list[str]:
+def method_lines(report: RunReport) -> list[str]:
     """AUROC at T = 1 (the paper's protocol) and p(unknown) per set: is the unknown
     output alive?"""
     lines = []
-    t1 = report.get("auroc_t1")
+    t1 = report.auroc_t1
     if t1:
         cells = ", ".join(
             f"{name} {100 * t1['dense'][name]:.2f} -> {100 * value:.2f}"
             for name, value in t1["compressed"].items()
         )
         lines.append(f"AUROC at T = 1 (the paper's protocol), dense -> compressed: {cells}")
-    p_unknown = report["models"]["compressed"].get("p_unknown")
+    p_unknown = report.models["compressed"].get("p_unknown")
     if p_unknown:
         cells = ", ".join(f"{name} {v['mean']:.3g}" for name, v in p_unknown.items())
         lines.append(f"mean p(unknown) of the compressed model: {cells}")
-    for rollback in report.get("rollbacks", []):
+    for rollback in report.rollbacks:
         lines.append(
-            f"[yellow]epoch {rollback['epoch'] + 1} diverged ({rollback['reason']}): rolled "
-            f"back, lr x{rollback['lr_scale_after']:g}[/]"
+            f"[yellow]epoch {rollback.epoch + 1} diverged ({rollback.reason}): rolled "
+            f"back, lr x{rollback.lr_scale_after:g}[/]"
         )
-    lines += [f"[yellow]warning:[/] {w}" for w in report.get("warnings", [])]
+    lines += [f"[yellow]warning:[/] {w}" for w in report.warnings]
     return lines
 
 
-def speed_lines(report: dict[str, Any]) -> list[str]:
+def speed_lines(report: RunReport) -> list[str]:
     """A channel-pruned model's measured speed-up (exported file vs dense export), and
     what the chosen widths measured before training."""
-    structure = report.get("structure") or {}
     lines = []
-    plan = structure.get("plan")
+    plan = (report.structure or {}).get("plan")
     if plan:
         cells = ", ".join(f"{v:.2f}x at batch {b}"
                           for b, v in plan["speedup_before_training"].items())  # fmt: skip
         lines.append(f"channel widths chosen by timing {len(plan['candidates'])} candidates in "
                      f"{plan['search_s']:.0f} s (grid {plan['grid']}): {cells}")  # fmt: skip
-    speed = structure.get("speed")
+    speed = report.deployed_speed
     if speed:
-        cells = ", ".join(f"{v:.2f}x at batch {b}" for b, v in speed["speedup"].items())
-        threads = f"{speed['threads']} thread{'s' if speed['threads'] > 1 else ''}"
+        cells = ", ".join(f"{v:.2f}x at batch {b}" for b, v in speed.speedup.items())
+        threads = f"{speed.threads} thread{'s' if speed.threads > 1 else ''}"
         lines.append(f"model.onnx vs the dense export (onnxruntime, {threads}): {cells}")
     return lines
 
 
-def preprocessing_lines(report: dict[str, Any]) -> list[str]:
+def preprocessing_lines(report: RunReport) -> list[str]:
     """How the inputs were normalised (``--normalize``) and the dense accuracy under each
     candidate."""
-    pre = report.get("preprocessing", {})
+    pre = report.preprocessing
     if "summary" not in pre:
         return []
     return [f"normalize {pre['choice']}: {escape(pre['summary'])}"]
 
 
-def unknowns_lines(report: dict[str, Any]) -> list[str]:
+def unknowns_lines(report: RunReport) -> list[str]:
     """Which synthesized unknowns trained the model (issue 18), said plainly."""
-    record = report.get("unknowns") or {}
-    if not record.get("generators"):
+    record = report.unknowns
+    fraction, weight = record.fraction, record.weight
+    if not record.generators or fraction is None or weight is None:
         return []
-    rate = record.get("val_unknown_rate")
+    rate = record.val_unknown_rate
     rate_text = "" if rate is None else f"; {100 * rate:.1f}% of ID validation rows -> unknown"
     return [
-        f"unknowns: {record['setting']} ({'+'.join(record['generators'])}, "
-        f"{100 * record['fraction']:.0f}% of each batch, weight {record['weight']:g}){rate_text}"
+        f"unknowns: {record.setting} ({'+'.join(record.generators)}, "
+        f"{100 * fraction:.0f}% of each batch, weight {weight:g}){rate_text}"
         " - beyond the MOON paper; --unknowns none is MOON as published"
     ]
 
 
-def summary_lines(report: dict[str, Any], files: dict[str, Any]) -> list[str]:
+def summary_lines(report: RunReport, files: dict[str, Any]) -> list[str]:
     """A few lines under the table: inputs, threshold, acceptance, temperature, outputs."""
     lines = preprocessing_lines(report) + acceptance_lines(report) + temperature_lines(report)
     lines += speed_lines(report) + method_lines(report) + unknowns_lines(report)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from moonprune.report_records import VerifyReport
+    from moonprune.verification import VerifyResult
 
 GATE_HELP = "Fraction in [0, 1], e.g. 0.9."
 #: ``verify``'s gate options: the fields of :class:`moonprune.config.Gates`
@@ -36,21 +40,21 @@ def gate_table(result: Any) -> Table:
     return table
 
 
-def metrics_table(report: dict[str, Any]) -> Table:
+def metrics_table(report: VerifyReport) -> Table:
     """Accuracy, ECE, NLL and per-OOD AUROC/FPR95 with intervals, per model."""
-    table = Table(title=f"score {report['score']}, threshold {report['threshold']:.4f}")
-    names = list(report["models"])
+    table = Table(title=f"score {report.score}, threshold {report.threshold:.4f}")
+    names = list(report.models)
     table.add_column("metric")
     for name in names:
         table.add_column(name, justify="right")
     for key in ("accuracy", "ece", "nll"):
-        table.add_row(key, *(f"{report['models'][n][key]:.4f}" for n in names))
-    for ood in report["models"]["compressed"]["ood"]:
+        table.add_row(key, *(f"{report.models[n][key]:.4f}" for n in names))
+    for ood in report.models["compressed"]["ood"]:
         for key in ("auroc", "fpr95"):
             cells = []
             for n in names:
-                lo, hi = report["ci"][n][ood][key]
-                cells.append(f"{report['models'][n]['ood'][ood][key]:.4f} [{lo:.3f}, {hi:.3f}]")
+                lo, hi = report.ci[n][ood][key]
+                cells.append(f"{report.models[n]['ood'][ood][key]:.4f} [{lo:.3f}, {hi:.3f}]")
             table.add_row(f"{key} vs {ood}", *cells)
     return table
 
@@ -179,21 +183,20 @@ def _measure(flags: Mapping[str, Any]) -> Any:
     )  # fmt: skip
 
 
-def _show(result: Any) -> None:
+def _show(result: VerifyResult) -> None:
     """The ID data measured on, the metrics with intervals, the scores, the acceptance
     and temperature lines, and the gate verdicts."""
     from moonprune.cli.guard import console
     from moonprune.cli.render import acceptance_lines, scores_table, temperature_lines
 
-    d = result.report["data"]
+    d = result.report.data
     where = (
-        f"all {d['n_test']} rows of {d['id']} (a held-out set; --split test for the seed's "
-        "test split)"
-        if d["split"] == "all"
-        else f"the test split of {d['id']} (seed {d['seed']}, {d['n_test']} rows)"
+        f"all {d.n_test} rows of {d.id} (a held-out set; --split test for the seed's test split)"
+        if d.split == "all"
+        else f"the test split of {d.id} (seed {d.seed}, {d.n_test} rows)"
     )
     console.print(f"ID data: {where}", highlight=False)
-    structure = result.report.get("structure")
+    structure = result.report.structure
     if structure:
         from moonprune.reporting import structure_phrase
 

@@ -14,7 +14,6 @@ import logging
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,25 +34,10 @@ from moonprune.heads import find_classifier
 from moonprune.outputs import atomic_path
 from moonprune.reliability.features import FeatureStats
 from moonprune.reliability.scores import is_feature_score
+from moonprune.report_parts import ExportReport as ExportReport
 
 OUTPUT_NAMES = ("logits", "probabilities", "confidence", "label", "is_unknown")
 DEFAULT_OPSET = 18
-
-
-@dataclass(frozen=True)
-class ExportReport:
-    """What was written and how well it agrees with PyTorch."""
-
-    path: str
-    bytes: int
-    gzip_bytes: int
-    parity_max_abs_diff: float
-    labels_agree: bool
-    opset: int
-    export_seconds: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def gzip_size(path: Path) -> int:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
 
 from torch import nn
 
@@ -14,11 +13,12 @@ from moonprune.assessment import Assessment
 from moonprune.checkpoints import MoonpruneCheckpoint
 from moonprune.compress_inputs import Inputs
 from moonprune.config import CompressConfig
+from moonprune.report_parts import DeployedSpeed, ExportReport
 
 
 def export_run(
     ckpt: MoonpruneCheckpoint, inputs: Inputs, path: Path, sparsity: float
-) -> tuple[Path, dict[str, Any]]:
+) -> tuple[Path, ExportReport]:
     """``ckpt`` exported to ``path`` (validation rows as the example inputs) and the
     export's report."""
     from moonprune.exporters import export_onnx
@@ -39,12 +39,12 @@ def export_run(
         example_inputs=inputs.splits.val.x[:64],
         feature_stats=ckpt.feature_stats,
     )
-    return path, export_report.as_dict()
+    return path, export_report
 
 
 def deployed_speed(
     path: Path, dense_model: nn.Module, dense: Assessment, inputs: Inputs, cfg: CompressConfig
-) -> dict[str, Any]:
+) -> DeployedSpeed:
     """The exported channel-pruned file timed against the dense model exported with the
     same rejector (score, and the dense model's own threshold and statistics), at batch
     1 and ``--latency-batch`` (:func:`moonprune.speed.time_speedups`)."""
@@ -64,5 +64,5 @@ def deployed_speed(
                     temperature=dense.temperature, example_inputs=inputs.splits.val.x[:64],
                     feature_stats=dense.feature_stats)  # fmt: skip
         measured = time_speedups(dense_path, {"model": path}, batches, threads)["model"]
-    return {"speedup": {str(b): v for b, v in measured.items()}, "threads": threads,
-            "compared_with": "the dense model exported with the same rejector"}  # fmt: skip
+    return DeployedSpeed({str(b): v for b, v in measured.items()}, threads,
+                         "the dense model exported with the same rejector")  # fmt: skip

@@ -42,6 +42,7 @@ from moonprune.gate_checks import GateCheck, check_gates
 from moonprune.heads import add_unknown_output_, find_classifier
 from moonprune.outputs import OutputDir, write_json
 from moonprune.reliability.options import EvalOptions
+from moonprune.report_records import RunReport
 from moonprune.reporting import layer_sparsity, unknowns_summary, write_html_report
 from moonprune.run_report import Calibrated, RunFacts, build_report
 from moonprune.sparsity import MASKERS, METHODS
@@ -74,7 +75,7 @@ class CompressResult:
     """What ``compress`` produced: the output directory, the report, the checkpoint."""
 
     out: Path
-    report: dict[str, Any]
+    report: RunReport
     checkpoint: MoonpruneCheckpoint
     files: dict[str, Path] = field(default_factory=dict)
     checks: list[GateCheck] = field(default_factory=list)
@@ -118,8 +119,8 @@ def compress(
         >>> result = moonprune.compress(cfg)
         >>> sorted(p.name for p in result.out.iterdir())
         ['.moonprune-run', 'model.pt', 'recipe.json', 'report.html', 'report.json']
-        >>> abs(result.report["sparsity"] - 0.9) < 0.005
-        True
+        >>> abs(result.report.sparsity - 0.9) < 0.005, result.report.to_json()["schema_version"]
+        (True, 1)
     """
     t_start = time.perf_counter()
     dist = from_env()
@@ -185,8 +186,8 @@ def _compress(
         return CompressResult(out.final, report, ckpt, {}, checks)
     models = {"dense": dense_model, "compressed": compressed}
     assessments = {"dense": dense_assessment, "compressed": assessment}
-    names = _write_outputs(cfg, inputs, ckpt, report, facts, models, assessments, synthesized,
-                           work, t_start)  # fmt: skip
+    names, report = _write_outputs(cfg, inputs, ckpt, report, facts, models, assessments,
+                                   synthesized, work, t_start)  # fmt: skip
     final = out.commit()
     files = {name: final / name for name in names}
     return CompressResult(final, report, ckpt, files, checks)
@@ -268,25 +269,24 @@ def _checkpoint(
 
 
 def _write_outputs(
-    cfg: CompressConfig, inputs: Inputs, ckpt: MoonpruneCheckpoint, report: dict[str, Any],
+    cfg: CompressConfig, inputs: Inputs, ckpt: MoonpruneCheckpoint, report: RunReport,
     facts: RunFacts, models: dict[str, nn.Module], assessments: dict[str, Assessment],
     synthesized: dict[str, np.ndarray], work: Path, t_start: float,
-) -> list[str]:  # fmt: skip
+) -> tuple[list[str], RunReport]:  # fmt: skip
     """model.pt, model.onnx (with ``export``), report.json/.html and recipe.json written
-    to ``work``; adds the export's record and timing to ``report``. Returns the names."""
+    to ``work``. Returns the names, and the report with the export's record and timing."""
     files = {"model.pt": save_checkpoint(ckpt, work / "model.pt")}
     if cfg.export:
         t0 = time.perf_counter()
-        files["model.onnx"], report["export"] = export_run(
-            ckpt, inputs, work / "model.onnx", facts.sparsity
-        )
+        files["model.onnx"], export = export_run(ckpt, inputs, work / "model.onnx", facts.sparsity)
+        speed = None
         if facts.structure is not None:
-            report["structure"]["speed"] = deployed_speed(
+            speed = deployed_speed(
                 files["model.onnx"], models["dense"], assessments["dense"], inputs, cfg
             )
-        report["timing"]["export_s"] = time.perf_counter() - t0
-    report["timing"]["total_s"] = time.perf_counter() - t_start
-    write_json(report, work / "report.json")
+        report = report.with_export(export, speed, time.perf_counter() - t0)
+    report = report.with_total(time.perf_counter() - t_start)
+    write_json(report.to_json(), work / "report.json")
     write_html_report(
         work / "report.html",
         report,
@@ -295,4 +295,4 @@ def _write_outputs(
         synthesized,
     )
     write_json(cfg.as_dict(), work / "recipe.json")
-    return [*files, "report.json", "report.html", "recipe.json"]
+    return [*files, "report.json", "report.html", "recipe.json"], report

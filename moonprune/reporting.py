@@ -11,6 +11,7 @@ import base64
 import html
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ from moonprune.config import MoonConfig
 from moonprune.conventions import UNKNOWN_ROW_ATTR, prunable_weights
 from moonprune.data import ImageSet
 from moonprune.outputs import atomic_path
+from moonprune.report_parts import UnknownsRecord
+from moonprune.report_records import Report, RunReport
 from moonprune.streaming import batch_rows
 from moonprune.unknowns import NONE, UNKNOWNS, probe
 
@@ -40,19 +43,18 @@ def structure_phrase(structure: dict[str, Any]) -> str:
     )
 
 
-def _size_phrase(report: dict[str, Any]) -> str:
+def _size_phrase(report: Report) -> str:
     """How much was removed: MACs and parameters for channel runs, else zeros."""
-    structure = report.get("structure")
-    if structure:
-        return structure_phrase(structure)
-    target = report.get("target_sparsity")
-    phrase = f"sparsity {100 * float(report.get('sparsity', 0)):.2f}%"
-    return phrase + (f" (target {100 * float(target):.0f}%)" if target is not None else "")
+    if report.structure:
+        return structure_phrase(report.structure)
+    target = report.target_sparsity
+    phrase = f"sparsity {100 * report.sparsity:.2f}%"
+    return phrase + (f" (target {100 * target:.0f}%)" if target is not None else "")
 
 
 def unknowns_summary(
     model: nn.Module, val: ImageSet, moon: MoonConfig, seed: int
-) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+) -> tuple[UnknownsRecord, dict[str, np.ndarray]]:
     """report.json's ``unknowns`` record and p(unknown) on the synthesized rows.
 
     The record: the setting (``none`` is MOON as published; anything else goes beyond
@@ -62,12 +64,12 @@ def unknowns_summary(
     """
     spec = moon.unknowns if moon.enabled else NONE
     names = UNKNOWNS.resolve(spec)
-    record: dict[str, Any] = {
-        "setting": spec, "generators": list(names), "beyond_paper": bool(names),
-        "fraction": moon.unknowns_fraction if names else None,
-        "weight": moon.unknowns_weight if names else None,
-        "val_unknown_rate": None, "p_unknown_synth": {}, "warnings": [],
-    }  # fmt: skip
+    record = UnknownsRecord(
+        setting=spec, generators=list(names), beyond_paper=bool(names),
+        fraction=moon.unknowns_fraction if names else None,
+        weight=moon.unknowns_weight if names else None,
+        val_unknown_rate=None, p_unknown_synth={}, warnings=[],
+    )  # fmt: skip
     heads = [m for m in model.modules() if isinstance(getattr(m, UNKNOWN_ROW_ATTR, None), int)]
     if not heads or len(val) == 0:
         return record, {}
@@ -81,9 +83,9 @@ def unknowns_summary(
         )
     model.train(was_training)
     rate = float((predicted == k).double().mean())
-    record["val_unknown_rate"] = rate
+    warnings = []
     if rate > UNKNOWN_RATE_WARNING:
-        record["warnings"].append(
+        warnings.append(
             f"the model puts {100 * rate:.1f}% of the ID validation rows into 'unknown' "
             "(argmax): the synthesized unknowns may look like ID data; try --unknowns none "
             "or a lower --unknowns-weight"
@@ -92,8 +94,8 @@ def unknowns_summary(
     rows = batch_rows(val.x.shape, PROBE_ROWS)
     x, y = val.x[:rows], val.y[:rows]
     synth = {f"synth: {n}": v.numpy() for n, v in probe(model, x, y, names, seed).items()}
-    record["p_unknown_synth"] = {n: float(v.mean()) for n, v in synth.items()}
-    return record, synth
+    p_synth = {n: float(v.mean()) for n, v in synth.items()}
+    return replace(record, val_unknown_rate=rate, p_unknown_synth=p_synth, warnings=warnings), synth
 
 
 def roc_curve(id_scores: np.ndarray, ood_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -199,9 +201,17 @@ def _figures(
     return figures
 
 
+def _run_extras(report: Report) -> tuple[dict[str, dict[str, float]], list[str], str]:
+    """A ``compress`` report's AUROC at T = 1, warnings and unknowns setting (``verify``
+    has none of them)."""
+    if isinstance(report, RunReport):
+        return report.auroc_t1, report.warnings, report.unknowns.setting
+    return {}, [], "none"
+
+
 def write_html_report(
     path: Path,
-    report: dict[str, Any],
+    report: Report,
     models: dict[str, Assessment],
     sparsity: dict[str, dict[str, float]],
     synthesized: dict[str, np.ndarray] | None = None,
@@ -210,7 +220,7 @@ def write_html_report(
     of the compressed model on synthesized rows, by generator (:func:`unknowns_summary`)."""
     figures = _figures(models, sparsity, synthesized or {})
     rows = []
-    t1 = report.get("auroc_t1") or {}
+    t1, warning_list, unknowns = _run_extras(report)
     for label, a in models.items():
         m = a.metrics
         cells = [f"{100 * m['accuracy']:.2f}", f"{100 * m['ece']:.2f}", f"{m['nll']:.4f}"]
@@ -229,15 +239,14 @@ def write_html_report(
     if t1:
         ood_heads += "".join(f"<th>AUROC % at T = 1 vs {html.escape(n)}</th>" for n in ood_names)
     warnings = "".join(
-        f'<p style="color:#a60"><b>warning:</b> {html.escape(w)}</p>'
-        for w in report.get("warnings", [])
+        f'<p style="color:#a60"><b>warning:</b> {html.escape(w)}</p>' for w in warning_list
     )
     images = "\n".join(
         f'<figure><img alt="{html.escape(t)}" src="data:image/png;base64,{b64}">'
         f"<figcaption>{html.escape(t)}</figcaption></figure>"
         for t, b64 in figures
     )
-    score = html.escape(str(report.get("score")))
+    score = html.escape(report.score)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>moonprune report</title>
 <style>
@@ -248,15 +257,15 @@ figure {{ display: inline-block; margin: 0.5em; vertical-align: top; }}
 pre {{ background: #f6f6f6; padding: 1em; overflow: auto; max-height: 30em; }}
 </style></head><body>
 <h1>moonprune report</h1>
-<p>method <b>{html.escape(str(report.get("method")))}</b>, MOON {report.get("moon")},
-unknowns {html.escape(str((report.get("unknowns") or {}).get("setting", "none")))},
+<p>method <b>{html.escape(str(report.method))}</b>, MOON {report.moon},
+unknowns {html.escape(unknowns)},
 {_size_phrase(report)}, score {score},
-threshold {float(report.get("threshold", 0)):.4f} at TPR {report.get("tpr")}</p>
+threshold {report.threshold:.4f} at TPR {report.tpr}</p>
 <table><tr><th>model</th><th>accuracy %</th><th>ECE %</th><th>NLL</th>{ood_heads}</tr>
 {"".join(rows)}</table>
 {warnings}
 {images}
-<h2>report.json</h2><pre>{html.escape(json.dumps(report, indent=2))}</pre>
+<h2>report.json</h2><pre>{html.escape(json.dumps(report.to_json(), indent=2))}</pre>
 </body></html>
 """
     with atomic_path(path) as tmp:

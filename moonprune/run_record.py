@@ -38,6 +38,7 @@ from moonprune.config import CompressConfig, build_config
 from moonprune.errors import CheckpointError, ConfigError
 from moonprune.normalization import RECORDED_NORMALIZE
 from moonprune.preprocessing import Preprocessing
+from moonprune.sparsity import METHODS
 from moonprune.specs import ReadOptions
 from moonprune.trust import finite_number, json_like, short_repr
 
@@ -97,7 +98,10 @@ class RunRecord:
     @property
     def target_sparsity(self) -> float | None:
         """The sparsity asked for (None for ``channel``, whose target is a speed or size)."""
-        if self.config is None or self.config.sparsity.method == "channel":
+        if self.config is None:
+            return None
+        method = self.config.sparsity.method  # a plug-in's name may not be installed here
+        if method in METHODS and METHODS.is_structured(method):
             return None
         return self.config.sparsity.sparsity
 

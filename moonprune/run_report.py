@@ -12,6 +12,14 @@ from moonprune.assessment import Assessment
 from moonprune.compress_inputs import Inputs
 from moonprune.config import CompressConfig
 from moonprune.gate_checks import GateCheck
+from moonprune.report_parts import (
+    CalibrationSummary,
+    EpochRecord,
+    TemperatureEffect,
+    UnknownsRecord,
+    plain,
+)
+from moonprune.report_records import DataSummary, RunReport, RunTiming
 from moonprune.train_records import TrainResult
 from moonprune.version import __version__
 
@@ -23,19 +31,13 @@ class Calibrated:
     after: Assessment
     before: Assessment
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> CalibrationSummary:
         """ECE/NLL/AUROC before and after temperature scaling (the report's view)."""
         b, a = self.before.metrics, self.after.metrics
-        auroc_b = {n: m["auroc"] for n, m in b["ood"].items()}
-        auroc_a = {n: m["auroc"] for n, m in a["ood"].items()}
-        return {
-            "temperature": self.after.temperature,
-            "temperature_fit": self.after.temperature_record(),
-            "ece_before": b["ece"], "ece_after": a["ece"],
-            "nll_before": b["nll"], "nll_after": a["nll"],
-            "auroc_before": auroc_b, "auroc_after": auroc_a,
-            "auroc_changed": any(abs(auroc_a[n] - auroc_b[n]) > 1e-12 for n in auroc_a),
-        }  # fmt: skip
+        effect = TemperatureEffect(
+            b["ece"], a["ece"], b["nll"], a["nll"], _aurocs(self.before), _aurocs(self.after)
+        )
+        return CalibrationSummary(self.after.temperature, self.after.temperature_record(), effect)
 
 
 @dataclass(frozen=True)
@@ -46,13 +48,17 @@ class RunFacts:
 
     sparsity: float
     structure: dict[str, Any] | None
-    unknowns: dict[str, Any]
+    unknowns: UnknownsRecord
     dense_eval_s: float
     train_s: float
 
 
 #: A compressed model this far (accuracy, absolute) below the dense one is flagged.
 ACCURACY_DROP_WARNING = 0.05
+
+
+def _aurocs(assessment: Assessment) -> dict[str, float]:
+    return {name: m["auroc"] for name, m in assessment.metrics["ood"].items()}
 
 
 def accuracy_warnings(dense: dict[str, Any], compressed: dict[str, Any]) -> list[str]:
@@ -67,69 +73,56 @@ def accuracy_warnings(dense: dict[str, Any], compressed: dict[str, Any]) -> list
     ]
 
 
-def _aurocs(assessment: Assessment) -> dict[str, float]:
-    return {name: m["auroc"] for name, m in assessment.metrics["ood"].items()}
-
-
 def build_report(
     cfg: CompressConfig, inputs: Inputs, dense_calibrated: Calibrated, calibrated: Calibrated,
     result: TrainResult, facts: RunFacts, checks: list[GateCheck],
-) -> dict[str, Any]:  # fmt: skip
-    """report.json's record (``export`` and the timing of the export and of the whole
-    run are added when the files are written)."""
-    dense_assessment, assessment = dense_calibrated.after, calibrated.after
-    dense_metrics, compressed_metrics = dense_assessment.metrics, assessment.metrics
-    structure_stats, unknowns = facts.structure, facts.unknowns
-    return {
-        "moonprune_version": __version__,
-        "structure": structure_stats,
-        "method": cfg.sparsity.method,
-        "moon": cfg.moon.enabled,
-        "unknowns": unknowns,
+) -> RunReport:  # fmt: skip
+    """report.json's record (the export and the timing of the export and of the whole
+    run are added when the files are written: :meth:`RunReport.with_export`)."""
+    dense, compressed = dense_calibrated.after, calibrated.after
+    seconds = [h.seconds for h in result.history]
+    splits = inputs.splits
+    return RunReport(
+        moonprune_version=__version__,
+        structure=plain(facts.structure),
+        method=cfg.sparsity.method,
+        moon=cfg.moon.enabled,
+        unknowns=facts.unknowns,
         # channel runs aim at a MAC or parameter fraction (in "structure"), not at zeros
-        "target_sparsity": None if structure_stats else cfg.sparsity.sparsity,
-        "sparsity": facts.sparsity,
-        "threshold": assessment.threshold,
-        "tpr": cfg.tpr,
-        "score": cfg.score,
-        "acceptance": assessment.acceptance,
-        "models": {"dense": dense_metrics, "compressed": compressed_metrics},
-        "ci": {"dense": dense_assessment.ci, "compressed": assessment.ci},
-        "temperature": assessment.temperature,
-        "calibration": {"dense": dense_calibrated.summary(), "compressed": calibrated.summary()},
-        "gates": [c.as_dict() for c in checks],
-        "passed": all(c.passed for c in checks),
-        "timing": {
-            "dense_eval_s": facts.dense_eval_s,
-            "train_s": facts.train_s,
-            "epoch_s_mean": float(np.mean([h.seconds for h in result.history]))
-            if result.history
-            else 0.0,
-        },
-        "data": {
-            "id": cfg.data,
-            "classes": list(inputs.splits.classes),
-            "n_train": len(inputs.splits.train),
-            "n_val": len(inputs.splits.val),
-            "n_test": len(inputs.splits.test),
-            "ood": {name: len(s) for name, s in inputs.ood.items()},
-        },
-        "preprocessing": inputs.normalization.as_dict(),
-        "history": [
-            {"epoch": h.epoch, "loss": h.loss, "lr": h.lr, "a": h.a, "density": h.density}
-            | {"unknown_rate": h.unknown_rate}
-            for h in result.history
-        ],
-        "rollbacks": [vars(r) for r in getattr(result, "rollbacks", [])],
+        target_sparsity=None if facts.structure else cfg.sparsity.sparsity,
+        sparsity=facts.sparsity,
+        threshold=compressed.threshold,
+        tpr=cfg.tpr,
+        score=cfg.score,
+        acceptance=plain(compressed.acceptance),
+        models=plain({"dense": dense.metrics, "compressed": compressed.metrics}),
+        ci=plain({"dense": dense.ci, "compressed": compressed.ci}),
+        temperature=compressed.temperature,
+        calibration={"dense": dense_calibrated.summary(), "compressed": calibrated.summary()},
+        gates=list(checks),
+        timing=RunTiming(
+            facts.dense_eval_s, facts.train_s, float(np.mean(seconds)) if seconds else 0.0
+        ),
+        data=DataSummary(
+            cfg.data,
+            list(splits.classes),
+            len(splits.train),
+            len(splits.val),
+            len(splits.test),
+            {n: len(s) for n, s in inputs.ood.items()},
+        ),
+        preprocessing=plain(inputs.normalization.as_dict()),
+        history=[EpochRecord.of(h) for h in result.history],
+        rollbacks=list(result.rollbacks),
         # the method's figure (the paper reports T = 1) beside the deployed one
-        "auroc_t1": {
+        auroc_t1={
             "dense": _aurocs(dense_calibrated.before),
             "compressed": _aurocs(calibrated.before),
         },
-        "warnings": inputs.normalization.warnings()
-        + accuracy_warnings(dense_metrics, compressed_metrics)
-        + unknowns["warnings"],
+        warnings=inputs.normalization.warnings()
+        + accuracy_warnings(dense.metrics, compressed.metrics)
+        + facts.unknowns.warnings,
         # AUROC / FPR95 of every score, so the user sees which one works on this data
-        "scores": {"dense": dense_assessment.score_table, "compressed": assessment.score_table},
-        "config": cfg.as_dict(),
-    }
+        scores=plain({"dense": dense.score_table, "compressed": compressed.score_table}),
+        config=plain(cfg.as_dict()),
+    )

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -36,6 +35,8 @@ from moonprune.reopen import RunData as VerifyData
 from moonprune.reopen import RunOverrides, reopen_run
 from moonprune.reopen import RunSettings as VerifyRequest
 from moonprune.reopen import whole as whole
+from moonprune.report_parts import CalibrationSummary, plain
+from moonprune.report_records import VerifyDataSummary, VerifyReport, VerifyTiming
 from moonprune.reporting import layer_sparsity, write_html_report
 from moonprune.sparsity.channel.structure import size_vs_dense
 
@@ -44,7 +45,7 @@ from moonprune.sparsity.channel.structure import size_vs_dense
 class VerifyResult:
     """The report (DESIGN.md contract + gates), the checks, and the assessments."""
 
-    report: dict[str, Any]
+    report: VerifyReport
     checks: list[GateCheck]
     compressed: Assessment
     dense: Assessment | None
@@ -141,16 +142,16 @@ def verify(
 def _assess_models(
     ckpt: MoonpruneCheckpoint, dense_model: nn.Module | None, request: VerifyRequest,
     loaded: VerifyData, temperature: str | float | None, ece_bins: int, n_boot: int,
-) -> tuple[Assessment, Assessment | None, dict[str, float]]:  # fmt: skip
+) -> tuple[Assessment, Assessment | None, VerifyTiming]:  # fmt: skip
     """The checkpoint's assessment, the baseline's (if any), and their timing. The
     baseline gets its own temperature the way the checkpoint's was set; on a held-out
     set the deployed threshold is measured, not recalibrated."""
-    cfg, score, tpr = ckpt.config, request.score, request.tpr
+    score, tpr = request.score, request.tpr
     splits, ood_sets, fit_on = loaded.splits, loaded.ood, loaded.fit_on
     options = EvalOptions(score, tpr, ece_bins, n_boot, request.seed)
     t0 = time.perf_counter()
     t_model = ckpt.temperature if temperature is None else temperature
-    t_dense = cfg.get("temperature", "auto") if temperature is None else temperature
+    t_dense = request.baseline_temperature
     # on a held-out set the deployed threshold is measured, not recalibrated
     deployed = (score, tpr, t_model) == (ckpt.score, ckpt.tpr, ckpt.temperature)
     fixed = ckpt.threshold if request.split == "all" and deployed else None
@@ -163,65 +164,59 @@ def _assess_models(
     if dense_model is not None:
         dense = assess(dense_model, splits, ood_sets, options, temperature=t_dense,
                        fit_on=fit_on)  # fmt: skip
-    timing = {"compressed_eval_s": compressed_s, "total_eval_s": time.perf_counter() - t0}
-    return compressed, dense, timing
+    return compressed, dense, VerifyTiming(compressed_s, time.perf_counter() - t0)
+
+
+def _data_spec(request: VerifyRequest) -> str:
+    if request.data is None:  # reopen_run refuses to load a run without a data spec
+        raise RuntimeError("verify reopened a run without its data spec")
+    return request.data
 
 
 def _report(
     ckpt: MoonpruneCheckpoint, request: VerifyRequest, loaded: VerifyData,
     compressed: Assessment, dense: Assessment | None, checks: list[GateCheck],
-    timing: dict[str, float],
-) -> dict[str, Any]:  # fmt: skip
-    """The JSON report (DESIGN.md contract + gates)."""
-    cfg, fitted_on = ckpt.config, loaded.fitted_on
-    models = {"compressed": compressed.metrics}
-    ci = {"compressed": compressed.ci}
+    timing: VerifyTiming,
+) -> VerifyReport:  # fmt: skip
+    """The typed report (DESIGN.md contract + gates)."""
+    fitted_on, method = loaded.fitted_on, request.method
+    named = {"dense": dense, "compressed": compressed}
+    models = {n: a for n, a in named.items() if a is not None}
+    # where the feature scores' statistics come from
+    fitted = {"compressed": "checkpoint" if ckpt.feature_stats else fitted_on}
     if dense is not None:
-        models["dense"] = dense.metrics
-        ci["dense"] = dense.ci
-    return {
-        "moonprune_version": ckpt.version,
-        "method": cfg.get("sparsity", {}).get("method"),
-        "moon": ckpt.has_unknown,
-        "target_sparsity": None
-        if cfg.get("sparsity", {}).get("method") == "channel"
-        else cfg.get("sparsity", {}).get("sparsity"),
-        "sparsity": measured_sparsity(ckpt.model),
-        "structure": _structure(ckpt),
-        "threshold": compressed.threshold,
-        "checkpoint_threshold": ckpt.threshold,
-        "temperature": compressed.temperature,
-        "calibration": {
-            name: {"temperature": a.temperature, "temperature_fit": a.temperature_record()}
-            for name, a in (("dense", dense), ("compressed", compressed))
-            if a is not None
+        fitted["dense"] = fitted_on
+    return VerifyReport(
+        moonprune_version=ckpt.version,
+        method=method,
+        moon=ckpt.has_unknown,
+        target_sparsity=request.target_sparsity,
+        sparsity=measured_sparsity(ckpt.model),
+        structure=_structure(ckpt),
+        threshold=compressed.threshold,
+        checkpoint_threshold=ckpt.threshold,
+        temperature=compressed.temperature,
+        calibration={
+            n: CalibrationSummary(a.temperature, plain(a.temperature_record()))
+            for n, a in models.items()
         },
-        "tpr": request.tpr,
-        "score": request.score,
-        "acceptance": compressed.acceptance,
-        "models": models,
-        "ci": ci,
-        "scores": {
-            name: a.score_table
-            for name, a in (("dense", dense), ("compressed", compressed))
-            if a is not None
-        },
-        "data": {
-            "id": request.data,
-            "ood": list(request.ood),
-            "seed": request.seed,
-            "split": request.split,
-            "n_test": len(loaded.splits.test),
-            # where the feature scores' statistics come from
-            "features_fitted_on": {
-                "compressed": "checkpoint" if ckpt.feature_stats else fitted_on,
-                **({"dense": fitted_on} if dense is not None else {}),
-            },
-        },
-        "gates": [c.as_dict() for c in checks],
-        "passed": all(c.passed for c in checks),
-        "timing": timing,
-    }
+        tpr=request.tpr,
+        score=request.score,
+        acceptance=plain(compressed.acceptance),
+        models=plain({n: models[n].metrics for n in ("compressed", "dense") if n in models}),
+        ci=plain({n: models[n].ci for n in ("compressed", "dense") if n in models}),
+        scores=plain({n: a.score_table for n, a in models.items()}),
+        data=VerifyDataSummary(
+            _data_spec(request),
+            list(request.ood),
+            request.seed,
+            request.split,
+            len(loaded.splits.test),
+            fitted,
+        ),
+        gates=list(checks),
+        timing=timing,
+    )
 
 
 def _dense_arch(arch: ArchSpec) -> ArchSpec:
@@ -245,7 +240,7 @@ def save_outputs(
         target = check_output_path(path, option)
         try:
             if option == "--json":
-                write_json(result.report, target)
+                write_json(result.report.to_json(), target)
             else:
                 _write_html(result, target)
         except OSError as exc:

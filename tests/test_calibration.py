@@ -188,13 +188,14 @@ def test_verify_report_records_the_temperature_fit(overconfident_run: Path) -> N
     from moonprune.verification import verify
 
     report = verify(overconfident_run / "model.pt", temperature="auto", n_boot=5).report
-    fit = report["calibration"]["compressed"]["temperature_fit"]
-    assert fit["setting"] == "auto" and fit["refused"] is None
-    assert fit["used"] == fit["fitted"] == report["temperature"] > 1.5
+    fit = report.calibration["compressed"].temperature_fit
+    assert fit is not None and fit["setting"] == "auto" and fit["refused"] is None
+    assert fit["used"] == fit["fitted"] == report.temperature > 1.5
+    assert report.calibration["compressed"].temperature == report.temperature
     kept = verify(overconfident_run / "model.pt", n_boot=5).report  # the checkpoint's T
-    fit = kept["calibration"]["compressed"]["temperature_fit"]
-    assert fit["fitted"] is None and fit["refused"] is None
-    assert fit["used"] == report["temperature"]
+    fit = kept.calibration["compressed"].temperature_fit
+    assert fit is not None and fit["fitted"] is None and fit["refused"] is None
+    assert fit["used"] == report.temperature
 
 
 def test_compress_report_records_the_temperature_fit(overconfident_run: Path) -> None:

@@ -159,7 +159,7 @@ def test_compress_channel_resumes_through_the_cli(dense_path: Path, tmp_path: Pa
         assert torch.equal(a[key], b[key]), key
     report = json.loads((out / "report.json").read_text())
     assert [h["epoch"] for h in report["history"]] == [0, 1, 2, 3]
-    assert report["structure"]["macs_fraction"] == full.report["structure"]["macs_fraction"]
+    assert report["structure"]["macs_fraction"] == full.report.structure["macs_fraction"]
 
 
 def _warmup1(tmp_path: Path) -> Path:

@@ -76,13 +76,13 @@ def test_in_graph_score_equals_pytorch(knn_run, tmp_path, score: str) -> None:
 
 def test_checkpoint_report_and_onnx_carry_the_statistics(knn_run) -> None:
     report, ckpt = knn_run.report, knn_run.checkpoint
-    assert report["score"] == "knn"
-    assert set(report["scores"]["compressed"]) == set(score_names())
-    assert set(report["scores"]["dense"]) == set(score_names()) - {"unknown"}  # no K+1 head
-    for per_ood in report["scores"]["compressed"].values():
+    assert report.score == "knn"
+    assert set(report.scores["compressed"]) == set(score_names())
+    assert set(report.scores["dense"]) == set(score_names()) - {"unknown"}  # no K+1 head
+    for per_ood in report.scores["compressed"].values():
         assert set(per_ood) == set(OOD) and set(per_ood["noise"]) == {"auroc", "fpr95"}
-    knn_auroc = report["models"]["compressed"]["ood"]["textures"]["auroc"]
-    assert report["scores"]["compressed"]["knn"]["textures"]["auroc"] == pytest.approx(knn_auroc)
+    knn_auroc = report.models["compressed"]["ood"]["textures"]["auroc"]
+    assert report.scores["compressed"]["knn"]["textures"]["auroc"] == pytest.approx(knn_auroc)
     stats = ckpt.feature_stats
     assert stats is not None and stats.k == 5 and stats.bank.shape[0] <= 200
     loaded = load_checkpoint(knn_run.out / "model.pt")
@@ -123,11 +123,11 @@ def test_int8_keeps_the_score_path_in_float(knn_run, tmp_path) -> None:
 def test_verify_uses_the_stored_statistics(knn_run) -> None:
     result = verify(knn_run.out / "model.pt", n_boot=10)
     report = result.report
-    assert report["score"] == "knn"
-    assert report["data"]["features_fitted_on"] == {"compressed": "checkpoint"}
-    assert set(report["scores"]["compressed"]) == set(score_names())
-    expected = knn_run.report["scores"]["compressed"]["knn"]
-    for name, value in report["scores"]["compressed"]["knn"].items():
+    assert report.score == "knn"
+    assert report.data.features_fitted_on == {"compressed": "checkpoint"}
+    assert set(report.scores["compressed"]) == set(score_names())
+    expected = knn_run.report.scores["compressed"]["knn"]
+    for name, value in report.scores["compressed"]["knn"].items():
         assert value["auroc"] == pytest.approx(expected[name]["auroc"], abs=1e-9)
 
 

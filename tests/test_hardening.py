@@ -343,14 +343,14 @@ def test_verify_on_another_file_evaluates_all_of_it(run_dir: Path, tmp_path: Pat
     np.savez(tmp_path / "held.npz", x=x, y=y)
     model = run_dir / "run" / "model.pt"
     whole = verify(model, data=str(tmp_path / "held.npz"), ood=("noise",), n_boot=10)
-    assert whole.report["data"]["split"] == "all"
-    assert whole.report["data"]["n_test"] == len(y)
+    assert whole.report.data.split == "all"
+    assert whole.report.data.n_test == len(y)
     ckpt = load_checkpoint(model)
-    assert whole.report["threshold"] == ckpt.threshold  # the deployed one, measured
+    assert whole.report.threshold == ckpt.threshold  # the deployed one, measured
     part = verify(model, data=str(tmp_path / "held.npz"), ood=("noise",), split="test", n_boot=10)
-    assert part.report["data"]["split"] == "test" and part.report["data"]["n_test"] < len(y)
+    assert part.report.data.split == "test" and part.report.data.n_test < len(y)
     own = verify(model, n_boot=10)
-    assert own.report["data"]["split"] == "test"
+    assert own.report.data.split == "test"
     result = runner.invoke(app, ["verify", str(model), "--data", str(tmp_path / "held.npz")])
     assert result.exit_code == 0, result.output
     assert f"all {len(y)} rows" in result.output

@@ -149,22 +149,22 @@ def test_report_has_auroc_at_t1_and_p_unknown(msp_run) -> None:
     report = msp_run.report
     ckpt = moonprune.load_checkpoint(msp_run.out / "model.pt")
     splits = moonprune.load_splits(
-        report["config"]["data"], seed=report["config"]["train"]["seed"],
+        report.config["data"], seed=report.config["train"]["seed"],
         preprocessing=ckpt.preprocessing,
     )  # fmt: skip
     k = ckpt.num_known
     with torch.no_grad():
         test = ckpt.model(splits.test.x).double()
         ood = {n: ckpt.model(moonprune.load_ood(n, splits.preprocessing, seed=0).x).double()
-               for n in report["auroc_t1"]["compressed"]}  # fmt: skip
+               for n in report.auroc_t1["compressed"]}  # fmt: skip
     for name, logits in ood.items():
         id_score = torch.softmax(test, -1)[:, :k].amax(-1)
         ood_score = torch.softmax(logits, -1)[:, :k].amax(-1)
         labels = [1] * len(id_score) + [0] * len(ood_score)
         expected = roc_auc_score(labels, torch.cat([id_score, ood_score]).numpy())
-        assert report["auroc_t1"]["compressed"][name] == pytest.approx(expected, abs=1e-9)
-    t = report["temperature"]
-    p_u = report["models"]["compressed"]["p_unknown"]
+        assert report.auroc_t1["compressed"][name] == pytest.approx(expected, abs=1e-9)
+    t = report.temperature
+    p_u = report.models["compressed"]["p_unknown"]
     assert set(p_u) == {"id_test", *ood}
     assert p_u["id_test"]["mean"] == pytest.approx(
         float(torch.softmax(test / t, -1)[:, k].mean()), abs=1e-9

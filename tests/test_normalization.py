@@ -92,12 +92,12 @@ def test_report_checkpoint_onnx_and_verify_agree(trained, tmp_path) -> None:
 
     model = trained["none"]
     result = compress(_config(tmp_path / "run"), dense=DenseModel(model, ARCH))
-    pre = result.report["preprocessing"]
+    pre = result.report.preprocessing
     assert pre["normalize"] == "none" and pre["choice"] == "auto"
     assert pre["mean"] == [0.0] and pre["std"] == [1.0]
     independent = _splits("none")
     dense_acc = _accuracy(model, independent.test.x, independent.test.y)
-    assert result.report["models"]["dense"]["accuracy"] == dense_acc
+    assert result.report.models["dense"]["accuracy"] == dense_acc
     assert pre["candidates"]["none"]["accuracy"] > pre["candidates"]["dataset"]["accuracy"]
 
     ckpt = load_checkpoint(tmp_path / "run" / "model.pt")
@@ -113,7 +113,7 @@ def test_report_checkpoint_onnx_and_verify_agree(trained, tmp_path) -> None:
         torch_logits = ckpt.model.eval()(independent.test.x).numpy()
     np.testing.assert_allclose(logits, torch_logits, atol=1e-4)
     onnx_acc = float((logits[:, :3].argmax(1) == independent.test.y.numpy()).mean())
-    assert onnx_acc == result.report["models"]["compressed"]["accuracy"]
+    assert onnx_acc == result.report.models["compressed"]["accuracy"]
 
     json_path = tmp_path / "verify.json"
     verified = runner.invoke(app, ["verify", str(tmp_path / "run" / "model.pt"), "--data", DATA,
@@ -144,7 +144,7 @@ def test_baked_export_takes_raw_pixels(trained, tmp_path) -> None:
                       dense=DenseModel(trained["symmetric"], ARCH))  # fmt: skip
     out = tmp_path / "baked.onnx"
     report = export_checkpoint(tmp_path / "run" / "model.pt", out, bake_preprocessing=True)
-    assert report["metrics"]["accuracy"] == result.report["models"]["compressed"]["accuracy"]
+    assert report["metrics"]["accuracy"] == result.report.models["compressed"]["accuracy"]
     raw = read_split_images(DATA, seed=0)["test"].images * 16  # the digits' raw values
     labels = ort.InferenceSession(str(out)).run(["label"], {"input": raw})[0]
     with torch.no_grad():

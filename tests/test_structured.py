@@ -15,6 +15,8 @@ from moonprune import models
 from moonprune.conventions import unknown_rows
 from moonprune.errors import ConfigError
 from moonprune.heads import add_unknown_output_
+from moonprune.report_parts import DeployedSpeed
+from moonprune.report_records import RunReport
 from moonprune.sparsity.channel.pruner import ChannelPruner
 from moonprune.sparsity.channel.structure import apply_structure_, module_structure
 
@@ -280,6 +282,10 @@ def test_compress_channel_end_to_end(tmp_path: Path) -> None:
     speed = structure["speed"]  # model.onnx (with rejector) vs the dense export
     assert set(speed["speedup"]) == {"1", "64"} and min(speed["speedup"].values()) > 1
     assert speed["threads"] >= 1
+    record = RunReport.from_json(report)  # structure.speed is the typed deployed speed
+    assert record.deployed_speed == DeployedSpeed(speed["speedup"], speed["threads"],
+                                                  speed["compared_with"])  # fmt: skip
+    assert "speed" not in (record.structure or {}) and record.to_json() == report
     assert "model.onnx vs the dense export" in result.output
     assert report["target_sparsity"] is None  # the target is a MAC fraction, not zeros
     macs = f"{100 * report['structure']['macs_fraction']:.1f}% of the dense MACs"

@@ -185,7 +185,7 @@ def test_plain_baseline_ignores_unknowns(digits06) -> None:
     trainer = _trainer(model, digits06, moon, TrainConfig(epochs=1, seed=3))
     assert trainer.unknowns == ()
     record, synth = unknowns_summary(trainer.run().model, digits06.val, moon, 0)
-    assert record["setting"] == "none" and not record["beyond_paper"] and synth == {}
+    assert record.setting == "none" and not record.beyond_paper and synth == {}
 
 
 def test_report_records_the_unknowns_and_the_guard(digits06) -> None:
@@ -194,8 +194,8 @@ def test_report_records_the_unknowns_and_the_guard(digits06) -> None:
         model.classifier.bias[6] = 100.0
     moon = MoonConfig(unknowns="patch4+vos", unknowns_fraction=0.5)
     record, synth = unknowns_summary(model, digits06.val, moon, 0)
-    assert record["generators"] == ["patch4", "vos"] and record["beyond_paper"]
-    assert record["fraction"] == 0.5 and record["val_unknown_rate"] == 1.0
-    assert record["warnings"] and "validation rows" in record["warnings"][0]
+    assert record.generators == ["patch4", "vos"] and record.beyond_paper
+    assert record.fraction == 0.5 and record.val_unknown_rate == 1.0
+    assert record.warnings and "validation rows" in record.warnings[0]
     assert set(synth) == {"synth: patch4", "synth: vos"}
     assert all(len(v) == len(digits06.val) for v in synth.values())

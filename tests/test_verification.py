@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
+import html
 import io
+import json
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from report_samples import run_report, verify_report
 from sklearn.metrics import roc_curve as sk_roc_curve
 
 from moonprune.assessment import Assessment
 from moonprune.errors import ConfigError
+from moonprune.report_parts import CalibrationSummary, TemperatureEffect
 from moonprune.reporting import roc_curve, write_html_report
 from moonprune.verification import Gates, check_gates
 
@@ -88,8 +93,7 @@ def test_roc_points_match_sklearn() -> None:
 
 def test_html_report_is_self_contained_and_images_decode(tmp_path: Path) -> None:
     models = {"dense": _assessment(0.99, 0.95, 0.2), "compressed": _assessment(0.97, 0.9, 0.3)}
-    report = {"method": "rigl", "moon": True, "sparsity": 0.9, "target_sparsity": 0.9,
-              "score": "msp", "threshold": 0.5, "tpr": 0.95}  # fmt: skip
+    report = run_report(channel=False)
     sparsity = {"dense": {"a.weight": 0.0, "b.weight": 0.0},
                 "compressed": {"a.weight": 0.5, "b.weight": 0.95}}  # fmt: skip
     path = write_html_report(tmp_path / "report.html", report, models, sparsity)
@@ -102,6 +106,22 @@ def test_html_report_is_self_contained_and_images_decode(tmp_path: Path) -> None
         with Image.open(io.BytesIO(base64.b64decode(b64))) as img:
             img.load()
             assert img.width > 100 and img.height > 100
+    # the typed record's facts, and report.json as written (with its schema version)
+    assert "method <b>rigl</b>, MOON True,\nunknowns patch4," in page
+    assert "sparsity 90.00% (target 90%), score msp," in page
+    assert "threshold 0.7500 at TPR 0.95" in page and "AUROC % at T = 1 vs noise" in page
+    assert "<td>91.00</td>" in page and "<b>warning:</b> accuracy warning" in page
+    assert html.escape(json.dumps(report.to_json(), indent=2)) in page
+    assert "&quot;schema_version&quot;: 1" in page
+
+
+def test_html_report_of_verify_has_no_compress_only_parts(tmp_path: Path) -> None:
+    models = {"dense": _assessment(0.99, 0.95, 0.2), "compressed": _assessment(0.97, 0.9, 0.3)}
+    page = write_html_report(tmp_path / "v.html", verify_report(), models, {}).read_text()
+    assert "method <b>rigl</b>, MOON True,\nunknowns none," in page
+    assert "threshold 0.7000 at TPR 0.95" in page
+    assert "at T = 1" not in page and "warning:" not in page
+    assert "&quot;checkpoint_threshold&quot;: 0.75" in page
 
 
 CHROMIUM_FLAGS = [
@@ -147,20 +167,18 @@ def test_output_paths_are_checked_before_any_work(tmp_path: Path) -> None:
 def test_console_lines_say_what_the_temperature_fit_did() -> None:
     from moonprune.cli.render import acceptance_lines, temperature_lines
 
-    report = {
-        "threshold": 0.9, "score": "msp", "tpr": 0.95,
-        "acceptance": {"id_val_accepted": 0.954, "ood_rejected": {"noise": 0.5}},
-        "calibration": {
-            "dense": {"temperature": 1.0, "temperature_fit": {
-                "setting": "auto", "fitted": 0.4612, "used": 1.0,
-                "refused": "saturates the softmax"}},
-            "compressed": {"temperature": 2.0, "temperature_fit": {
-                "setting": "auto", "fitted": 2.0, "used": 2.0, "refused": None},
-                "ece_before": 0.1, "ece_after": 0.05, "nll_before": 0.5, "nll_after": 0.4,
-                "auroc_before": {"noise": 0.9}, "auroc_after": {"noise": 0.9},
-                "auroc_changed": False},
+    refused = {"setting": "auto", "fitted": 0.4612, "used": 1.0, "refused": "saturates the softmax"}
+    fitted = {"setting": "auto", "fitted": 2.0, "used": 2.0, "refused": None}
+    effect = TemperatureEffect(0.1, 0.05, 0.5, 0.4, {"noise": 0.9}, {"noise": 0.9})
+    report = dataclasses.replace(
+        run_report(),
+        threshold=0.9,
+        acceptance={"id_val_accepted": 0.954, "ood_rejected": {"noise": 0.5}},
+        calibration={
+            "dense": CalibrationSummary(1.0, refused),
+            "compressed": CalibrationSummary(2.0, fitted, effect),
         },
-    }  # fmt: skip
+    )
     assert acceptance_lines(report) == [
         "threshold 0.9000 (msp) accepts 95.4% of ID validation inputs (target 95%)",
         "  rejects 50.0% of noise",
