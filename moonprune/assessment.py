@@ -77,6 +77,8 @@ class Assessment:
     score_table: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     #: The feature statistics the feature scores used (None without a final linear layer).
     feature_stats: FeatureStats | None = field(default=None, repr=False)
+    #: The ECE's bins (the report's reliability diagram uses the same ones).
+    ece_bins: int = 15
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.metrics, "threshold": self.threshold, "acceptance": self.acceptance,
@@ -214,6 +216,7 @@ def assess_logits(
         p_unknown=p_unknown,
         score_table=score_table(logits, k, t, tpr),
         feature_stats=None if logits.features is None else logits.features.stats,
+        ece_bins=options.ece_bins,
     )
 
 

@@ -24,6 +24,7 @@ from moonprune.config import MoonConfig
 from moonprune.conventions import UNKNOWN_ROW_ATTR, prunable_weights
 from moonprune.data import ImageSet
 from moonprune.outputs import atomic_path
+from moonprune.reliability.evaluation import reliability_diagram
 from moonprune.report_parts import UnknownsRecord
 from moonprune.report_records import Report, RunReport
 from moonprune.streaming import batch_rows
@@ -174,17 +175,13 @@ def _figures(
             figures.append((f"{label}: p(unknown) per set", _png(fig)))
     fig, ax = plt.subplots(figsize=(4.5, 4))
     for label, a in models.items():
-        edges = np.linspace(0, 1, 16)
-        idx = np.clip(np.digitize(a.id_confidence, edges[1:-1], right=True), 0, 14)
-        centres, accs = [], []
-        for b in range(15):
-            sel = idx == b
-            if sel.any():
-                centres.append(a.id_confidence[sel].mean())
-                accs.append(a.id_correct[sel].mean())
-        ax.plot(centres, accs, "o-", label=f"{label} (ECE {100 * a.metrics['ece']:.2f}%)")
+        points = reliability_diagram(a.id_confidence, a.id_correct, a.ece_bins)
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-",
+                label=f"{label} (ECE {100 * a.metrics['ece']:.2f}%)")  # fmt: skip
+    ece_bins = sorted({a.ece_bins for a in models.values()})
     ax.plot([0, 1], [0, 1], ":", color="grey")
-    ax.set(xlabel="confidence", ylabel="accuracy", title="reliability diagram (15 bins)")
+    ax.set(xlabel="confidence", ylabel="accuracy",
+           title=f"reliability diagram ({'/'.join(map(str, ece_bins))} bins, as the ECE)")  # fmt: skip
     ax.legend(loc="upper left")
     figures.append(("calibration", _png(fig)))
     if sparsity:

@@ -475,3 +475,16 @@ def test_eval_options_reach_the_metrics() -> None:
     ood_energy = torch.logsumexp(next(iter(ood.values()))[:, :2], -1).double().numpy()
     name = next(iter(ood))
     assert by_energy.ood[name].auroc == pytest.approx(auroc(energy_scores, ood_energy))
+
+
+@pytest.mark.parametrize("n_bins", [1, 7, 15])
+def test_reliability_diagram_is_binned_as_the_ece(n_bins: int) -> None:
+    from moonprune.reliability.evaluation import reliability_diagram
+
+    rng = np.random.default_rng(0)
+    conf = np.concatenate([rng.uniform(0, 1, 200), [0.0, 0.2, 1.0]])
+    correct = rng.uniform(0, 1, conf.size) < conf
+    points = reliability_diagram(conf, correct, n_bins)
+    assert sum(n for _, _, n in points) == conf.size
+    from_plot = sum(n * abs(acc - c) for c, acc, n in points) / conf.size
+    assert from_plot == pytest.approx(expected_calibration_error(conf, correct, n_bins))

@@ -27,6 +27,7 @@ from moonprune.errors import ConfigError, DataError
 from moonprune.reliability.metrics import (
     OODMetrics,
     accuracy,
+    calibration_bin,
     expected_calibration_error,
     negative_log_likelihood,
     ood_metrics,
@@ -165,3 +166,19 @@ def evaluate_logits(
         nll=negative_log_likelihood(probs.numpy(), labels),
         ood={name: ood_metrics(id_scores, values, tpr) for name, values in ood_scores.items()},
     )
+
+
+def reliability_diagram(
+    confidences: np.ndarray, correct: np.ndarray, n_bins: int
+) -> list[tuple[float, float, int]]:
+    """(mean confidence, accuracy, rows) of every non-empty bin, binned exactly as the
+    ECE of the same ``n_bins`` is (:func:`~.metrics.expected_calibration_error`), so a
+    plot of it agrees with the reported ECE."""
+    conf = np.asarray(confidences, dtype=np.float64)
+    hits = np.asarray(correct, dtype=np.float64)
+    bins = calibration_bin(conf, n_bins)
+    return [
+        (float(conf[bins == b].mean()), float(hits[bins == b].mean()), int((bins == b).sum()))
+        for b in range(n_bins)
+        if (bins == b).any()
+    ]

@@ -176,6 +176,12 @@ def fpr_at_tpr(id_scores: ArrayLike, ood_scores: ArrayLike, tpr: float = 0.95) -
     return float(np.mean(neg >= boundary))
 
 
+def calibration_bin(confidences: np.ndarray, n_bins: int) -> np.ndarray:
+    """The ECE bin of each confidence (see :func:`expected_calibration_error`)."""
+    edges = np.arange(n_bins + 1) / n_bins
+    return np.clip(np.searchsorted(edges, confidences, side="left") - 1, 0, n_bins - 1)
+
+
 def expected_calibration_error(
     confidences: ArrayLike, correct: ArrayLike, n_bins: int = 15
 ) -> float:
@@ -200,8 +206,7 @@ def expected_calibration_error(
         )
     if not np.all((hits == 0.0) | (hits == 1.0)):
         raise DataError("correct must hold booleans or 0/1 values")
-    edges = np.arange(n_bins + 1) / n_bins
-    bins = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
+    bins = calibration_bin(conf, n_bins)
     # |B| * |acc(B) - conf(B)| = |sum over B of (correct - confidence)|.
     gap = np.bincount(bins, weights=hits - conf, minlength=n_bins)
     return float(np.abs(gap).sum() / conf.size)
