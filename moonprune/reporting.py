@@ -178,10 +178,10 @@ def _figures(
         points = reliability_diagram(a.id_confidence, a.id_correct, a.ece_bins)
         ax.plot([p[0] for p in points], [p[1] for p in points], "o-",
                 label=f"{label} (ECE {100 * a.metrics['ece']:.2f}%)")  # fmt: skip
-    ece_bins = sorted({a.ece_bins for a in models.values()})
+    bins_used = "/".join(str(b) for b in sorted({a.ece_bins for a in models.values()}))
     ax.plot([0, 1], [0, 1], ":", color="grey")
     ax.set(xlabel="confidence", ylabel="accuracy",
-           title=f"reliability diagram ({'/'.join(map(str, ece_bins))} bins, as the ECE)")  # fmt: skip
+           title=f"reliability diagram ({bins_used} bins, as the ECE)")  # fmt: skip
     ax.legend(loc="upper left")
     figures.append(("calibration", _png(fig)))
     if sparsity:
