@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from moonprune.exporters.export_record import CheckpointExport
 
 ARCH_HELP = (
     "Factory of a network of your own (package.module:factory); a checkpoint's recorded "
@@ -49,54 +52,53 @@ def _print_inspection(info: dict[str, Any]) -> None:
         console.print(f"  {escape(key)}: {escape(str(value))}", highlight=False)
 
 
-def _export_table(report: dict[str, Any], out: Path, quantize: str | None) -> Table:
-    """What ``export`` wrote: sizes, threshold, parity and the ONNX file's metrics; with
-    ``--quantize``, the float32 file beside the int8 one."""
+def _export_table(report: CheckpointExport, out: Path) -> Table:
+    """What ``export`` wrote: sizes, threshold, parity and the ONNX file's metrics; for
+    an int8 export, the float32 file beside it."""
     table = Table(title=f"exported {out}")
     table.add_column("")
-    if quantize:
+    q, m = report.int8, report.metrics
+    if q is not None:
         table.add_column("float32", justify="right")
         table.add_column("int8", justify="right")
-        fm, qm = report["float_metrics"], report["metrics"]
-        table.add_row("opset", "", str(report["opset"]))
-        table.add_row("size", _kb(report["float_bytes"]), _kb(report["bytes"]))
-        table.add_row("gzip size", _kb(report["float_gzip_bytes"]), _kb(report["gzip_bytes"]))
-        table.add_row("threshold", f"{report['float_threshold']:.4f}", f"{report['threshold']:.4f}")
-        table.add_row("accuracy %", f"{100 * fm['accuracy']:.2f}", f"{100 * qm['accuracy']:.2f}")
+        fm = q.float_metrics
+        table.add_row("opset", "", str(report.opset))
+        table.add_row("size", _kb(q.float_bytes), _kb(report.bytes))
+        table.add_row("gzip size", _kb(q.float_gzip_bytes), _kb(report.gzip_bytes))
+        table.add_row("threshold", f"{q.float_threshold:.4f}", f"{report.threshold:.4f}")
+        table.add_row("accuracy %", f"{100 * fm['accuracy']:.2f}", f"{100 * m['accuracy']:.2f}")
         table.add_row("ID val accepted %", f"{100 * fm['id_val_accepted']:.2f}",
-                      f"{100 * qm['id_val_accepted']:.2f}")  # fmt: skip
-        for name in qm["auroc"]:
+                      f"{100 * m['id_val_accepted']:.2f}")  # fmt: skip
+        for name in m["auroc"]:
             table.add_row(f"AUROC % vs {name}", f"{100 * fm['auroc'][name]:.2f}",
-                          f"{100 * qm['auroc'][name]:.2f}")  # fmt: skip
-        speed = report["speedup_vs_float"]
+                          f"{100 * m['auroc'][name]:.2f}")  # fmt: skip
+        speed = q.speedup_vs_float
         table.add_row("speed vs float32, batch 1 / 64", "1.00x / 1.00x",
                       f"{speed['batch_1']:.2f}x / {speed['batch_64']:.2f}x")  # fmt: skip
-    else:
-        table.add_column("value", justify="right")
-        m = report["metrics"]
-        table.add_row("opset", str(report["opset"]))
-        table.add_row("size", _kb(report["bytes"]))
-        if "dense_storage_bytes" in report:
-            table.add_row("size, dense storage", _kb(report["dense_storage_bytes"]))
-        table.add_row("gzip size", _kb(report["gzip_bytes"]))
-        table.add_row("threshold", f"{report['threshold']:.4f}")
-        table.add_row("parity max |logit diff|", f"{report['parity_max_abs_diff']:.2e}")
-        table.add_row("accuracy %", f"{100 * m['accuracy']:.2f}")
-        table.add_row("ID val accepted %", f"{100 * m['id_val_accepted']:.2f}")
-        for name, value in m["auroc"].items():
-            table.add_row(f"AUROC % vs {name}", f"{100 * value:.2f}")
+        return table
+    table.add_column("value", justify="right")
+    table.add_row("opset", str(report.opset))
+    table.add_row("size", _kb(report.bytes))
+    if report.dense_storage_bytes is not None:
+        table.add_row("size, dense storage", _kb(report.dense_storage_bytes))
+    table.add_row("gzip size", _kb(report.gzip_bytes))
+    table.add_row("threshold", f"{report.threshold:.4f}")
+    table.add_row("parity max |logit diff|", f"{report.parity_max_abs_diff:.2e}")
+    table.add_row("accuracy %", f"{100 * m['accuracy']:.2f}")
+    table.add_row("ID val accepted %", f"{100 * m['id_val_accepted']:.2f}")
+    for name, value in m["auroc"].items():
+        table.add_row(f"AUROC % vs {name}", f"{100 * value:.2f}")
     return table
 
 
-def _slower_note(report: dict[str, Any]) -> str | None:
+def _slower_note(report: CheckpointExport) -> str | None:
     """A note when the int8 file runs slower than the float32 one on this CPU."""
-    slower = [f"{v:.2f}x at batch {k.split('_')[1]}"
-              for k, v in report.get("speedup_vs_float", {}).items()
-              if k.startswith("batch_") and v < 1]  # fmt: skip
+    slower = report.int8.slower() if report.int8 is not None else {}
     if not slower:
         return None
+    where = ", ".join(f"{v:.2f}x at batch {b}" for b, v in slower.items())
     return (
-        f"[yellow]note:[/] on this CPU the int8 file runs at {', '.join(slower)} of "
+        f"[yellow]note:[/] on this CPU the int8 file runs at {where} of "
         "the float32 file's speed: it is smaller, not faster here; for speed, export "
         "without --quantize"
     )
@@ -155,7 +157,7 @@ def export(
                                   sparse_storage=sparse_storage, arch=arch,
                                   temperature=parse_temperature(temperature))
     )  # fmt: skip
-    console.print(_export_table(report, out, quantize))
+    console.print(_export_table(report, out))
     note = _slower_note(report)
     if note:
         console.print(note)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from moonprune.exporters.export_record import CheckpointExport, Int8Comparison
 from moonprune.exporters.onnx_checks import InputBatches
 from moonprune.exporters.onnx_export import export_onnx, gzip_size, run_onnx
 from moonprune.exporters.opsets import check_opset, written_opset
@@ -109,8 +110,9 @@ def export_checkpoint(
     sparse_storage: bool = False,
     temperature: str | float | None = None,
     arch: str | None = None,
-) -> dict[str, Any]:
-    """Export ``model_path`` to ``out``; returns a report of sizes, thresholds, metrics.
+) -> CheckpointExport:
+    """Export ``model_path`` to ``out``; returns what it wrote (:class:`CheckpointExport
+    <moonprune.exporters.export_record.CheckpointExport>`): sizes, threshold, metrics.
 
     ``arch`` (``--arch``) names the factory of a network of your own: the factory a
     checkpoint records is called only when it is a moonprune built-in.
@@ -162,24 +164,27 @@ def export_checkpoint(
 def _export_float(
     model: nn.Module, out: Path, kwargs: dict[str, Any], arrays: dict[str, Any],
     sparse_storage: bool,
-) -> dict[str, Any]:  # fmt: skip
-    """The float32 file (optionally with sparse storage): its report, metrics, threshold
+) -> CheckpointExport:  # fmt: skip
+    """The float32 file (optionally with sparse storage): its record, metrics, threshold
     and temperature."""
-    report = export_onnx(model, out, **kwargs).as_dict()
+    onnx_report = export_onnx(model, out, **kwargs)
+    storage, dense_bytes = None, None
     if sparse_storage:
-        report["sparse_storage"] = to_sparse_storage(out, arrays["val_x"])
-        report["dense_storage_bytes"] = report["bytes"]
-        report["bytes"], report["gzip_bytes"] = out.stat().st_size, gzip_size(out)
-    report["metrics"] = evaluate_onnx(out, **arrays)
-    report["threshold"] = kwargs["threshold"]
-    report["temperature"] = kwargs["temperature"]
-    return report
+        storage, dense_bytes = to_sparse_storage(out, arrays["val_x"]), onnx_report.bytes
+    return CheckpointExport(
+        path=onnx_report.path, opset=onnx_report.opset, bytes=out.stat().st_size,
+        gzip_bytes=gzip_size(out) if sparse_storage else onnx_report.gzip_bytes,
+        threshold=kwargs["threshold"], temperature=kwargs["temperature"],
+        metrics=evaluate_onnx(out, **arrays),
+        parity_max_abs_diff=onnx_report.parity_max_abs_diff, onnx=onnx_report,
+        sparse_storage=storage, dense_storage_bytes=dense_bytes,
+    )  # fmt: skip
 
 
 def _export_int8(
     model: nn.Module, out: Path, kwargs: dict[str, Any], arrays: dict[str, Any],
     calibration: np.ndarray,
-) -> dict[str, Any]:  # fmt: skip
+) -> CheckpointExport:  # fmt: skip
     """The int8 file, quantized from a float32 export (calibrated on ``calibration``,
     the training rows), its threshold recalibrated on its own confidence, both files
     measured; the float32 one is left in a temporary folder."""
@@ -187,7 +192,7 @@ def _export_int8(
 
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         float_path, int8_path = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
-        float_report = export_onnx(model, float_path, **kwargs).as_dict()
+        float_report = export_onnx(model, float_path, **kwargs)
         float_metrics = evaluate_onnx(float_path, **arrays)
         quantize_int8(float_path, int8_path, calibration)
         recal = recalibrate_threshold(int8_path, arrays["val_x"], kwargs["tpr"])
@@ -197,20 +202,15 @@ def _export_int8(
         speed = speed_module.time_speedups(float_path, {"int8": int8_path}, (1, 64),
                                            threads)["int8"]  # fmt: skip
         os.replace(int8_path, out)  # the finished file, in one rename
-    return {
-        "path": str(out),
-        "opset": written_opset(onnx.load(str(out))),
-        "bytes": out.stat().st_size,
-        "gzip_bytes": gzip_size(out),
-        "float_bytes": float_report["bytes"],
-        "float_gzip_bytes": float_report["gzip_bytes"],
-        "size_ratio": float_report["bytes"] / out.stat().st_size,
-        "float_threshold": kwargs["threshold"],
-        "temperature": kwargs["temperature"],
-        "threshold": recal["threshold"],
-        "float_metrics": float_metrics,
-        "metrics": int8_metrics,
-        "parity_max_abs_diff": float_report["parity_max_abs_diff"],
-        # float32 latency / int8 latency in onnxruntime on this machine (> 1: int8 faster)
-        "speedup_vs_float": {"threads": threads, **{f"batch_{b}": v for b, v in speed.items()}},
-    }
+    return CheckpointExport(
+        path=str(out), opset=written_opset(onnx.load(str(out))), bytes=out.stat().st_size,
+        gzip_bytes=gzip_size(out), threshold=recal["threshold"],
+        temperature=kwargs["temperature"], metrics=int8_metrics,
+        parity_max_abs_diff=float_report.parity_max_abs_diff,
+        int8=Int8Comparison(
+            float_bytes=float_report.bytes, float_gzip_bytes=float_report.gzip_bytes,
+            float_threshold=kwargs["threshold"], float_metrics=float_metrics,
+            speedup_vs_float={"threads": threads,
+                              **{f"batch_{b}": v for b, v in speed.items()}},
+        ),
+    )  # fmt: skip

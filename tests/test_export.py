@@ -146,7 +146,13 @@ def test_sparse_file_gzips_far_smaller_than_dense(demo_run, tmp_path: Path) -> N
 
 
 def test_int8_export_is_small_and_keeps_the_acceptance(demo_run, tmp_path: Path) -> None:
-    report = export_checkpoint(demo_run.out / "model.pt", tmp_path / "q.onnx", quantize="int8")
+    record = export_checkpoint(demo_run.out / "model.pt", tmp_path / "q.onnx", quantize="int8")
+    report = record.to_json()
+    assert record.int8 is not None and record.onnx is None
+    assert (
+        record.int8.float_bytes == report["float_bytes"]
+        and record.size_ratio == report["size_ratio"]
+    )
     # the network is int8; the mahalanobis++ statistics (the default score) stay float32
     score = int(_bare_session(tmp_path / "q.onnx").get_modelmeta().custom_metadata_map[
         "moonprune.score_bytes"])  # fmt: skip
@@ -200,7 +206,7 @@ def test_plain_k_way_model_exports(tmp_path: Path) -> None:
 def sparse_export(demo_run, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """The demo model exported with ``--sparse-storage``, and its report."""
     path = tmp_path_factory.mktemp("sparse") / "s.onnx"
-    return path, export_checkpoint(demo_run.out / "model.pt", path, sparse_storage=True)
+    return path, export_checkpoint(demo_run.out / "model.pt", path, sparse_storage=True).to_json()
 
 
 def test_sparse_storage_is_smaller_and_identical(demo_run, sparse_export) -> None:

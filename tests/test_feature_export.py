@@ -104,7 +104,7 @@ def test_checkpoint_report_and_onnx_carry_the_statistics(knn_run) -> None:
 
 def test_int8_keeps_the_score_path_in_float(knn_run, tmp_path) -> None:
     out = tmp_path / "int8.onnx"
-    report = export_checkpoint(knn_run.out / "model.pt", out, quantize="int8")
+    report = export_checkpoint(knn_run.out / "model.pt", out, quantize="int8").to_json()
     proto = onnx.load(str(out))
     dequantized = {n.output[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
     score_nodes = [n for n in proto.graph.node if n.name.startswith(SCORE_PREFIX)]

@@ -143,7 +143,9 @@ def test_baked_export_takes_raw_pixels(trained, tmp_path) -> None:
     result = compress(_config(tmp_path / "run", export=False, normalize="symmetric"),
                       dense=DenseModel(trained["symmetric"], ARCH))  # fmt: skip
     out = tmp_path / "baked.onnx"
-    report = export_checkpoint(tmp_path / "run" / "model.pt", out, bake_preprocessing=True)
+    report = export_checkpoint(
+        tmp_path / "run" / "model.pt", out, bake_preprocessing=True
+    ).to_json()
     assert report["metrics"]["accuracy"] == result.report.models["compressed"]["accuracy"]
     raw = read_split_images(DATA, seed=0)["test"].images * 16  # the digits' raw values
     labels = ort.InferenceSession(str(out)).run(["label"], {"input": raw})[0]

@@ -217,17 +217,17 @@ def test_reopened_data_is_the_recorded_seeds_split(seeded_run: Path) -> None:
 
 
 def test_verify_reads_seed_and_data_from_the_record(seeded_run: Path, tmp_path: Path) -> None:
-    report = verify(seeded_run, n_boot=1).report
+    report = verify(seeded_run, n_boot=1).report.to_json()
     assert report["data"]["id"] == DATA and report["data"]["ood"] == ["noise"]
     assert report["data"]["seed"] == SEED and report["data"]["split"] == "test"
     # the record is what verify reads: the same file with another recorded seed
     saved = torch.load(seeded_run, weights_only=True)
     saved["run"]["config"]["train"]["seed"] = 7
     torch.save(saved, tmp_path / "reseeded.pt")
-    assert verify(tmp_path / "reseeded.pt", n_boot=1).report["data"]["seed"] == 7
+    assert verify(tmp_path / "reseeded.pt", n_boot=1).report.data.seed == 7
     # and the old layout verifies exactly like the new one
     torch.save(_old_format(torch.load(seeded_run, weights_only=True)), tmp_path / "old.pt")
-    old = verify(tmp_path / "old.pt", n_boot=1).report
+    old = verify(tmp_path / "old.pt", n_boot=1).report.to_json()
     assert old["data"] == report["data"] and old["threshold"] == report["threshold"]
 
 
@@ -235,7 +235,7 @@ def test_export_recalibrates_on_the_recorded_seeds_split(seeded_run: Path, tmp_p
     from moonprune.exporters.checkpoint_export import export_checkpoint
 
     ckpt = load_checkpoint(seeded_run)
-    report = export_checkpoint(seeded_run, tmp_path / "m.onnx", tpr=0.8)
+    report = export_checkpoint(seeded_run, tmp_path / "m.onnx", tpr=0.8).to_json()
 
     def threshold_on(seed: int) -> float:
         splits = load_splits(DATA, seed=seed, preprocessing=ckpt.preprocessing)
