@@ -1,0 +1,72 @@
+"""Sparse vs dense on each feature score, read from the reliability grids' logs.
+
+    python benchmarks/score_gaps.py     # seconds: no training, reads the .jsonl logs
+
+Issue 17's target is that the compressed model's mean AUROC on the deployed score is
+within 1 point of the dense model's on the same score. The grids
+(``python benchmarks/reliability.py`` and ``--digits``) log, per run, every score's
+AUROC per OOD set for the dense and the compressed model (report.json ``scores``).
+This script averages (compressed - dense) over the OOD sets per run, then gives the
+mean over seeds and the worst seed for each (dataset, arch, sparsity, plain/MOON) cell
+and each feature score. Written into benchmarks/RESULTS.md, section score-gaps.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from results_file import update_section
+
+ROOT = Path(__file__).resolve().parent
+LOGS = {"mnist5k": ROOT / "reliability-full.jsonl", "digits": ROOT / "reliability-digits.jsonl"}
+SCORES = ("mahalanobis++", "mahalanobis", "knn")
+
+
+def gaps(path: Path) -> dict[tuple[str, float, bool], dict[str, list[float]]]:
+    """(arch, sparsity, moon) -> score -> per-run mean (compressed - dense) AUROC, points."""
+    cells: dict[tuple[str, float, bool], dict[str, list[float]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        table = row["report_scores"]
+        for score in SCORES:
+            pairs = [
+                (v["auroc"], table["dense"][score][ood]["auroc"])
+                for ood, v in table["compressed"][score].items()
+            ]
+            gap = 100 * statistics.mean(c - d for c, d in pairs)
+            cells[(row["arch"], row["sparsity"], row["moon"])][score].append(gap)
+    return cells
+
+
+def render() -> str:
+    lines = [
+        "### Compressed - dense mean AUROC on the same score (points; mean over seeds, "
+        "worst seed), RigL/SET/GMP pooled",
+        "",
+        "| ID | arch | sparsity | MOON | runs | " + " | ".join(SCORES) + " |",
+        "|---|---|---|---|---|" + "---|" * len(SCORES),
+    ]
+    for name, path in LOGS.items():
+        for (arch, sparsity, moon), by_score in sorted(gaps(path).items()):
+            runs = len(by_score[SCORES[0]])
+            cells = [f"{statistics.mean(v):+.2f} ({min(v):+.2f})" for v in by_score.values()]
+            lines.append(f"| {name} | {arch} | {sparsity:.0%} | {'yes' if moon else 'no'} | "
+                         f"{runs} | " + " | ".join(cells) + " |")  # fmt: skip
+    lines += ["", "Command: `python benchmarks/score_gaps.py` (reads "
+              + ", ".join(p.name for p in LOGS.values()) + ")"]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    text = render()
+    update_section("score-gaps", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
