@@ -7,6 +7,9 @@ maps them to exit code 2 and prints the message as one line, without a traceback
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class MoonpruneError(Exception):
     """Base class: a problem the user can fix; the message says how."""
@@ -30,3 +33,10 @@ class ExportError(MoonpruneError):
 
 class GateFailed(MoonpruneError):
     """A reliability gate did not hold (the CLI exits 1 for this one)."""
+
+
+def did_you_mean(name: object, names: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the valid name closest to ``name``, else ``""``: the
+    hint every registry's unknown-name error carries."""
+    close = difflib.get_close_matches(str(name), list(names), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

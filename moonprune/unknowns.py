@@ -20,7 +20,6 @@ leaves the training path untouched. Names can be joined with ``+`` (``patch4+vos
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from moonprune.conventions import UNKNOWN_ROW_ATTR
-from moonprune.errors import ConfigError
+from moonprune.errors import ConfigError, did_you_mean
 from moonprune.unknown_generators import BUILT_IN
 from moonprune.unknown_generators import GeneratorFn as GeneratorFn
 
@@ -88,8 +87,7 @@ class UnknownsRegistry:
 
     def get(self, name: str) -> UnknownGenerator:
         if name not in self._generators:
-            close = difflib.get_close_matches(name, self.names(), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = did_you_mean(name, self.names())
             raise ConfigError(
                 f"--unknowns: no generator {name!r}{hint}; use synth, none, or "
                 f"names joined by '+' from: {', '.join(self.names())}"

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_nets import TinyNet
 from torch import nn
 
 from moonprune.errors import ConfigError
@@ -28,21 +29,6 @@ SCHEDULE = TopologySchedule(total_steps=STEPS, end_step=END, steps_per_epoch=EPO
 SPARSITY = 0.9  # ERK keeps every TinyNet layer sparse (at 0.8 conv1 is dense)
 BUILTIN = ["gmp", "magnitude", "rigl", "set"]
 DYNAMIC = ["rigl", "set"]
-
-
-class TinyNet(nn.Module):
-    """conv-bn-relu-conv-linear on 1x6x6 inputs, 5 classes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
-        self.fc = nn.Linear(16, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn(self.conv1(x)))
-        return self.fc(F.relu(self.conv2(x)).mean(dim=(2, 3)))
 
 
 def _setup(

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_nets import TinyNet
 from torch import nn
 
 from moonprune.errors import ConfigError
@@ -28,21 +29,6 @@ NON_DEFAULT: dict[str, Any] = {
     "importance": "taylor", "steps": 2, "latency_batch": 8, "threads": 1,
     "distribution": "uniform", "update_interval": 10, "drop_fraction": 0.2,
 }  # fmt: skip
-
-
-class TinyNet(nn.Module):
-    """conv-bn-relu-conv-linear on 1x6x6 inputs, 5 classes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
-        self.fc = nn.Linear(16, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn(self.conv1(x)))
-        return self.fc(F.relu(self.conv2(x)).mean(dim=(2, 3)))
 
 
 def _batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:

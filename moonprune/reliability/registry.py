@@ -9,14 +9,13 @@ score and the exporters all read this one list.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from moonprune.errors import ConfigError
+from moonprune.errors import ConfigError, did_you_mean
 
 #: ``(logits, num_known, temperature) -> (N,)`` scores, higher = more in-distribution.
 ScoreFn = Callable[[torch.Tensor, int, float], torch.Tensor]
@@ -84,8 +83,7 @@ class ScoreRegistry:
         try:
             return self._scores[name]
         except (KeyError, TypeError):
-            close = difflib.get_close_matches(str(name), self.names(), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = did_you_mean(name, self.names())
             raise ConfigError(
                 f"unknown OOD score {name!r}{hint}; choose one of: {', '.join(self.names())}"
             ) from None

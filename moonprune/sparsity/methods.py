@@ -30,13 +30,12 @@ Example::
 
 from __future__ import annotations
 
-import difflib
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from moonprune.errors import ConfigError
+from moonprune.errors import ConfigError, did_you_mean
 from moonprune.sparsity.base import Masker
 from moonprune.sparsity.channel.entry import CHANNEL_METHOD
 from moonprune.sparsity.config import UNSTRUCTURED_OPTIONS, SparsityConfig
@@ -69,8 +68,7 @@ class MethodRegistry:
             cls = self.maskers.get(name)
             return MethodInfo(name, cls.description, self.maskers.origin(name), False,
                               tuple(UNSTRUCTURED_OPTIONS))  # fmt: skip
-        close = difflib.get_close_matches(str(name), self.names(), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = did_you_mean(name, self.names())
         raise ConfigError(
             f"unknown sparse method {name!r}{hint}; choose one of: {', '.join(self.names())}"
         )

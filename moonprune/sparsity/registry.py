@@ -14,11 +14,10 @@ Masker, is reported with its entry point's name instead of breaking the others.
 
 from __future__ import annotations
 
-import difflib
 import logging
 from typing import TypeVar
 
-from moonprune.errors import ConfigError
+from moonprune.errors import ConfigError, did_you_mean
 from moonprune.sparsity.base import Masker, MaskerConfig
 
 M = TypeVar("M", bound=type[Masker])
@@ -118,8 +117,7 @@ class MaskerRegistry:
         try:
             return self._classes[name]
         except (KeyError, TypeError):
-            close = difflib.get_close_matches(str(name), self.names(), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = did_you_mean(name, self.names())
             raise ConfigError(
                 f"unknown sparse method {name!r}{hint}; choose one of: {', '.join(self.names())}"
             ) from None
