@@ -109,7 +109,7 @@ def compress(
     from moonprune.cli.guard import console, run_guarded
     from rich.console import Console
 
-    from moonprune.distributed import is_main_process
+    from moonprune.distributed import is_main_process, shutdown
     from moonprune.pipeline import compress as run_compress
 
     cfg = run_guarded(lambda: compress_config(flags))
@@ -128,6 +128,8 @@ def compress(
             )
     except KeyboardInterrupt:
         _interrupted(Path(cfg.out))
+    finally:
+        shutdown()  # under torchrun: end the process group before the process exits
     if main_rank:
         _show(result)
 

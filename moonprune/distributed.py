@@ -115,6 +115,14 @@ def from_env() -> DistContext:
     return DistContext(int(os.environ.get("RANK", "0")), world_size)
 
 
+def shutdown() -> None:
+    """End the process group if one was started, as a ``torchrun`` process should
+    before it exits (PyTorch asks for it: a gloo group left to the interpreter's exit
+    can abort a rank while its peer tears down, failing a finished run)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def is_main_process() -> bool:
     """True unless this is a non-zero rank of a ``torchrun`` launch (no group needed)."""
     return os.environ.get("RANK", "0") == "0"

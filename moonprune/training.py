@@ -167,6 +167,7 @@ class Trainer(EpochLoop, DivergenceGuard):
                 with atomic_path(self.state_path) as tmp:
                     torch.save(good, tmp)
             if stop_after_epoch is not None and epoch >= stop_after_epoch:
+                self.dist.barrier()  # no rank leaves before the state file is written
                 raise StopTraining(f"stopped after epoch {epoch}")
             epoch += 1
         masks = self.masker.finalize()

@@ -18,6 +18,7 @@ from fake_timer import modelled_speedups  # tests/ is this script's folder
 
 import moonprune.speed
 from moonprune.config import build_config
+from moonprune.distributed import shutdown
 from moonprune.pipeline import compress
 
 
@@ -38,4 +39,7 @@ def main(dense: Path, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    try:
+        main(Path(sys.argv[1]), Path(sys.argv[2]))
+    finally:
+        shutdown()  # as a torchrun script should before it exits

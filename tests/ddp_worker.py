@@ -17,7 +17,7 @@ import torch
 
 from moonprune.config import MoonConfig, TrainConfig
 from moonprune.data import load_splits
-from moonprune.distributed import from_env
+from moonprune.distributed import from_env, shutdown
 from moonprune.heads import add_unknown_output_
 from moonprune.models import mlp_biasfree
 from moonprune.sparsity import MASKERS, MaskerConfig
@@ -57,4 +57,7 @@ def main(out: Path, mode: str, batch_size: int = 64) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2], *map(int, sys.argv[3:]))
+    try:
+        main(Path(sys.argv[1]), sys.argv[2], *map(int, sys.argv[3:]))
+    finally:
+        shutdown()  # as a torchrun script should before it exits

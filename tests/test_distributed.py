@@ -23,7 +23,8 @@ def _torchrun(*args: str, nproc: int = 2) -> None:
          f"--nproc-per-node={nproc}", *args],
         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    # every rank's own error comes first in stderr: keep enough of it to read
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-8000:]
 
 
 def _load(path: Path) -> dict:
@@ -157,3 +158,16 @@ def test_channel_pruning_under_torchrun_matches_one_process(tmp_path: Path) -> N
     assert ddp["models"]["compressed"]["nll"] == pytest.approx(
         one["models"]["compressed"]["nll"], rel=1e-3
     )
+
+
+def test_shutdown_ends_the_process_group(tmp_path: Path) -> None:
+    import torch.distributed as tdist
+
+    from moonprune.distributed import shutdown
+
+    shutdown()  # no group: nothing to end
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                             world_size=1)  # fmt: skip
+    assert tdist.is_initialized()
+    shutdown()
+    assert not tdist.is_initialized()
