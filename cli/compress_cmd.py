@@ -11,6 +11,7 @@ from moonprune.cli.compress_recipe import compress_config
 from moonprune.cli.render import RichProgress, comparison_table, scores_table, summary_lines
 
 if TYPE_CHECKING:
+    from moonprune.config import CompressConfig
     from moonprune.pipeline import CompressResult
 
 
@@ -106,32 +107,42 @@ def compress(
     --data digits:0-5 --ood digits:6-9 --ood noise --out run1
     """
     flags = dict(locals())  # every parameter by name, before any other local exists
-    from moonprune.cli.guard import console, run_guarded
-    from rich.console import Console
+    from moonprune.cli.guard import run_guarded
 
     from moonprune.distributed import is_main_process, shutdown
-    from moonprune.pipeline import compress as run_compress
 
     cfg = run_guarded(lambda: compress_config(flags))
     main_rank = is_main_process()  # under torchrun only rank 0 prints
     try:
-        with RichProgress(console if main_rank else Console(quiet=True),
-                          cfg.train.epochs) as progress:  # fmt: skip
-            result = run_guarded(
-                lambda: run_compress(
-                    cfg,
-                    callback=progress,
-                    resume=resume,
-                    force=force,
-                    protect=[config] if config else [],
-                )
-            )
+        result = _run(cfg, main_rank, resume=resume, force=force, config=config)
     except KeyboardInterrupt:
         _interrupted(Path(cfg.out))
     finally:
         shutdown()  # under torchrun: end the process group before the process exits
     if main_rank:
         _show(result)
+
+
+def _run(
+    cfg: CompressConfig, main_rank: bool, *, resume: bool, force: bool, config: Path | None
+) -> CompressResult:
+    """``compress`` with a progress bar (silent on the other ranks under torchrun)."""
+    from moonprune.cli.guard import console, run_guarded
+    from rich.console import Console
+
+    from moonprune.pipeline import compress as run_compress
+
+    with RichProgress(console if main_rank else Console(quiet=True),
+                      cfg.train.epochs) as progress:  # fmt: skip
+        return run_guarded(
+            lambda: run_compress(
+                cfg,
+                callback=progress,
+                resume=resume,
+                force=force,
+                protect=[config] if config else [],
+            )
+        )
 
 
 def methods() -> None:
