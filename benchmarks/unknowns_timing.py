@@ -1,6 +1,7 @@
 """Training time per epoch with synthesized unknowns, against plain and MOON alone.
 
     python benchmarks/unknowns_timing.py      # about 5 minutes on 2 CPU cores
+    python benchmarks/unknowns_timing.py --fraction 0.125   # its own section
 
 Issue 18 asks that ``--unknowns`` cost at most 1.3x plain's time per epoch. For each
 setting (digits cnn, mnist5k resnet8: the cheapest and the most expensive of the
@@ -15,6 +16,7 @@ section unknowns-timing.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import platform
 import statistics
@@ -34,6 +36,7 @@ from moonprune.training import EpochInfo, StepInfo
 SETTINGS = (("digits", DIGITS, "cnn"), ("mnist5k", FULL, "resnet8"))
 VARIANTS = ("plain", "none", "blur", "lowfreq", "mixup")
 ROUNDS, EPOCHS = 3, 4
+FRACTION = 0.25  # the default --unknowns-fraction
 
 
 class CpuClock:
@@ -53,10 +56,11 @@ class CpuClock:
         return [b - a for a, b in zip(self.marks, self.marks[1:], strict=False)]
 
 
-def epoch_seconds(grid: Grid, setting: Setting, variant: str) -> list[float]:
+def epoch_seconds(grid: Grid, setting: Setting, variant: str, fraction: float) -> list[float]:
     moon: dict[str, object] = {"enabled": variant != "plain", "warmup_epochs": 1}
     if variant not in ("plain", "none"):
         moon["unknowns"] = variant
+        moon["unknowns_fraction"] = fraction
     with tempfile.TemporaryDirectory() as tmp:
         cfg = build_config({
             "checkpoint": "", "data": grid.data, "ood": [], "out": str(Path(tmp) / "o"),
@@ -70,12 +74,17 @@ def epoch_seconds(grid: Grid, setting: Setting, variant: str) -> list[float]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fraction", type=float, default=FRACTION,
+                        help=f"--unknowns-fraction (default {FRACTION})")  # fmt: skip
+    fraction = parser.parse_args().fraction
     torch.set_num_threads(1)
     start = time.perf_counter()
+    flag = "" if fraction == FRACTION else f" --fraction {fraction}"
     lines = [
-        "## Synthesized unknowns: time per epoch (issue 18)",
+        f"## Synthesized unknowns: time per epoch (issue 18), fraction {fraction}",
         "",
-        "Command: `python benchmarks/unknowns_timing.py`  ",
+        f"Command: `python benchmarks/unknowns_timing.py{flag}`  ",
         f"Machine: {platform.platform()}, 1 torch thread. RigL 90%, {EPOCHS} epochs per run, "
         f"{ROUNDS} rounds alternating the variants; CPU seconds per epoch (epochs 2-{EPOCHS}), "
         "median over rounds and epochs (target: at most 1.3x plain's).",
@@ -88,7 +97,7 @@ def main() -> None:
         times: dict[str, list[float]] = {v: [] for v in VARIANTS}
         for _ in range(ROUNDS):
             for variant in VARIANTS:
-                times[variant] += epoch_seconds(grid, setting, variant)
+                times[variant] += epoch_seconds(grid, setting, variant, fraction)
                 print(name, arch, variant, [f"{t:.3f}" for t in times[variant][-3:]], flush=True)
         base = statistics.median(times["plain"])
         cells = [f"{statistics.median(times[v]):.3f} s ({statistics.median(times[v]) / base:.2f}x)"
@@ -96,7 +105,7 @@ def main() -> None:
         lines.append(f"| {name} {arch} | " + " | ".join(cells) + " |")
     lines += ["", f"Wall time: {(time.perf_counter() - start) / 60:.1f} min", ""]
     text = "\n".join(lines)
-    update_section("unknowns-timing", text)
+    update_section("unknowns-timing" + flag.replace(" --fraction ", "-"), text)
     print(text)
 
 
