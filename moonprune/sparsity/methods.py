@@ -38,7 +38,7 @@ from torch import nn
 from moonprune.errors import ConfigError, did_you_mean
 from moonprune.sparsity.base import Masker
 from moonprune.sparsity.channel.entry import CHANNEL_METHOD
-from moonprune.sparsity.config import UNSTRUCTURED_OPTIONS, SparsityConfig
+from moonprune.sparsity.config import SparsityConfig, options_of
 from moonprune.sparsity.method_info import MethodInfo
 from moonprune.sparsity.registry import MaskerRegistry
 
@@ -67,7 +67,7 @@ class MethodRegistry:
         if name in self.maskers:
             cls = self.maskers.get(name)
             return MethodInfo(name, cls.description, self.maskers.origin(name), False,
-                              tuple(UNSTRUCTURED_OPTIONS))  # fmt: skip
+                              tuple(options_of(name)))  # fmt: skip
         hint = did_you_mean(name, self.names())
         raise ConfigError(
             f"unknown sparse method {name!r}{hint}; choose one of: {', '.join(self.names())}"
