@@ -4,6 +4,15 @@
     python benchmarks/reliability.py --digits            # digits, the full grid
     python benchmarks/reliability.py                     # mnist5k, the full grid
     python benchmarks/reliability.py --ablation [--digits]   # each fix of issue 16 off
+    python benchmarks/reliability.py --archs resnet8 --sparsities 0.95 --epochs 30  # one cell
+    python benchmarks/reliability.py --digits --unknowns synth mixup --unknowns-fraction 0.125
+    python benchmarks/reliability.py --digits --methods channel --sparsities 0.5
+
+A sub-grid (``--archs``, ``--methods``, ``--sparsities``, ``--epochs``, ``--seeds``,
+``--unknowns-fraction``) writes its own log and RESULTS section, named by the flags.
+``--methods channel`` prunes channels to ``1 - sparsity`` of the dense MACs with
+``--allocation global --round-to 8``: reliability does not depend on the machine's
+timing, so the latency search (which times candidates on a busy machine) is left out.
 
 For each architecture and seed a dense model is trained once; then for every method
 x sparsity x {plain, MOON} it is fine-tuned with ``moonprune.compress`` (default
@@ -63,6 +72,8 @@ class Grid:
     dense_epochs: int
     #: MOON variants beyond ``none`` (issue 18): each adds a "MOON+<spec>" row per cell
     unknowns: tuple[str, ...] = ()
+    #: share of each batch synthesized for those variants (None: compress's default)
+    unknowns_fraction: float | None = None
 
     def variants(self) -> list[tuple[bool, str]]:
         """(MOON on, --unknowns) per variant: plain, MOON as published, MOON + each."""
@@ -116,12 +127,18 @@ def compress_config(
     grid: Grid, spec: ArchSpec, seed: int, out: Path, moon: dict[str, Any], method: str,
     sparsity: float, train: dict[str, Any] | None = None,
 ) -> CompressConfig:  # fmt: skip
-    """The compress settings of one benchmark run (no export: only the report counts)."""
+    """The compress settings of one benchmark run (no export: only the report counts).
+
+    ``channel``: ``sparsity`` is the share of dense MACs removed (module docstring)."""
+    sp: dict[str, Any] = {"method": method, "sparsity": sparsity}
+    if method == "channel":
+        sp = {"method": method, "macs_target": round(1 - sparsity, 6), "allocation": "global",
+              "round_to": 8}  # fmt: skip
     return build_config({
         "checkpoint": "", "data": grid.data, "ood": list(grid.ood), "out": str(out),
         "arch": spec.factory, "arch_kwargs": spec.kwargs, "export": False,
         "train": {"epochs": grid.epochs, "seed": seed, **(train or {})}, "moon": moon,
-        "sparsity": {"method": method, "sparsity": sparsity},
+        "sparsity": sp,
     })  # fmt: skip
 
 
@@ -191,6 +208,8 @@ def run_grid(grid: Grid, log: Any) -> list[dict[str, Any]]:
             ):
                 moon_cfg = {"enabled": moon, "warmup_epochs": max(1, grid.epochs // 6),
                             "unknowns": unknowns}  # fmt: skip
+                if unknowns != "none" and grid.unknowns_fraction is not None:
+                    moon_cfg["unknowns_fraction"] = grid.unknowns_fraction
                 row = {"arch": arch_name, "seed": seed, "method": method, "sparsity": sparsity,
                        "moon": moon, "unknowns": unknowns,
                        **run_one(grid, setting, seed, method, sparsity, moon_cfg)}  # fmt: skip
@@ -536,6 +555,40 @@ def render_ablation(grid: Grid, seeds: tuple[int, ...], rows: list[dict[str, Any
     return "\n".join(lines) + "\n"
 
 
+def sub_grid(grid: Grid, args: argparse.Namespace) -> tuple[Grid, str, str]:
+    """``grid`` narrowed by the flags; the log/section suffix and the flags as typed."""
+    changes: dict[str, Any] = {}
+    suffix, flags = "", ""
+    if args.seeds:
+        changes["seeds"] = tuple(args.seeds)
+        flags += " --seeds " + " ".join(map(str, args.seeds))
+    if args.archs:
+        changes["archs"] = {a: ARCHS[a] for a in args.archs}
+        suffix += "-" + "-".join(args.archs)
+        flags += " --archs " + " ".join(args.archs)
+    if args.methods:
+        changes["methods"] = tuple(args.methods)
+        suffix += "-" + "-".join(args.methods)
+        flags += " --methods " + " ".join(args.methods)
+    if args.sparsities:
+        changes["sparsities"] = tuple(args.sparsities)
+        suffix += "-" + "-".join(f"{s:g}" for s in args.sparsities)
+        flags += " --sparsities " + " ".join(f"{s:g}" for s in args.sparsities)
+    if args.epochs:
+        changes["epochs"] = args.epochs
+        suffix += f"-e{args.epochs}"
+        flags += f" --epochs {args.epochs}"
+    if args.unknowns:
+        changes["unknowns"] = tuple(args.unknowns)
+        suffix += "-unknowns"
+        flags += " --unknowns " + " ".join(args.unknowns)
+    if args.unknowns_fraction is not None:
+        changes["unknowns_fraction"] = args.unknowns_fraction
+        suffix += f"-f{args.unknowns_fraction:g}"
+        flags += f" --unknowns-fraction {args.unknowns_fraction:g}"
+    return Grid(**{**vars(grid), **changes}), suffix, flags
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fast", action="store_true", help="digits, one seed (a few minutes)")
@@ -550,18 +603,23 @@ def main() -> None:
         default=[],
         help="also run MOON with these --unknowns settings (e.g. synth vos)",
     )
+    parser.add_argument(
+        "--unknowns-fraction",
+        type=float,
+        help="share of each batch synthesized (default: compress's)",
+    )
+    parser.add_argument("--archs", nargs="+", choices=sorted(ARCHS), help="only these")
+    parser.add_argument("--methods", nargs="+", help="only these (channel: see the docstring)")
+    parser.add_argument("--sparsities", type=float, nargs="+", help="only these")
+    parser.add_argument("--epochs", type=int, help="fine-tuning epochs (default 10)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--render-only", action="store_true",
                         help="rebuild the ablation's section from its .jsonl log")  # fmt: skip
     args = parser.parse_args()
     grid = FAST if args.fast else DIGITS if args.digits else FULL
-    if args.seeds:
-        grid = Grid(**{**vars(grid), "seeds": tuple(args.seeds)})
-    if args.unknowns:
-        grid = Grid(**{**vars(grid), "unknowns": tuple(args.unknowns)})
+    grid, suffix, sub_flags = sub_grid(grid, args)
     torch.set_num_threads(args.threads)
-    tag = ("fast" if args.fast else "digits" if args.digits else "full") + (
-        "-unknowns" if args.unknowns else "")  # fmt: skip
+    tag = ("fast" if args.fast else "digits" if args.digits else "full") + suffix
     flags = (" --fast" if args.fast else "") + (" --digits" if args.digits else "")
     flags += f" --threads {args.threads}" if args.threads != 2 else ""
     start = time.perf_counter()
@@ -579,17 +637,14 @@ def main() -> None:
             return
         with open(log_path, "w") as log:
             text = run_ablation(grid, tuple(args.seeds or (0, 1, 2)), log)
-        seeds = " --seeds " + " ".join(map(str, args.seeds)) if args.seeds else ""
-        command = f"python benchmarks/reliability.py --ablation{flags}{seeds}"
+        command = f"python benchmarks/reliability.py --ablation{flags}{sub_flags}"
         text += f"\nCommand: `{command}`; wall time {(time.perf_counter() - start) / 60:.1f} min\n"
         update_section(f"ablation-{tag}", text)
         print(text)
         return
     with open(ROOT / "benchmarks" / f"reliability-{tag}.jsonl", "w") as log:
         rows = run_grid(grid, log)
-    command = "python benchmarks/reliability.py" + flags + (
-        " --seeds " + " ".join(map(str, args.seeds)) if args.seeds else "") + (
-        " --unknowns " + " ".join(args.unknowns) if args.unknowns else "")  # fmt: skip
+    command = "python benchmarks/reliability.py" + flags + sub_flags
     text = render(grid, rows, time.perf_counter() - start, command)
     image = ROOT / "docs" / "img" / f"reliability-{tag}.png"
     plot(grid, rows, image)
