@@ -4,7 +4,8 @@
         OUT_DIR full|interrupt|resume [BATCH_SIZE]
 
 ``DDP_DATA`` (an image folder) replaces the built-in digits, so the streaming input
-path is the one trained on; ``DDP_AUGMENT`` sets the augmentation.
+path is the one trained on; ``DDP_AUGMENT`` sets the augmentation; ``DDP_UNKNOWNS``
+the synthesized unknowns (``--unknowns``, default ``none``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def main(out: Path, mode: str, batch_size: int = 64) -> None:
     augment = os.environ.get("DDP_AUGMENT", "none")
     trainer = Trainer(model, masker, splits.train,
                       TrainConfig(epochs=4, batch_size=batch_size, augment=augment),
-                      MoonConfig(warmup_epochs=1, average_epochs=1),
+                      MoonConfig(warmup_epochs=1, average_epochs=1,
+                                 unknowns=os.environ.get("DDP_UNKNOWNS", "none")),
                       state_path=out / "state.pt", dist=dist)  # fmt: skip
     if mode == "resume":
         trainer.load_state(out / "state.pt")
@@ -51,6 +53,7 @@ def main(out: Path, mode: str, batch_size: int = 64) -> None:
             "schedule": trainer.schedule.state_dict(),
             "epoch_loss": [h.loss for h in result.history],
             "n_train": len(splits.train),
+            "unknown_rate": [h.unknown_rate for h in result.history],
         },
         out / f"{mode}-rank{dist.rank}.pt",
     )
