@@ -18,6 +18,14 @@ measured before training as a bare network (``structure.plan``); and their gap,
 against ``PLAN_TOLERANCE`` (the check that what the plan measured predicts the
 deployed file). A recipe the machine cannot meet is refused before training (exit 2
 on the command line); the refusal is reported as a finding.
+
+Ceilings: each dense network (with its K+1 head) pruned to the narrowest widths on a
+channel grid (every layer at one grid step, or its own width when narrower: the
+magnitude ranking, no training) and timed bare against the dense network. On the
+CPU's block (``moonprune.speed.nchwc_block``) that is the fastest network any
+block-aligned plan can give; on 8 (half an AVX-512 block) layouts are converted
+between layers. A target above both ceilings cannot be met on this machine by channel
+pruning alone.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from moonprune.config import build_config
 from moonprune.data import ReadOptions, load_splits
 from moonprune.demo import train_dense
 from moonprune.errors import ConfigError
+from moonprune.speed import default_threads, nchwc_block
 
 OOD = ("digits:6-9", "textures", "photos", "noise")
 # (name, factory, kwargs, input shape): residual and plain, of different depth and width;
@@ -84,6 +93,33 @@ def run(arch: tuple[str, str, dict[str, Any], tuple[int, ...]], dense: torch.nn.
     return result.report.to_json()
 
 
+def ceilings(dense: torch.nn.Module, shape: tuple[int, ...],
+             threads: int) -> list[tuple[int, float, dict[int, float]]]:  # fmt: skip
+    """(grid, MAC fraction, measured speed-up per batch) of the narrowest network on the
+    CPU's block and on 8; see the module docstring."""
+    import torch_pruning as tp
+
+    from moonprune.heads import add_unknown_output_, find_classifier
+    from moonprune.sparsity.channel.allocation import prune_to_widths_
+    from moonprune.sparsity.channel.structure import layer_widths
+    from moonprune.speed import measure_speedups, nchwc_block
+
+    example = torch.randn(2, *shape)
+    model = copy.deepcopy(dense).cpu().eval()
+    add_unknown_output_(model, example)
+    head = find_classifier(model, example)
+    dense_macs = tp.utils.count_ops_and_params(model, example[:1])[0]
+    out = []
+    for grid in dict.fromkeys((nchwc_block(), 8)):
+        narrow = copy.deepcopy(model)
+        widths = {k: min(v, grid) for k, v in layer_widths(model).items() if k != head}
+        prune_to_widths_(narrow, example, head, widths, tp.importance.MagnitudeImportance(p=2))
+        macs = tp.utils.count_ops_and_params(narrow, example[:1])[0] / dense_macs
+        speed = measure_speedups(model, {"narrow": narrow}, example, (1, 64), threads)["narrow"]
+        out.append((grid, macs, speed))
+    return out
+
+
 def speed_cells(structure: dict[str, Any]) -> tuple[list[str], list[float]]:
     """Deployed speed-ups, the plan's, and the relative gaps."""
     deployed = structure["speed"]["speedup"]
@@ -107,11 +143,16 @@ def main() -> None:
     findings: list[str] = []
     moon_vs_plain: list[str] = []
     threads = None
+    ceiling_lines: list[str] = []
     for arch in ARCHS:
         name, factory, kwargs, shape = arch
         splits = load_splits("digits:0-5", seed=SEED, options=ReadOptions(shape[1:], shape[0]))
         torch.manual_seed(SEED)
         dense = train_dense(ArchSpec(factory, kwargs).build(), splits, DENSE_EPOCHS, SEED).eval()
+        for grid, macs, speed in ceilings(dense, shape, default_threads()):
+            ceiling_lines.append(f"| {name} | {grid} | {100 * macs:.0f}% | {speed[1]:.2f}x | "
+                                 f"{speed[64]:.2f}x |")  # fmt: skip
+            print(ceiling_lines[-1], flush=True)
         aurocs: dict[bool, float] = {}
         for label, recipe in RECIPES.items():
             for moon in (True, False) if label in PLAIN else (True,):
@@ -155,6 +196,13 @@ def main() -> None:
         *lines,
         "",
         *findings,
+        "",
+        f"Ceilings (module docstring; NCHWc block {nchwc_block()}): the narrowest network on "
+        "each channel grid, bare, no training.",
+        "",
+        "| architecture | grid | MACs | speed-up b=1 | speed-up b=64 |",
+        "|---|---|---|---|---|",
+        *ceiling_lines,
         "",
         f"Plan vs deployed file: {within} of {len(gaps)} gaps within "
         f"{100 * PLAN_TOLERANCE:.0f}% (median {100 * statistics.median(gaps or [0]):.0f}%).  ",

@@ -48,7 +48,7 @@ from moonprune.sparsity.channel.plan import Candidate, ChannelPlan, Target
 from moonprune.sparsity.channel.structure import layer_widths, require_torch_pruning
 
 logger = logging.getLogger(__name__)
-FRACTIONS = (0.8, 0.65, 0.5, 0.4, 0.3)  # MAC fractions of the candidates per grid
+FRACTIONS = (0.8, 0.65, 0.5, 0.4, 0.3, 0.2, 0.15)  # MAC fractions of the candidates per grid
 TOLERANCE = 0.10  # a --speedup target is met within 10%
 REFINEMENTS = 2
 NEVER_SLOWER = 1.05  # faster than dense by this margin (timing noise) at every batch
