@@ -557,9 +557,10 @@ def render_ablation(grid: Grid, seeds: tuple[int, ...], rows: list[dict[str, Any
 
 
 def sub_grid(grid: Grid, args: argparse.Namespace) -> tuple[Grid, str, str]:
-    """``grid`` narrowed by the flags; the log/section suffix and the flags as typed."""
+    """``grid`` narrowed by the flags (its name says how); the log/section suffix and the
+    flags as typed."""
     changes: dict[str, Any] = {}
-    suffix, flags = "", ""
+    suffix, flags, label = "", "", []
     if args.seeds:
         changes["seeds"] = tuple(args.seeds)
         flags += " --seeds " + " ".join(map(str, args.seeds))
@@ -567,26 +568,35 @@ def sub_grid(grid: Grid, args: argparse.Namespace) -> tuple[Grid, str, str]:
         changes["archs"] = {a: ARCHS[a] for a in args.archs}
         suffix += "-" + "-".join(args.archs)
         flags += " --archs " + " ".join(args.archs)
+        label.append(", ".join(args.archs))
     if args.methods:
         changes["methods"] = tuple(args.methods)
         suffix += "-" + "-".join(args.methods)
         flags += " --methods " + " ".join(args.methods)
+        label.append(", ".join(args.methods))
     if args.sparsities:
         changes["sparsities"] = tuple(args.sparsities)
-        suffix += "-" + "-".join(f"{s:g}" for s in args.sparsities)
-        flags += " --sparsities " + " ".join(f"{s:g}" for s in args.sparsities)
+        text = [f"{s:g}" for s in args.sparsities]
+        suffix += "-" + "-".join(text)
+        flags += " --sparsities " + " ".join(text)
+        label.append(", ".join(f"{s:.0%}" for s in args.sparsities))
     if args.epochs:
         changes["epochs"] = args.epochs
         suffix += f"-e{args.epochs}"
         flags += f" --epochs {args.epochs}"
+        label.append(f"{args.epochs} epochs")
     if args.unknowns:
         changes["unknowns"] = tuple(args.unknowns)
         suffix += "-unknowns"
         flags += " --unknowns " + " ".join(args.unknowns)
+        label.append("unknowns " + ", ".join(args.unknowns))
     if args.unknowns_fraction is not None:
         changes["unknowns_fraction"] = args.unknowns_fraction
         suffix += f"-f{args.unknowns_fraction:g}"
         flags += f" --unknowns-fraction {args.unknowns_fraction:g}"
+        label.append(f"fraction {args.unknowns_fraction:g}")
+    if label:
+        changes["name"] = f"{grid.name}; " + "; ".join(label)
     return Grid(**{**vars(grid), **changes}), suffix, flags
 
 
