@@ -298,7 +298,8 @@ def feature_mean(row: dict[str, Any], score: str, dense: bool = False,
     return float(np.mean([v["auroc"] for n, v in table[score].items() if not names or n in names]))
 
 
-def render(grid: Grid, rows: list[dict[str, Any]], seconds: float, command: str) -> str:
+def render(grid: Grid, rows: list[dict[str, Any]], seconds: float, command: str,
+           timing: str = "Wall time") -> str:  # fmt: skip
     near, other = grid.ood[0], grid.ood[1]
     head = (f"accuracy | ECE | MSP mean AUROC | MSP {near} (near) | MSP {other} | MSP far "
             "(textures, photos, faces) | MSP noise | energy mean | max_logit mean | "
@@ -308,7 +309,7 @@ def render(grid: Grid, rows: list[dict[str, Any]], seconds: float, command: str)
         "",
         f"Command: `{command}`  ",
         f"Machine: {platform.platform()}, {torch.get_num_threads()} torch threads  ",
-        f"Wall time: {seconds / 60:.1f} min; ID {grid.data}; {grid.epochs} fine-tuning epochs "
+        f"{timing}: {seconds / 60:.1f} min; ID {grid.data}; {grid.epochs} fine-tuning epochs "
         f"(defaults otherwise: lr, warm-up, augmentation); seeds {list(grid.seeds)}; mean ± "
         "std over seeds; every AUROC at T = 1 (the paper's protocol), in %; 'unknown' is "
         "1 - p(unknown) (K+1 head only; constant, so 50, for plain).",
@@ -625,7 +626,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="fine-tuning epochs (default 10)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--render-only", action="store_true",
-                        help="rebuild the ablation's section from its .jsonl log")  # fmt: skip
+                        help="rebuild the section from its .jsonl log (no training)")  # fmt: skip
     args = parser.parse_args()
     grid = FAST if args.fast else DIGITS if args.digits else FULL
     grid, suffix, sub_flags = sub_grid(grid, args)
@@ -653,10 +654,16 @@ def main() -> None:
         update_section(f"ablation-{tag}", text)
         print(text)
         return
-    with open(ROOT / "benchmarks" / f"reliability-{tag}.jsonl", "w") as log:
-        rows = run_grid(grid, log)
+    log_path = ROOT / "benchmarks" / f"reliability-{tag}.jsonl"
     command = "python benchmarks/reliability.py" + flags + sub_flags
-    text = render(grid, rows, time.perf_counter() - start, command)
+    if args.render_only:  # e.g. a grid run in parts (--archs) whose logs were joined
+        rows = [json.loads(line) for line in log_path.read_text().splitlines()]
+        timing = f"Sum of the runs' times (section rebuilt from {log_path.name})"
+        text = render(grid, rows, sum(r["seconds"] for r in rows), command, timing)
+    else:
+        with open(log_path, "w") as log:
+            rows = run_grid(grid, log)
+        text = render(grid, rows, time.perf_counter() - start, command)
     image = ROOT / "docs" / "img" / f"reliability-{tag}.png"
     plot(grid, rows, image)
     text += f"\n![AUROC vs sparsity](../docs/img/{image.name})\n"
