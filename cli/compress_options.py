@@ -117,7 +117,7 @@ Unknowns = Annotated[
 ]
 UnknownsFraction = Annotated[
     float | None,
-    typer.Option(help="Synthesized rows per batch, as a fraction of it. Default 0.25."),
+    typer.Option(help="Synthesized rows per batch, as a fraction of it. Default 0.125."),
 ]
 UnknownsWeight = Annotated[
     float | None,
