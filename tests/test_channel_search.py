@@ -137,6 +137,22 @@ def test_a_speedup_between_candidates_is_refined_to_within_tolerance() -> None:
     assert math.isclose((1 + 64) / (1 + 64 * kept), got, rel_tol=1e-6)  # what was timed
 
 
+def test_auto_stops_at_its_floor_where_a_speedup_may_cut_deeper() -> None:
+    """The default keeps at least AUTO_MIN_FRACTION of the MACs (accuracy and AUROC
+    collapsed below it in benchmarks/structured.py); --speedup may go to FRACTIONS[-1]."""
+    from moonprune.sparsity.channel.search import AUTO_MIN_FRACTION, FRACTIONS
+
+    lowest = {}
+    for measure, keep in (("auto", None), ("latency", 1 / 5.0)):
+        model, x, head = _resnet(width=32)
+        pruner = ChannelPruner(model, x, head, keep=keep, measure=measure, steps=1,
+                               round_to=8, timer=MacTimer())  # fmt: skip
+        assert pruner.plan is not None
+        lowest[measure] = min(c["macs_fraction"] for c in pruner.plan.candidates)
+    assert lowest["auto"] > AUTO_MIN_FRACTION - 0.05
+    assert lowest["latency"] < AUTO_MIN_FRACTION - 0.05 and FRACTIONS[-1] < AUTO_MIN_FRACTION
+
+
 def test_an_unreachable_speedup_is_refused_before_pruning() -> None:
     model, x, head = _resnet(width=16)
     before = {k: v.clone() for k, v in model.state_dict().items()}
