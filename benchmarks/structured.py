@@ -101,20 +101,20 @@ def ceilings(dense: torch.nn.Module, shape: tuple[int, ...],
 
     from moonprune.heads import add_unknown_output_, find_classifier
     from moonprune.sparsity.channel.allocation import prune_to_widths_
-    from moonprune.sparsity.channel.structure import layer_widths
-    from moonprune.speed import measure_speedups, nchwc_block
+    from moonprune.sparsity.channel.structure import count_macs_params, layer_widths
+    from moonprune.speed import measure_speedups
 
     example = torch.randn(2, *shape)
     model = copy.deepcopy(dense).cpu().eval()
     add_unknown_output_(model, example)
     head = find_classifier(model, example)
-    dense_macs = tp.utils.count_ops_and_params(model, example[:1])[0]
+    dense_macs = count_macs_params(model, example[:1])[0]
     out = []
     for grid in dict.fromkeys((nchwc_block(), 8)):
         narrow = copy.deepcopy(model)
         widths = {k: min(v, grid) for k, v in layer_widths(model).items() if k != head}
         prune_to_widths_(narrow, example, head, widths, tp.importance.MagnitudeImportance(p=2))
-        macs = tp.utils.count_ops_and_params(narrow, example[:1])[0] / dense_macs
+        macs = count_macs_params(narrow, example[:1])[0] / dense_macs
         speed = measure_speedups(model, {"narrow": narrow}, example, (1, 64), threads)["narrow"]
         out.append((grid, macs, speed))
     return out

@@ -133,9 +133,12 @@ def search_plan(model: nn.Module, example: torch.Tensor, head_layer: str, target
     """
     start = time.perf_counter()
     search = _Search(model, example, head_layer, fraction, batch, threads, timer)
-    fractions = (FRACTIONS if target.kind == "speedup"
-                 else tuple(f for f in FRACTIONS if f >= AUTO_MIN_FRACTION)
-                 if target.kind == "auto" else (target.value,))  # fmt: skip
+    if target.kind == "speedup":
+        fractions: tuple[float, ...] = FRACTIONS
+    elif target.kind == "auto":
+        fractions = tuple(f for f in FRACTIONS if f >= AUTO_MIN_FRACTION)
+    else:
+        fractions = (target.value,)
     measure = "params" if target.kind == "params" else "macs"
     candidates: list[Candidate] = []
     for grid in dict.fromkeys(grids):
