@@ -7,7 +7,8 @@
     averaging.maybe_update(...)                         # last epochs only
 
 and at the epoch's end: ``schedule.end_epoch``, BatchNorm recalibration of the
-average, and the epoch's record. Shuffling, augmentation and dropout are seeded per
+average (on training batches augmented as in training, as the reference does), and
+the epoch's record. Shuffling, augmentation and dropout are seeded per
 epoch (``seed``, ``epoch``), so a resumed run sees the same batches.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -153,15 +155,7 @@ class EpochLoop(SynthesizedUnknowns):
         if self.schedule is not None:
             self.schedule.end_epoch(epoch)
         if self.averaging is not None:
-            recalibration = iterate_batches(
-                self.data,
-                batch_rows(self.data.x.shape, 256),
-                0,
-                self.device,
-                False,
-                min_rows_per_batch(self.model),
-            )
-            self.averaging.end_epoch(epoch, (x for x, _ in recalibration))
+            self.averaging.end_epoch(epoch, self._recalibration_batches(epoch))
         stats = self.masker.stats()
         total_loss, n_rows, n_unknown_all = self.dist.all_reduce_sum(
             [totals.loss, float(totals.rows), float(totals.unknown)]
@@ -187,6 +181,31 @@ class EpochLoop(SynthesizedUnknowns):
         self.history.append(info)
         if self.callback is not None:
             self.callback.on_epoch_end(info)
+
+    def _recalibration_batches(self, epoch: int) -> Iterator[torch.Tensor]:
+        """The rows the average's BatchNorm statistics are recomputed on: the whole
+        training set, augmented by ``--augment`` as the training batches are (seeded per
+        epoch, identical on every rank; with ``none`` the rows as they are).
+
+        The reference recalibrates on its training loader (``bn_update(self.train_loader,
+        self.model_swa)``, openood/trainers/base_trainer.py:170), whose train-split
+        preprocessor flips and crops (openood/preprocessors/utils.py:23-24,
+        openood/preprocessors/base_preprocessor.py:26-27): the statistics then describe
+        the rows the network was trained on. That loader also shuffles; the order here
+        stays fixed, so that a run with ``--augment none`` (the default) reproduces the
+        results recorded before this recalibration followed ``--augment``.
+        """
+        draws = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch + 15_485_863)
+        batches = iterate_batches(
+            self.data,
+            batch_rows(self.data.x.shape, 256),
+            0,
+            self.device,
+            False,
+            min_rows_per_batch(self.model),
+        )
+        for x, _ in batches:
+            yield augment_batch(x, self.cfg.augment, draws)
 
     def _lr_shape(self, epoch: int, step: int) -> float:
         """The schedule's factor at this step (:func:`moonprune.lr_schedule.lr_shape`)."""

@@ -4,9 +4,10 @@ Channel pruning aims at speed and multiply-accumulates do not predict it:
 onnxruntime's CPU convolutions run in blocks of 8 (AVX2) or 16 (AVX-512) channels
 and a fixed cost per operator dominates at batch 1, so a network with half the MACs
 can be slower than the dense one. So candidates are *measured*
-(:mod:`moonprune.sparsity.channel.search`): each is exported as a bare classifier (the dense
-weights, pruned: speed does not depend on the values) and timed against the dense
-export in the same session, at batch 1 and at the deployment batch.
+(:mod:`moonprune.sparsity.channel.search`): each is exported (the dense weights, pruned:
+speed does not depend on the values; ``compress`` wraps it in a stand-in of the
+deployed rejector first, :mod:`moonprune.sparsity.channel.deployed_timing`) and timed
+against the dense export in the same session, at batch 1 and at the deployment batch.
 
 The measurement is a ratio of two timings taken together: runs of the dense file and
 of the candidate alternate (which goes first alternates too), in ``ROUNDS`` rounds over

@@ -228,3 +228,48 @@ def test_channel_defaults_to_the_auto_speed_target() -> None:
     with pytest.raises(ConfigError, match="--speedup"):
         build_config({"checkpoint": "d.pt", "data": "digits", "out": "o",
                       "sparsity": {"method": "rigl", "speedup": 2.0}})  # fmt: skip
+
+
+@pytest.mark.parametrize("score", ["mahalanobis++", "knn", "msp"])
+def test_candidates_are_timed_inside_the_deployed_rejector(
+    monkeypatch: pytest.MonkeyPatch, score: str
+) -> None:
+    # compress's search times each network wrapped as the exported file wraps it: a
+    # feature score's matrix products over the candidate's own (pruned) feature width
+    from moonprune.exporters.rejector import RejectingClassifier
+
+    from moonprune.distributed import DistContext
+    from moonprune.reliability.features import collect_features
+    from moonprune.sparsity.channel import training
+
+    model, x, head = _resnet(width=32)
+    seen: list[nn.Module] = []
+
+    def base(dense: nn.Module, nets: Mapping[str, nn.Module], example: torch.Tensor,
+             batches: tuple[int, ...], _threads: int) -> dict[str, dict[int, float]]:  # fmt: skip
+        seen.extend([dense, *nets.values()])
+        return {n: {b: 2.0 for b in batches} for n in nets}
+
+    monkeypatch.setattr(training, "measure_speedups", base)
+    cfg = build_config({"checkpoint": "d.pt", "data": "digits", "out": "o", "score": score,
+                        "feature_bank": 300, "knn_k": 5,
+                        "sparsity": {"method": "channel"}})  # fmt: skip
+    training._make_pruner(model, x, head, cfg, 3, DistContext(), None, n_train=120)
+    assert len(seen) > 2
+    for wrapper in seen:
+        assert isinstance(wrapper, RejectingClassifier) and wrapper.score == score
+        assert wrapper.num_known == 5  # the unknown column is not a class
+        scorer = wrapper.feature_score
+        if score == "msp":
+            assert scorer is None
+            continue
+        assert scorer is not None
+        _, features = collect_features(wrapper.classifier, x, head)
+        width = features.shape[1]
+        if score == "knn":  # min(training rows, --feature-bank) rows; k as configured
+            assert scorer.bank.shape == (120, width) and scorer.k == 5
+        else:
+            assert scorer.unit_means.shape == (5, width)
+            assert scorer.unit_whitening.shape == (width, width)
+        outputs = wrapper(x)
+        assert bool(torch.isfinite(outputs[2]).all())  # the score runs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -183,3 +184,46 @@ def test_batch_too_small_for_batchnorm_is_refused(digits06) -> None:
     masker = MASKERS.create("rigl", MaskerConfig(sparsity=0.5, seed=1))
     with pytest.raises(ConfigError, match="--batch-size 1 leaves a batch with fewer than 2"):
         Trainer(model, masker, digits06.train, TrainConfig(epochs=1, batch_size=1), MOON)
+
+
+@pytest.mark.parametrize("augment", ["none", "crop"])
+def test_average_batchnorm_is_recalibrated_on_rows_augmented_as_in_training(
+    digits06, augment: str
+) -> None:
+    # the reference recalibrates on its (flip-and-crop) training loader
+    from torch.optim.swa_utils import update_bn
+
+    from moonprune.augment import crop_padding
+
+    train = dataclasses.replace(TRAIN, augment=augment)
+    masker = MASKERS.create("rigl", MaskerConfig(sparsity=0.8, update_interval=3, seed=1))
+    trainer = Trainer(_model(digits06), masker, digits06.train, train, MOON)
+    result = trainer.run()
+    last = len(result.history) - 1
+    rows = torch.cat(list(trainer._recalibration_batches(last)))
+    clean = digits06.train.x
+    assert rows.shape == clean.shape
+    if augment == "none":
+        assert torch.equal(rows, clean)
+    else:  # every row is its own clean row shifted by at most the crop's padding
+        assert not torch.equal(rows, clean)
+        h, w = clean.shape[-2:]
+        pad = crop_padding(h, w)
+        padded = torch.nn.functional.pad(clean, (pad,) * 4, mode="replicate")
+        offsets = [(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)]
+        shifts = torch.stack([padded[..., dy : dy + h, dx : dx + w] for dy, dx in offsets])
+        matches = (shifts == rows.unsqueeze(0)).flatten(2).all(dim=2).any(dim=0)
+        assert bool(matches.all())
+
+    def bn_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
+        return [b for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))]
+
+    # the averaged model's statistics are those of exactly these rows, not of the clean ones
+    expected = copy.deepcopy(result.model)
+    update_bn(list(trainer._recalibration_batches(last)), expected)
+    on_clean = copy.deepcopy(result.model)
+    update_bn(list(clean.split(256)), on_clean)
+    got = bn_buffers(result.model)
+    assert got and all(torch.equal(a, b) for a, b in zip(got, bn_buffers(expected), strict=True))
+    same_as_clean = all(torch.equal(a, b) for a, b in zip(got, bn_buffers(on_clean), strict=True))
+    assert same_as_clean == (augment == "none")

@@ -143,13 +143,14 @@ class ChannelPruner:
     @classmethod
     def from_config(
         cls, model: nn.Module, example: torch.Tensor, head_layer: str, sp: SparsityConfig,
-        steps: int, plan: ChannelPlan | None = None,
+        steps: int, plan: ChannelPlan | None = None, timer: Timer | None = None,
     ) -> ChannelPruner:  # fmt: skip
         """The pruner a run's ``[sparsity]`` settings ask for, in ``steps`` steps."""
         keep, measure = channel_target(sp)
         return cls(model, example, head_layer, keep=keep, measure=measure, steps=steps,
                    importance=sp.importance, round_to=sp.round_to, allocation=sp.allocation,
-                   latency_batch=sp.latency_batch, threads=sp.threads, plan=plan)  # fmt: skip
+                   latency_batch=sp.latency_batch, threads=sp.threads, plan=plan,
+                   timer=timer)  # fmt: skip
 
     def _search(self, batch: int, threads: int, timer: Timer | None) -> ChannelPlan:
         """Time candidate networks before any training (on CPU copies)."""

@@ -14,8 +14,11 @@ are whole networks, timed directly, and there are few of them:
   (:class:`~moonprune.sparsity.channel.allocation.GlobalAllocator`)
   to a few MAC fractions (``FRACTIONS``, down to 15% for ``--speedup``; for ``auto``
   not below ``AUTO_MIN_FRACTION``; for a MAC or parameter target, that target);
-- every candidate is exported bare and timed against the dense network at batch 1
-  and the deployment batch (:func:`moonprune.speed.measure_speedups`);
+- every candidate is timed against the dense network at batch 1 and the deployment
+  batch (:func:`moonprune.speed.measure_speedups`); ``compress`` wraps both in a
+  stand-in of the deployed rejector first
+  (:mod:`~moonprune.sparsity.channel.deployed_timing`), the Python API's default
+  timer times them bare;
 - for ``--speedup X`` the gap between the two candidates around ``X`` on one grid is
   bisected (a new MAC fraction interpolated on the measured speed-ups) up to
   ``REFINEMENTS`` times, until one is within ``TOLERANCE`` of ``X``.

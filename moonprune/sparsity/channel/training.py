@@ -38,12 +38,13 @@ from moonprune.data import ImageSet
 from moonprune.distributed import DistContext
 from moonprune.errors import ConfigError
 from moonprune.sparsity.base import Masker, MaskerConfig
+from moonprune.sparsity.channel.deployed_timing import DeployedRejector
 from moonprune.sparsity.channel.plan import ChannelPlan, broadcast_plan
 from moonprune.sparsity.channel.pruner import ChannelPruner
 from moonprune.sparsity.channel.settings import channel_target, resolved_steps, stage_epochs
 from moonprune.sparsity.channel.state import ChannelState, StageTrainer, read_channel_state
 from moonprune.sparsity.channel.structure import apply_structure_, module_structure
-from moonprune.speed import default_threads
+from moonprune.speed import default_threads, measure_speedups
 from moonprune.training import EpochInfo, StepInfo, TrainCallback, TrainResult
 
 
@@ -125,7 +126,7 @@ def train_channel_pruned(
     plan = None
     if saved is not None and saved[0].pruner["plan"] is not None:
         plan = ChannelPlan.from_state(saved[0].pruner["plan"])
-    pruner = _make_pruner(model, example, head_layer, cfg, steps, dist, plan)
+    pruner = _make_pruner(model, example, head_layer, cfg, steps, dist, plan, len(train_set))
     run = _Run(train_set, cfg, stages, fingerprint, callback, dist, state_path)
     history: list[EpochInfo] = []
     first = 0
@@ -184,15 +185,18 @@ def _stats(pruner: ChannelPruner, cfg: CompressConfig, steps: int) -> dict[str, 
 
 
 def _make_pruner(model: nn.Module, example: torch.Tensor, head_layer: str, cfg: CompressConfig,
-                 steps: int, dist: DistContext,
-                 plan: ChannelPlan | None) -> ChannelPruner:  # fmt: skip
+                 steps: int, dist: DistContext, plan: ChannelPlan | None,
+                 n_train: int) -> ChannelPruner:  # fmt: skip
     """The pruner; with the latency allocation, rank 0 times the candidates and every
     other rank takes its plan (a refusal on rank 0 stops them all). A given ``plan``
     (a resumed run's, read by every rank) is taken as it is."""
     sp = cfg.sparsity
+    # candidates are timed inside a stand-in of the deployed rejector (deployed_timing)
+    rejector = DeployedRejector(cfg.score, head_layer, min(n_train, cfg.feature_bank), cfg.knn_k)
+    timer = rejector.timer(measure_speedups)
 
     def make(plan: ChannelPlan | None = None) -> ChannelPruner:
-        return ChannelPruner.from_config(model, example, head_layer, sp, steps, plan)
+        return ChannelPruner.from_config(model, example, head_layer, sp, steps, plan, timer)
 
     if plan is not None or sp.allocation != "latency" or not dist.enabled:
         return make(plan)
