@@ -137,6 +137,32 @@ def test_a_speedup_between_candidates_is_refined_to_within_tolerance() -> None:
     assert math.isclose((1 + 64) / (1 + 64 * kept), got, rel_tol=1e-6)  # what was timed
 
 
+def test_a_refinement_landing_on_timed_widths_tries_the_next_bracket() -> None:
+    from moonprune.sparsity.channel.search import _refinement
+
+    def cand(grid: int, macs: float, b64: float, w: int) -> Candidate:
+        return Candidate(grid, macs, macs, {"conv": w}, {1: 1.2, 64: b64})
+
+    found = [cand(16, 0.5, 1.6, 48), cand(16, 0.3, 2.7, 32),  # tightest bracket of 2.0
+             cand(8, 0.45, 1.7, 40), cand(8, 0.2, 2.8, 24)]  # fmt: skip
+
+    @dataclass
+    class Search:  # grid 16 jumps back to timed widths; grid 8 has a width in between
+        batch: int = 64
+        asked: list[tuple[int, float]] = field(default_factory=list)
+
+        def prune(self, grid: int, fractions: tuple[float, ...], _m: str) -> list[Candidate]:
+            self.asked.append((grid, fractions[0]))
+            return [cand(16, 0.3, 0.0, 32)] if grid == 16 else [cand(8, 0.36, 0.0, 32 + 4)]
+
+    search = Search()
+    made = _refinement(search, found, 2.0)  # type: ignore[arg-type]
+    assert made is not None and made.grid == 8 and made.widths == {"conv": 36}
+    assert [g for g, _ in search.asked] == [16, 8]
+    # an interpolated fraction between the bracket's two
+    assert 0.3 < search.asked[0][1] < 0.5 and 0.2 < search.asked[1][1] < 0.45
+
+
 def test_auto_stops_at_its_floor_where_a_speedup_may_cut_deeper() -> None:
     """The default keeps at least AUTO_MIN_FRACTION of the MACs (accuracy and AUROC
     collapsed below it in benchmarks/structured.py); --speedup may go to FRACTIONS[-1]."""

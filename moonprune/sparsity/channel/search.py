@@ -180,15 +180,15 @@ def _refinement(search: _Search, found: list[Candidate], want: float) -> Candida
     pairs = [(lo, hi) for lo in found for hi in found
              if lo.grid == hi.grid and lo.macs_fraction > hi.macs_fraction
              and lo.speedup[b] < want < hi.speedup[b]]  # fmt: skip
-    if not pairs:
-        return None
-    lo, hi = min(pairs, key=lambda p: p[0].macs_fraction - p[1].macs_fraction)
-    share = (want - lo.speedup[b]) / (hi.speedup[b] - lo.speedup[b])
-    at = lo.macs_fraction + share * (hi.macs_fraction - lo.macs_fraction)
-    made = search.prune(lo.grid, (at,), "macs")
-    if not made or any(made[0].widths == c.widths for c in found):
-        return None
-    return made[0]
+    # the tightest bracket first; one whose interpolated fraction lands on widths
+    # already timed (a grid's step can jump past the gap) gives way to the next
+    for lo, hi in sorted(pairs, key=lambda p: p[0].macs_fraction - p[1].macs_fraction):
+        share = (want - lo.speedup[b]) / (hi.speedup[b] - lo.speedup[b])
+        at = lo.macs_fraction + share * (hi.macs_fraction - lo.macs_fraction)
+        made = search.prune(lo.grid, (at,), "macs")
+        if made and all(made[0].widths != c.widths for c in found):
+            return made[0]
+    return None
 
 
 def _figures(c: Candidate) -> str:
