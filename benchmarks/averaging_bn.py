@@ -15,6 +15,8 @@ wrapper on ``WeightAveraging.maybe_update`` keeps a reference, no library change
 it scores, each with ``mahalanobis++`` statistics refitted on the training split:
 
 - ``dense``, ``plain``: the grid's two references;
+- ``MOON, no averaging phase``: ``average_epochs 0``: MOON's loss over plain's whole
+  schedule (no lr-floor epochs, no frozen masks, no average);
 - ``MOON (averaged)``: the shipped output;
 - ``MOON live``: the last iterate (averaging epochs trained, average not taken);
 - ``averaged + live BN``: averaged weights with the live network's running statistics;
@@ -129,18 +131,20 @@ def run_seed(grid: Any, arch: str, seed: int, method: str, sparsity: float) -> d
     moon_cfg = {"warmup_epochs": max(1, grid.epochs // 6)}
     models: dict[str, torch.nn.Module] = {"dense": setting.dense}
     live: list[torch.nn.Module] = []
-    for name, enabled in (("plain", False), ("MOON (averaged)", True)):
+    runs = (("plain", {"enabled": False}), ("MOON (averaged)", {"enabled": True}),
+            ("MOON, no averaging phase", {"enabled": True, "average_epochs": 0}))  # fmt: skip
+    for name, extra in runs:
         seen, original = _live_recorder()
         try:
             with tempfile.TemporaryDirectory() as tmp:
-                moon = {**moon_cfg, "enabled": enabled}
+                moon = {**moon_cfg, **extra}
                 cfg = compress_config(grid, setting.spec, seed, Path(tmp) / "out", moon,
                                       method, sparsity)  # fmt: skip
                 dense = DenseModel(copy.deepcopy(setting.dense), setting.spec)
                 models[name] = compress(cfg, dense=dense).checkpoint.model
         finally:
             averaging.WeightAveraging.maybe_update = original  # type: ignore[method-assign]
-        live = seen if enabled else live
+        live = seen if name == "MOON (averaged)" else live
     averaged, last = models["MOON (averaged)"], live[-1]
     models["MOON live"] = last
     models["averaged + live BN"] = with_bn_of(averaged, last)
