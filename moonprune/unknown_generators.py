@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -77,24 +78,38 @@ def mixup(x: torch.Tensor, y: torch.Tensor, m: int, g: torch.Generator) -> torch
 
 
 def blur(x: torch.Tensor, y: torch.Tensor, m: int, g: torch.Generator) -> torch.Tensor:
+    """Gaussian blur (sigma a sixth of the longer side, reflected edges) of ``m`` picked
+    rows, as two small matrix products ``B_h @ row @ B_w^T``: the same numbers as
+    reflect-padding then a separable convolution, at a quarter of its cost on small
+    images (the time target of issue 18)."""
     del y
     rows = x[_pick(len(x), m, g).to(x.device)]
     h, w = x.shape[-2:]
     sigma = max(h, w) / 6
     radius = max(1, min(h, w) // 2 - 1 if min(h, w) > 2 else 1)
-    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).to(x)
-    c = x.shape[1]
     pad = min(radius, h - 1, w - 1)
-    out = rows
-    if pad >= 1:
-        k = kernel[radius - pad : radius + pad + 1]
-        k = k / k.sum()
-        out = F.pad(out, (pad, pad, pad, pad), mode="reflect")
-        out = F.conv2d(out, k.reshape(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-        out = F.conv2d(out, k.reshape(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-    return out.contiguous()
+    if pad < 1:
+        return rows.contiguous()
+    along_h = blur_matrix(h, sigma, radius, pad).to(x)
+    along_w = blur_matrix(w, sigma, radius, pad).to(x)
+    return (along_h @ rows @ along_w.T).contiguous()
+
+
+@functools.lru_cache(maxsize=16)
+def blur_matrix(n: int, sigma: float, radius: int, pad: int) -> torch.Tensor:
+    """``(n, n)`` float64: the Gaussian taps ``-pad..pad`` (of a kernel of ``radius``,
+    truncated and renormalised) applied along a side of ``n`` reflect-padded by ``pad``
+    pixels (the edge pixel not repeated, as ``F.pad(mode="reflect")``)."""
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (t / sigma) ** 2)[radius - pad : radius + pad + 1]
+    kernel = kernel / kernel.sum()
+    matrix = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        for j, tap in enumerate(kernel.tolist()):
+            q = i + j - pad
+            q = -q if q < 0 else (2 * (n - 1) - q if q > n - 1 else q)
+            matrix[i, q] += tap
+    return matrix
 
 
 def permute(x: torch.Tensor, y: torch.Tensor, m: int, g: torch.Generator) -> torch.Tensor:

@@ -59,6 +59,32 @@ def test_patch_shuffle_keeps_the_pixels_and_mixup_mixes_other_classes() -> None:
     assert bool(((mixed > 0.3) & (mixed < 0.7)).all())  # always two different classes
 
 
+@pytest.mark.parametrize("shape", [(6, 1, 8, 8), (6, 3, 32, 32), (6, 2, 5, 9), (6, 1, 2, 2)])
+def test_blur_equals_reflect_padding_and_a_separable_gaussian(shape: tuple[int, ...]) -> None:
+    """The matrix form against the formula written out: reflect-pad, then a Gaussian
+    of sigma = side / 6 along the width and then the height."""
+    import torch.nn.functional as F
+
+    from moonprune.unknown_generators import blur
+
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+    y = torch.zeros(len(x), dtype=torch.long)
+    got = blur(x, y, 4, torch.Generator().manual_seed(5))
+    rows = x[torch.randint(len(x), (4,), generator=torch.Generator().manual_seed(5))]
+    h, w = shape[-2:]
+    radius = max(1, min(h, w) // 2 - 1 if min(h, w) > 2 else 1)
+    pad = min(radius, h - 1, w - 1)
+    t = torch.arange(-pad, pad + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (t / (max(h, w) / 6)) ** 2)
+    k = (k / k.sum()).float()
+    c = shape[1]
+    out = F.pad(rows, (pad,) * 4, mode="reflect")
+    out = F.conv2d(out, k.reshape(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    want = F.conv2d(out, k.reshape(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(got, rows, atol=1e-3)  # it did blur
+
+
 def test_vos_points_lie_beyond_every_batch_row() -> None:
     g = torch.Generator().manual_seed(0)
     f = torch.randn(64, 8, generator=g) + 5 * (torch.arange(64) % 2)[:, None]
