@@ -25,7 +25,8 @@ it scores, each with ``mahalanobis++`` statistics refitted on the training split
   (the exact recomputation is a cumulative average over the whole split).
 
 And per BatchNorm layer of the averaged network: the mean over channels of
-``var_exact / var_live`` and of ``|mean_exact - mean_live| / std_exact``.
+``var_exact / var_live`` and of ``|mean_exact - mean_live| / std_exact`` (each variance
+plus the layer's ``eps``: at 95% sparsity some channels are constant).
 Written into benchmarks/RESULTS.md, section averaging-bn (rows in averaging-bn.jsonl).
 """
 
@@ -119,8 +120,8 @@ def bn_drift(averaged: torch.nn.Module, live: torch.nn.Module) -> list[tuple[flo
     out = []
     for a, b in zip(_bn(averaged), _bn(live), strict=True):
         (mean_a, var_a), (mean_b, var_b) = _stats(a), _stats(b)
-        ratio = (var_a / var_b).mean().item()
-        shift = ((mean_a - mean_b).abs() / var_a.sqrt()).mean().item()
+        ratio = ((var_a + a.eps) / (var_b + b.eps)).mean().item()  # eps: pruned-dead channels
+        shift = ((mean_a - mean_b).abs() / (var_a + a.eps).sqrt()).mean().item()
         out.append((ratio, shift))
     return out
 
