@@ -21,8 +21,8 @@ it scores, each with ``mahalanobis++`` statistics refitted on the training split
 - ``MOON live``: the last iterate (averaging epochs trained, average not taken);
 - ``averaged + live BN``: averaged weights with the live network's running statistics;
 - ``averaged + EMA BN``: averaged weights, statistics re-estimated as training
-  estimates them: train mode, momentum 0.1, one epoch of shuffled 64-row batches
-  (the exact recomputation is a cumulative average over the whole split).
+  estimates them: train mode, momentum 0.1, shuffled 64-row batches (``EMA_PASSES``
+  passes; the exact recomputation is a cumulative average over the whole split).
 
 And per BatchNorm layer of the averaged network: the mean over channels of
 ``var_exact / var_live`` and of ``|mean_exact - mean_live| / std_exact`` (each variance
@@ -55,6 +55,9 @@ from moonprune.reliability.metrics import auroc
 
 ROOT = Path(__file__).resolve().parent
 SCORE = "mahalanobis++"
+#: passes of 64-row batches for the EMA variant: after one pass over ~1,800 mnist5k
+#: training rows the reset statistics (mean 0, var 1) still weigh 5%; after three, 1e-4
+EMA_PASSES = 3
 
 
 def _live_recorder() -> tuple[list[torch.nn.Module], Any]:
@@ -95,11 +98,12 @@ def ema_bn(model: torch.nn.Module, x: torch.Tensor, seed: int) -> torch.nn.Modul
     for m in _bn(out):
         m.reset_running_stats()
         m.momentum = 0.1
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)
     out.train()
     with torch.no_grad():
-        for rows in order.split(64):
-            out(x[rows])
+        for _ in range(EMA_PASSES):  # the reset values' weight falls to 0.9 ** batches
+            for rows in torch.randperm(len(x), generator=g).split(64):
+                out(x[rows])
     return out.eval()
 
 
