@@ -100,8 +100,8 @@ class MoonConfig:
     #: synthesized unknowns (beyond the paper; :mod:`moonprune.unknowns`): ``none`` (MOON
     #: as published), ``synth``, or generator names joined by ``+``; a fraction of each
     #: batch, labelled K, their cross-entropy weighted and added to MOON's loss; the
-    #: fraction 0.125 keeps an epoch within issue 18's 1.3x of plain's time for lowfreq and
-    #: mixup (blur 1.22-1.36x), where 0.25 cost 1.23-1.56x (RESULTS unknowns-timing*)
+    #: fraction 0.125 keeps an epoch within issue 18's 1.3x of plain's time (blur, lowfreq,
+    #: mixup: 1.11-1.28x), where 0.25 cost 1.23-1.56x (RESULTS unknowns-timing*)
     unknowns: str = "none"
     unknowns_fraction: float = 0.125
     unknowns_weight: float = 0.5
