@@ -588,7 +588,7 @@ def sub_grid(grid: Grid, args: argparse.Namespace) -> tuple[Grid, str, str]:
         label.append(f"{args.epochs} epochs")
     if args.unknowns:
         changes["unknowns"] = tuple(args.unknowns)
-        suffix += "-unknowns"
+        suffix += "-unknowns-" + "-".join(args.unknowns).replace("+", "_")
         flags += " --unknowns " + " ".join(args.unknowns)
         label.append("unknowns " + ", ".join(args.unknowns))
     if args.unknowns_fraction is not None:
