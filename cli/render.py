@@ -211,8 +211,9 @@ def speed_lines(report: RunReport) -> list[str]:
     if plan:
         cells = ", ".join(f"{v:.2f}x at batch {b}"
                           for b, v in plan["speedup_before_training"].items())  # fmt: skip
-        lines.append(f"channel widths chosen by timing {len(plan['candidates'])} candidates in "
-                     f"{plan['search_s']:.0f} s (grid {plan['grid']}): {cells}")  # fmt: skip
+        lines.append(f"channel widths chosen by timing {len(plan['candidates'])} candidates, "
+                     f"each inside the {report.score} rejector, in {plan['search_s']:.0f} s "
+                     f"(grid {plan['grid']}): {cells}")  # fmt: skip
     speed = report.deployed_speed
     if speed:
         cells = ", ".join(f"{v:.2f}x at batch {b}" for b, v in speed.speedup.items())
