@@ -13,9 +13,10 @@ rejector: the deployed score, with statistics of the deployed shapes (class mean
 ``(K, D)``, whitening ``(D, D)``, a bank of ``min(training rows, --feature-bank)``
 unit rows, ``D`` the candidate's classifier input width) but random values. The graph's
 work depends on those shapes only; the real statistics are fitted after training, on
-the final weights. Exported by the fast TorchScript exporter (the deployed file uses
-the dynamo exporter; the two graphs timed within 2% of each other on the demo CNN and
-ResNet-8, see :func:`moonprune.speed.export_bare`).
+the final weights. Exported by the fast TorchScript exporter
+(:func:`moonprune.speed.export_bare`; the deployed file uses the dynamo exporter):
+``benchmarks/structured.py`` reports how closely what the plan measured predicts the
+deployed file, per architecture and batch size.
 """
 
 from __future__ import annotations
