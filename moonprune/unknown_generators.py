@@ -80,8 +80,8 @@ def mixup(x: torch.Tensor, y: torch.Tensor, m: int, g: torch.Generator) -> torch
 def blur(x: torch.Tensor, y: torch.Tensor, m: int, g: torch.Generator) -> torch.Tensor:
     """Gaussian blur (sigma a sixth of the longer side, reflected edges) of ``m`` picked
     rows, as two small matrix products ``B_h @ row @ B_w^T``: the same numbers as
-    reflect-padding then a separable convolution, at a quarter of its cost on small
-    images (the time target of issue 18)."""
+    reflect-padding then a separable convolution, with fewer operator calls (on small
+    images the calls, not the arithmetic, are the cost: issue 18's time target)."""
     del y
     rows = x[_pick(len(x), m, g).to(x.device)]
     h, w = x.shape[-2:]
