@@ -56,9 +56,17 @@ def test_auto_keeps_the_least_pruned_candidate_fast_enough_at_both_batches() -> 
         choose(never, Target("auto"), 64)
 
 
-def test_a_speedup_target_takes_the_nearest_candidate_not_slower_at_batch_1() -> None:
+def test_a_speedup_target_takes_the_nearest_candidate_not_slower_at_batch_1(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     found = [_candidate(0.7, 1.2, 1.5), _candidate(0.5, 0.9, 2.0), _candidate(0.4, 1.3, 2.15)]
     assert choose(found, Target("speedup", 2.0), 64).macs_fraction == 0.4  # 0.5: slower at b1
+    assert not caplog.records  # 2.15x is within 10% of 2
+    # none within 10% (a grid's step jumps over it): the nearest is kept, the user told
+    gap = [_candidate(0.7, 1.2, 1.5), _candidate(0.3, 1.3, 2.4)]
+    assert choose(gap, Target("speedup", 2.0), 64).macs_fraction == 0.3
+    assert "no candidate measured within 10% of it at batch 64" in caplog.text
+    assert "keeping the nearest, 2.40x (30% of the MACs)" in caplog.text
     with pytest.raises(ConfigError, match=r"cannot reach a 3.00x .* best measured 2.15x"):
         choose(found, Target("speedup", 3.0), 64)
 

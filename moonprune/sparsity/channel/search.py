@@ -220,7 +220,14 @@ def choose(candidates: list[Candidate], target: Target, batch: int) -> Candidate
                 f"on this machine: the best measured {reach:.2f}x (among candidates not slower "
                 f"at batch 1; {hint}); ask for at most that with --speedup"
             )
-        return min(usable, key=lambda c: abs(c.speedup[batch] - target.value))
+        nearest = min(usable, key=lambda c: abs(c.speedup[batch] - target.value))
+        if abs(nearest.speedup[batch] - target.value) > TOLERANCE * target.value:
+            logger.warning(
+                "--speedup %.2f: no candidate measured within %.0f%% of it at batch %d; "
+                "keeping the nearest, %.2fx (%.0f%% of the MACs)", target.value,
+                100 * TOLERANCE, batch, nearest.speedup[batch], 100 * nearest.macs_fraction,
+            )  # fmt: skip
+        return nearest
     if min(best.speedup.values()) < 1 / NEVER_SLOWER:  # measurably slower somewhere
         what = "parameters" if target.kind == "params" else "MACs"
         raise ConfigError(
