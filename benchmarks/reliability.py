@@ -375,6 +375,15 @@ def render(grid: Grid, rows: list[dict[str, Any]], seconds: float, command: str,
     return "\n".join(lines)
 
 
+def rows_mean(rows: list[dict[str, Any]], score: str,
+              names: tuple[str, ...] | None = None) -> float:  # fmt: skip
+    """Mean over ``rows`` (seeds) of ``score``'s mean AUROC over ``names``: a logit score
+    at T = 1, a feature score as compress reported it."""
+    if score in FEATURES:
+        return statistics.mean(feature_mean(r, score, names=names) or 0.0 for r in rows)
+    return statistics.mean(score_mean(r, score, names) for r in rows)
+
+
 def synth_lines(grid: Grid, rows: list[dict[str, Any]], keys: list, unknowns: str) -> list[str]:
     """MOON+``unknowns`` against plain and MOON (issue 18's targets): shortfall removed,
     Δ near-OOD, Δ accuracy, time per epoch; for MSP and the deployed mahalanobis++."""
@@ -395,9 +404,7 @@ def synth_lines(grid: Grid, rows: list[dict[str, Any]], keys: list, unknowns: st
 
             def mean(sel: list[dict[str, Any]], names: tuple[str, ...] | None = None,
                      s: str = score) -> float:  # fmt: skip
-                if s in FEATURES:
-                    return statistics.mean(feature_mean(r, s, names=names) or 0.0 for r in sel)
-                return statistics.mean(score_mean(r, s, names) for r in sel)
+                return rows_mean(sel, s, names)
 
             short = 1 - mean(plain)
             removed = (mean(synth) - mean(plain)) / short if short > 0 else 0.0

@@ -21,19 +21,13 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from reliability import DIGITS, FULL, feature_mean, score_mean, select  # benchmarks/ on sys.path
+from reliability import DIGITS, FULL, rows_mean, select  # benchmarks/ on sys.path
 from results_file import update_section
 
 ROOT = Path(__file__).resolve().parent
 SCORES = ("msp", "mahalanobis++")
 TARGETS = ("half of the shortfall removed", "beats MOON", "accuracy within 0.5",
            "near-OOD within 0.5")  # fmt: skip
-
-
-def _mean(rows: list[dict[str, Any]], score: str, names: tuple[str, ...] | None = None) -> float:
-    if score == "mahalanobis++":
-        return statistics.mean(feature_mean(r, score, names=names) or 0.0 for r in rows)
-    return statistics.mean(score_mean(r, score, names) for r in rows)
 
 
 def _accuracy(rows: list[dict[str, Any]]) -> float:
@@ -43,13 +37,15 @@ def _accuracy(rows: list[dict[str, Any]]) -> float:
 def met(plain: list[dict[str, Any]], moon: list[dict[str, Any]], synth: list[dict[str, Any]],
         score: str, near: str) -> tuple[bool, ...]:  # fmt: skip
     """The four targets for one cell and score (module docstring)."""
-    shortfall = 1 - _mean(plain, score)
-    removed = (_mean(synth, score) - _mean(plain, score)) / shortfall if shortfall > 0 else 0.0
+    shortfall = 1 - rows_mean(plain, score)
+    removed = (
+        (rows_mean(synth, score) - rows_mean(plain, score)) / shortfall if shortfall > 0 else 0.0
+    )
     return (
         removed >= 0.5,
-        _mean(synth, score) > _mean(moon, score),
+        rows_mean(synth, score) > rows_mean(moon, score),
         _accuracy(synth) >= _accuracy(plain) - 0.005,
-        _mean(synth, score, (near,)) >= _mean(plain, score, (near,)) - 0.005,
+        rows_mean(synth, score, (near,)) >= rows_mean(plain, score, (near,)) - 0.005,
     )
 
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from moonprune.conventions import UNKNOWN_ROW_ATTR
-from moonprune.reliability.features import FeatureStats
+from moonprune.reliability.features import FeatureStats, tapped_input
 from moonprune.reliability.scores import is_feature_score
 from moonprune.sparsity.channel.search import Timer
 
@@ -51,14 +51,13 @@ class DeployedRejector:
         from moonprune.exporters.rejector import RejectingClassifier
 
         head = model.get_submodule(self.head_layer)
-        with torch.no_grad():
+        with torch.no_grad(), tapped_input(head) as seen:  # one pass: outputs and D
             outputs = int(model.eval()(example[:2]).shape[1])
         unknown = getattr(head, UNKNOWN_ROW_ATTR, None)
         num_known = unknown if isinstance(unknown, int) else outputs
         stats, layer = None, None
         if is_feature_score(self.score):
-            stats = stand_in_stats(num_known, _input_width(model, head, example), self.bank_rows,
-                                   self.knn_k)  # fmt: skip
+            stats = stand_in_stats(num_known, int(seen[0].shape[1]), self.bank_rows, self.knn_k)
             layer = self.head_layer
         return RejectingClassifier(model, num_known, 0.5, self.score, 1.0, None, stats,
                                    layer).eval()  # fmt: skip
@@ -74,15 +73,6 @@ class DeployedRejector:
             return base(self.wrap(dense, example), wrapped, example, batches, threads)
 
         return timed
-
-
-def _input_width(model: nn.Module, head: nn.Module, example: torch.Tensor) -> int:
-    """D, the width of ``head``'s input for ``example``."""
-    from moonprune.reliability.features import tapped_input
-
-    with torch.no_grad(), tapped_input(head) as seen:
-        model.eval()(example[:2])
-    return int(seen[0].shape[1])
 
 
 def stand_in_stats(num_known: int, dim: int, bank_rows: int, k: int) -> FeatureStats:
