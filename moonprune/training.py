@@ -174,6 +174,8 @@ class Trainer(EpochLoop, DivergenceGuard):
         final = self.model
         if self.averaging is not None and self.averaging.result() is not None:
             final = self.averaging.result()  # type: ignore[assignment]
+        else:
+            self.recompute_batchnorm()
         final.eval()
         return TrainResult(final, masks, self.history, list(self.rollbacks))
 

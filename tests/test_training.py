@@ -227,3 +227,37 @@ def test_average_batchnorm_is_recalibrated_on_rows_augmented_as_in_training(
     assert got and all(torch.equal(a, b) for a, b in zip(got, bn_buffers(expected), strict=True))
     same_as_clean = all(torch.equal(a, b) for a, b in zip(got, bn_buffers(on_clean), strict=True))
     assert same_as_clean == (augment == "none")
+
+
+@pytest.mark.parametrize(
+    "moon", [MoonConfig(enabled=False), MoonConfig(warmup_epochs=1, average_epochs=0)]
+)
+def test_a_run_without_an_average_ships_its_own_batchnorm_statistics(
+    digits06, moon: MoonConfig
+) -> None:
+    # a few steps per epoch leave momentum-0.1 running statistics behind the weights;
+    # the shipped network carries the statistics of its training rows (as the average does)
+    model = demo_cnn(num_classes=6, width=4) if not moon.enabled else _model(digits06)
+    masker = MASKERS.create("rigl", MaskerConfig(sparsity=0.8, update_interval=3, seed=1))
+    result = Trainer(model, masker, digits06.train, TRAIN, moon).run()
+    assert result.model is model
+
+    # by hand: each BatchNorm layer's input on the training rows, 256 at a time, in train
+    # mode; the statistics are the equal-weighted means of the per-batch mean and
+    # unbiased variance (torch's cumulative average, momentum None)
+    probe = copy.deepcopy(result.model).train()
+    seen: dict[str, list[torch.Tensor]] = {}
+    layers = [(n, m) for n, m in probe.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for name, layer in layers:
+        layer.register_forward_pre_hook(lambda _m, a, n=name: seen.setdefault(n, []).append(a[0]))
+    with torch.no_grad():
+        for x in digits06.train.x.split(256):
+            probe(x)
+    assert layers
+    for name, _ in layers:
+        batches = seen[name]
+        mean = torch.stack([b.mean(dim=(0, 2, 3)) for b in batches]).mean(0)
+        var = torch.stack([b.transpose(0, 1).flatten(1).var(dim=1) for b in batches]).mean(0)
+        bn = result.model.get_submodule(name)
+        torch.testing.assert_close(bn.running_mean, mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(bn.running_var, var, rtol=1e-4, atol=1e-5)
