@@ -216,7 +216,7 @@ class EpochLoop(SynthesizedUnknowns):
 
         Not in the reference, whose networks end with running statistics that have
         followed 100 epochs of about 390 steps. A fine-tuning run here can end after a
-        handful of steps per epoch (digits 0-5: 650 training rows, 6 batches), too few
+        handful of steps per epoch (digits 0-5: 650 training rows, 11 batches of 64), too few
         for the momentum-0.1 running statistics to catch up with weights that moved (a
         pruning step, then a warm-up to a high lr): on its running statistics the plain
         (``--no-moon``) channel-pruned ResNet-8 of ``benchmarks/structured.py`` fell from
