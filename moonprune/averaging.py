@@ -6,9 +6,9 @@ running average ``avg <- avg * (1 - 1/(n+1)) + current / (n+1)`` is updated (tha
 :class:`torch.optim.swa_utils.AveragedModel`'s default equal-weight average; its first
 update copies the model). At the end of every averaging epoch the averaged model's
 BatchNorm statistics are recomputed on training data, augmented by ``--augment`` as
-the training batches are (``update_bn``; ``EpochLoop._recalibration_batches``). Because
-every averaged weight is zero wherever the (frozen) mask is zero, the average keeps
-the zeros.
+the training batches are (:func:`recompute_batchnorm`;
+``EpochLoop._recalibration_batches``). Because every averaged weight is zero wherever
+the (frozen) mask is zero, the average keeps the zeros.
 """
 
 from __future__ import annotations
@@ -19,7 +19,39 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, update_bn
+from torch.optim.swa_utils import AveragedModel
+
+
+def recompute_batchnorm(batches: Iterable[torch.Tensor], model: nn.Module) -> None:
+    """Replace ``model``'s BatchNorm running statistics by those of ``batches``, each
+    batch weighted by its rows, as the reference's ``bn_update`` does
+    (openood/utils/average.py:35-65 of StevenBoys/MOON: statistics reset, then momentum
+    ``b / (n + b)`` for a batch of ``b`` rows after ``n``). torch's ``update_bn`` weights
+    every batch equally instead, which gives a small last batch (mnist5k 0-5: 8 rows
+    after 7 batches of 256) an eighth of the statistics. The model's mode and momenta
+    are restored."""
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    if not layers:
+        return
+    momenta = [m.momentum for m in layers]
+    was_training = model.training
+    for layer in layers:
+        layer.reset_running_stats()
+    model.train()
+    seen = 0
+    with torch.no_grad():
+        for x in batches:
+            for layer in layers:
+                layer.momentum = len(x) / (seen + len(x))
+            model(x)
+            seen += len(x)
+    for layer, momentum in zip(layers, momenta, strict=True):
+        layer.momentum = momentum
+    model.train(was_training)
 
 
 class WeightAveraging:
@@ -63,8 +95,7 @@ class WeightAveraging:
     def end_epoch(self, epoch: int, batches: Iterable[Any]) -> None:
         """Recompute the averaged model's BatchNorm statistics on ``batches``."""
         if self.averaged is not None and self.is_active(epoch):
-            device = next(self.averaged.parameters()).device
-            update_bn(batches, self.averaged, device=device)
+            recompute_batchnorm(batches, self.averaged)
 
     def result(self) -> nn.Module | None:
         """The averaged network (the inner module, ready to save), or None if none yet."""

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import update_bn
 
 from moonprune.augment import augment_batch
+from moonprune.averaging import recompute_batchnorm
 from moonprune.batching import index_batches, iterate_batches, min_rows_per_batch, read_batches
 from moonprune.errors import ConfigError
 from moonprune.lr_schedule import lr_shape
@@ -224,7 +224,7 @@ class EpochLoop(SynthesizedUnknowns):
         The network's own statistics of its own training rows are what any user expects
         to ship; MOON's averaged network already gets them (part 4).
         """
-        update_bn(self._recalibration_batches(self.cfg.epochs), self.model, device=self.device)
+        recompute_batchnorm(self._recalibration_batches(self.cfg.epochs), self.model)
 
     def _lr_shape(self, epoch: int, step: int) -> float:
         """The schedule's factor at this step (:func:`moonprune.lr_schedule.lr_shape`)."""

@@ -191,9 +191,8 @@ def test_average_batchnorm_is_recalibrated_on_rows_augmented_as_in_training(
     digits06, augment: str
 ) -> None:
     # the reference recalibrates on its (flip-and-crop) training loader
-    from torch.optim.swa_utils import update_bn
-
     from moonprune.augment import crop_padding
+    from moonprune.averaging import recompute_batchnorm
 
     train = dataclasses.replace(TRAIN, augment=augment)
     masker = MASKERS.create("rigl", MaskerConfig(sparsity=0.8, update_interval=3, seed=1))
@@ -220,9 +219,9 @@ def test_average_batchnorm_is_recalibrated_on_rows_augmented_as_in_training(
 
     # the averaged model's statistics are those of exactly these rows, not of the clean ones
     expected = copy.deepcopy(result.model)
-    update_bn(list(trainer._recalibration_batches(last)), expected)
+    recompute_batchnorm(list(trainer._recalibration_batches(last)), expected)
     on_clean = copy.deepcopy(result.model)
-    update_bn(list(clean.split(256)), on_clean)
+    recompute_batchnorm(list(clean.split(256)), on_clean)
     got = bn_buffers(result.model)
     assert got and all(torch.equal(a, b) for a, b in zip(got, bn_buffers(expected), strict=True))
     same_as_clean = all(torch.equal(a, b) for a, b in zip(got, bn_buffers(on_clean), strict=True))
@@ -243,8 +242,8 @@ def test_a_run_without_an_average_ships_its_own_batchnorm_statistics(
     assert result.model is model
 
     # by hand: each BatchNorm layer's input on the training rows, 256 at a time, in train
-    # mode; the statistics are the equal-weighted means of the per-batch mean and
-    # unbiased variance (torch's cumulative average, momentum None)
+    # mode; the statistics are the row-weighted means of the per-batch mean and unbiased
+    # variance (the reference's bn_update)
     probe = copy.deepcopy(result.model).train()
     seen: dict[str, list[torch.Tensor]] = {}
     layers = [(n, m) for n, m in probe.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
@@ -256,8 +255,59 @@ def test_a_run_without_an_average_ships_its_own_batchnorm_statistics(
     assert layers
     for name, _ in layers:
         batches = seen[name]
-        mean = torch.stack([b.mean(dim=(0, 2, 3)) for b in batches]).mean(0)
-        var = torch.stack([b.transpose(0, 1).flatten(1).var(dim=1) for b in batches]).mean(0)
+        rows = torch.tensor([float(len(b)) for b in batches])[:, None]
+        assert len(set(rows.flatten().tolist())) > 1  # a smaller last batch: weights matter
+        mean = (torch.stack([b.mean(dim=(0, 2, 3)) for b in batches]) * rows).sum(0) / rows.sum()
+        var = torch.stack([b.transpose(0, 1).flatten(1).var(dim=1) for b in batches])
+        var = (var * rows).sum(0) / rows.sum()
         bn = result.model.get_submodule(name)
         torch.testing.assert_close(bn.running_mean, mean, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(bn.running_var, var, rtol=1e-4, atol=1e-5)
+
+
+def test_batchnorm_recalibration_matches_the_reference_bn_update() -> None:
+    # a hand copy of openood/utils/average.py:35-65 (StevenBoys/MOON): reset, then
+    # momentum b / (n + b) per batch; torch's update_bn weights batches equally instead
+    from torch.optim.swa_utils import update_bn
+
+    from moonprune.averaging import recompute_batchnorm
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Flatten(),
+        torch.nn.Linear(4 * 6 * 6, 5), torch.nn.BatchNorm1d(5),
+    )  # fmt: skip
+    model.eval()
+    batches = [torch.randn(n, 1, 8, 8) * (1 + i) for i, n in enumerate((16, 16, 3))]
+
+    def reference_bn_update(loader: list[torch.Tensor], net: torch.nn.Module) -> None:
+        net.train()
+        momenta = {}
+        for m in net.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean = torch.zeros_like(m.running_mean)
+                m.running_var = torch.ones_like(m.running_var)
+                momenta[m] = m.momentum
+        n = 0
+        for x in loader:
+            b = x.size(0)
+            for m in momenta:
+                m.momentum = b / (n + b)
+            net(x)
+            n += b
+        for m, momentum in momenta.items():
+            m.momentum = momentum
+
+    expected, equal_weights, got = (copy.deepcopy(model) for _ in range(3))
+    with torch.no_grad():
+        reference_bn_update(batches, expected)
+    update_bn(batches, equal_weights)
+    recompute_batchnorm(batches, got)
+    assert not got.training and got[1].momentum == 0.1  # mode and momenta restored
+
+    def stats(net: torch.nn.Module) -> list[torch.Tensor]:
+        return [b for n, b in net.named_buffers() if n.endswith(("running_mean", "running_var"))]
+
+    for a, b, c in zip(stats(got), stats(expected), stats(equal_weights), strict=True):
+        torch.testing.assert_close(a, b)
+        assert not torch.allclose(a, c)
