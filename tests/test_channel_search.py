@@ -307,3 +307,54 @@ def test_candidates_are_timed_inside_the_deployed_rejector(
             assert scorer.unit_whitening.shape == (width, width)
         outputs = wrapper(x)
         assert bool(torch.isfinite(outputs[2]).all())  # the score runs
+
+
+def test_netadapt_proposals_narrow_one_layer_group_by_one_grid_step() -> None:
+    from moonprune.sparsity.channel.search import _Search
+
+    model, x, head = _resnet(width=32)
+    dense_macs = count_macs_params(model, x[:1])[0]
+
+    def fraction(net: nn.Module) -> tuple[float, float]:
+        return count_macs_params(net, x[:1])[0] / dense_macs, 1.0
+
+    search = _Search(model, x, head, fraction, 64, 1, MacTimer())
+    base = search.prune(16, (0.8,), "macs")[0]
+    proposals = search.narrowed(base)
+    assert len(proposals) >= 3  # the stem/residual group and each block's inner conv
+    assert len({tuple(p.widths.items()) for p in proposals}) == len(proposals)
+    for p in proposals:
+        changed = {n: (base.widths[n], w) for n, w in p.widths.items() if w != base.widths[n]}
+        assert changed and head not in changed
+        assert len(set(changed.values())) == 1  # one group: every member the same cut
+        old, new = next(iter(changed.values()))
+        assert new == (old - 1) // 16 * 16 and new >= 16
+        assert p.macs_fraction < base.macs_fraction and p.grid == 16
+
+
+def test_netadapt_proposals_start_from_the_fastest_candidate_short_of_the_target() -> None:
+    from moonprune.sparsity.channel.search import _neighbours
+
+    def cand(b1: float, b64: float, w: int) -> Candidate:
+        return Candidate(16, w / 64, w / 64, {"conv": w}, {1: b1, 64: b64})
+
+    @dataclass
+    class Search:
+        batch: int = 64
+        bases: list[Candidate] = field(default_factory=list)
+
+        def narrowed(self, base: Candidate) -> list[Candidate]:
+            self.bases.append(base)
+            return [cand(0.0, 0.0, base.widths["conv"] - 16), cand(0.0, 0.0, 16)]
+
+    search = Search()
+    found = [cand(1.3, 1.5, 64), cand(1.4, 1.76, 48), cand(1.9, 2.56, 16)]
+    made = _neighbours(search, found, 2.0)  # type: ignore[arg-type]
+    assert search.bases == [found[1]] and [c.widths["conv"] for c in made] == [32]
+    # the nearest slower one is slower than dense at batch 1: the next one is the base
+    found[1] = cand(1.0, 1.76, 48)
+    _neighbours(search, found, 2.0)  # type: ignore[arg-type]
+    assert search.bases[-1] == found[0]
+    # a candidate within tolerance already: nothing proposed
+    assert _neighbours(search, [*found, cand(1.5, 2.1, 24)], 2.0) == []  # type: ignore[arg-type]
+    assert len(search.bases) == 2
