@@ -22,7 +22,7 @@ it scores, each with ``mahalanobis++`` statistics refitted on the training split
 - ``averaged + live BN``: averaged weights with the live network's running statistics;
 - ``averaged + EMA BN``: averaged weights, statistics re-estimated as training
   estimates them: train mode, momentum 0.1, shuffled 64-row batches (``EMA_PASSES``
-  passes; the exact recomputation is a cumulative average over the whole split).
+  passes; the exact recomputation is the row-weighted average over the whole split).
 
 And per BatchNorm layer of the averaged network: the mean over channels of
 ``var_exact / var_live`` and of ``|mean_exact - mean_live| / std_exact`` (each variance
