@@ -127,6 +127,13 @@ def ceilings(dense: torch.nn.Module, shape: tuple[int, ...],
     return out
 
 
+def candidate_list(structure: dict[str, Any]) -> str:
+    """Every candidate the search timed, as (grid: MACs b=1 / b=64), in search order."""
+    timed = [f"{c['grid']}: {100 * c['macs_fraction']:.0f}% {c['speedup']['1']:.2f}x / "
+             f"{c['speedup']['64']:.2f}x" for c in structure["plan"]["candidates"]]  # fmt: skip
+    return "candidates timed (grid: MACs, b=1 / b=64): " + "; ".join(timed)
+
+
 def speed_cells(structure: dict[str, Any]) -> tuple[list[str], list[float]]:
     """Deployed speed-ups, the plan's, and the relative gaps."""
     deployed = structure["speed"]["speedup"]
@@ -171,6 +178,8 @@ def main() -> None:
                     continue
                 structure = report["structure"]
                 threads = structure["speed"]["threads"]
+                if "speedup" in recipe:
+                    findings.append(f"- {name}, {label}: {candidate_list(structure)}")
                 cells, run_gaps = speed_cells(structure)
                 gaps += run_gaps
                 d, c = report["models"]["dense"], report["models"]["compressed"]
