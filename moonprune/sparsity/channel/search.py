@@ -193,11 +193,16 @@ def search_plan(model: nn.Module, example: torch.Tensor, head_layer: str, target
                        time.perf_counter() - start)  # fmt: skip
 
 
+def _met(found: list[Candidate], want: float, batch: int) -> bool:
+    """Whether a candidate measured within ``TOLERANCE`` of ``want`` at ``batch``."""
+    return any(abs(c.speedup[batch] - want) <= TOLERANCE * want for c in found)
+
+
 def _refinement(search: _Search, found: list[Candidate], want: float) -> Candidate | None:
     """A candidate between the two around ``want`` on one grid, or None when one is
     within tolerance already (or no pair brackets it)."""
     b = search.batch
-    if any(abs(c.speedup[b] - want) <= TOLERANCE * want for c in found):
+    if _met(found, want, b):
         return None
     pairs = [(lo, hi) for lo in found for hi in found
              if lo.grid == hi.grid and lo.macs_fraction > hi.macs_fraction
@@ -218,7 +223,7 @@ def _neighbours(search: _Search, found: list[Candidate], want: float) -> list[Ca
     slower than ``want`` at the deployment batch (and not slower than dense at batch 1),
     new widths only; none when a candidate is within tolerance already."""
     b = search.batch
-    if any(abs(c.speedup[b] - want) <= TOLERANCE * want for c in found):
+    if _met(found, want, b):
         return []
     slower = [c for c in found if c.speedup[b] < want and c.speedup[1] >= NEVER_SLOWER]
     if not slower:
