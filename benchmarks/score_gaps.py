@@ -29,8 +29,7 @@ LOGS = {
     "mnist5k": ("reliability-full.jsonl",),
     "digits": ("reliability-digits.jsonl",),
     "mnist5k, 30 epochs": (
-        "reliability-full-cnn-0.9-e30.jsonl",
-        "reliability-full-cnn-0.95-e30.jsonl",
+        "reliability-full-cnn-e30.jsonl",
         "reliability-full-resnet8-0.9-e30.jsonl",
         "reliability-full-resnet8-0.95-e30.jsonl",
     ),
