@@ -37,13 +37,12 @@ def _accuracy(rows: list[dict[str, Any]]) -> float:
 def met(plain: list[dict[str, Any]], moon: list[dict[str, Any]], synth: list[dict[str, Any]],
         score: str, near: str) -> tuple[bool, ...]:  # fmt: skip
     """The four targets for one cell and score (module docstring)."""
-    shortfall = 1 - rows_mean(plain, score)
-    removed = (
-        (rows_mean(synth, score) - rows_mean(plain, score)) / shortfall if shortfall > 0 else 0.0
-    )
+    plain_mean, synth_mean = rows_mean(plain, score), rows_mean(synth, score)
+    shortfall = 1 - plain_mean
+    removed = (synth_mean - plain_mean) / shortfall if shortfall > 0 else 0.0
     return (
         removed >= 0.5,
-        rows_mean(synth, score) > rows_mean(moon, score),
+        synth_mean > rows_mean(moon, score),
         _accuracy(synth) >= _accuracy(plain) - 0.005,
         rows_mean(synth, score, (near,)) >= rows_mean(plain, score, (near,)) - 0.005,
     )
