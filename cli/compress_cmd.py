@@ -113,12 +113,14 @@ def compress(
 
     cfg = run_guarded(lambda: compress_config(flags))
     main_rank = is_main_process()  # under torchrun only rank 0 prints
+    finished = False
     try:
         result = _run(cfg, main_rank, resume=resume, force=force, config=config)
+        finished = True
     except KeyboardInterrupt:
         _interrupted(Path(cfg.out))
     finally:
-        shutdown()  # under torchrun: end the process group before the process exits
+        shutdown(finished)  # under torchrun: end the process group before exiting
     if main_rank:
         _show(result)
 

@@ -39,7 +39,9 @@ def main(dense: Path, out: Path) -> None:
 
 
 if __name__ == "__main__":
+    finished = False
     try:
         main(Path(sys.argv[1]), Path(sys.argv[2]))
+        finished = True
     finally:
-        shutdown()  # as a torchrun script should before it exits
+        shutdown(finished)  # as a torchrun script should before it exits

@@ -60,7 +60,9 @@ def main(out: Path, mode: str, batch_size: int = 64) -> None:
 
 
 if __name__ == "__main__":
+    finished = False
     try:
         main(Path(sys.argv[1]), sys.argv[2], *map(int, sys.argv[3:]))
+        finished = True
     finally:
-        shutdown()  # as a torchrun script should before it exits
+        shutdown(finished)  # as a torchrun script should before it exits

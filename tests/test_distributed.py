@@ -195,3 +195,22 @@ def test_shutdown_ends_the_process_group(tmp_path: Path) -> None:
     assert tdist.is_initialized()
     shutdown()
     assert not tdist.is_initialized()
+
+
+def test_a_finished_rank_meets_its_peers_before_ending_the_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch.distributed as tdist
+
+    from moonprune.distributed import SHUTDOWN_BARRIER_TIMEOUT, shutdown
+
+    met: list[object] = []
+    monkeypatch.setattr(tdist, "get_world_size", lambda *a, **k: 2)  # as if a peer existed
+    monkeypatch.setattr(tdist, "monitored_barrier", lambda **k: met.append(k["timeout"]))
+    for finished, expected in ((False, []), (True, [SHUTDOWN_BARRIER_TIMEOUT])):
+        met.clear()
+        tdist.init_process_group("gloo", init_method=f"file://{tmp_path / str(finished)}",
+                                 rank=0, world_size=1)  # fmt: skip
+        shutdown(finished)
+        assert met == expected  # after a failure no barrier: a failed peer never arrives
+        assert not tdist.is_initialized()
