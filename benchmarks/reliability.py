@@ -75,6 +75,8 @@ class Grid:
     unknowns: tuple[str, ...] = ()
     #: share of each batch synthesized for those variants (None: compress's default)
     unknowns_fraction: float | None = None
+    #: their loss weight (None: compress's default)
+    unknowns_weight: float | None = None
 
     def variants(self) -> list[tuple[bool, str]]:
         """(MOON on, --unknowns) per variant: plain, MOON as published, MOON + each."""
@@ -211,6 +213,8 @@ def run_grid(grid: Grid, log: Any) -> list[dict[str, Any]]:
                             "unknowns": unknowns}  # fmt: skip
                 if unknowns != "none" and grid.unknowns_fraction is not None:
                     moon_cfg["unknowns_fraction"] = grid.unknowns_fraction
+                if unknowns != "none" and grid.unknowns_weight is not None:
+                    moon_cfg["unknowns_weight"] = grid.unknowns_weight
                 row = {"arch": arch_name, "seed": seed, "method": method, "sparsity": sparsity,
                        "moon": moon, "unknowns": unknowns,
                        **run_one(grid, setting, seed, method, sparsity, moon_cfg)}  # fmt: skip
@@ -603,6 +607,11 @@ def sub_grid(grid: Grid, args: argparse.Namespace) -> tuple[Grid, str, str]:
         suffix += f"-f{args.unknowns_fraction:g}"
         flags += f" --unknowns-fraction {args.unknowns_fraction:g}"
         label.append(f"fraction {args.unknowns_fraction:g}")
+    if args.unknowns_weight is not None:
+        changes["unknowns_weight"] = args.unknowns_weight
+        suffix += f"-w{args.unknowns_weight:g}"
+        flags += f" --unknowns-weight {args.unknowns_weight:g}"
+        label.append(f"weight {args.unknowns_weight:g}")
     if label:
         changes["name"] = f"{grid.name}; " + "; ".join(label)
     return Grid(**{**vars(grid), **changes}), suffix, flags
@@ -626,6 +635,11 @@ def main() -> None:
         "--unknowns-fraction",
         type=float,
         help="share of each batch synthesized (default: compress's)",
+    )
+    parser.add_argument(
+        "--unknowns-weight",
+        type=float,
+        help="loss weight of the synthesized rows (default: compress's)",
     )
     parser.add_argument("--archs", nargs="+", choices=sorted(ARCHS), help="only these")
     parser.add_argument("--methods", nargs="+", help="only these (channel: see the docstring)")
