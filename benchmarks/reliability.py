@@ -201,7 +201,17 @@ def run_one(
     }  # fmt: skip
 
 
-def run_grid(grid: Grid, log: Any) -> list[dict[str, Any]]:
+def reused_rows(paths: list[Path]) -> dict[tuple, dict[str, Any]]:
+    """Plain and MOON (``--unknowns none``) rows of earlier logs, by (arch, seed, method,
+    sparsity, moon): ``--reuse``. They do not depend on the ``--unknowns*`` flags, and
+    1-thread runs are deterministic (a rerun repeats them to the last digit); the logs
+    must come from the same grid, ID set and epochs."""
+    rows = [json.loads(line) for path in paths for line in path.read_text().splitlines()]
+    return {(r["arch"], r["seed"], r["method"], r["sparsity"], r["moon"]): r
+            for r in rows if r.get("unknowns", "none") == "none"}  # fmt: skip
+
+
+def run_grid(grid: Grid, log: Any, reuse: dict[tuple, dict[str, Any]] | None = None) -> list:
     rows: list[dict[str, Any]] = []
     for arch_name, arch in grid.archs.items():
         for seed in grid.seeds:
@@ -209,6 +219,11 @@ def run_grid(grid: Grid, log: Any) -> list[dict[str, Any]]:
             for method, sparsity, (moon, unknowns) in itertools.product(
                 grid.methods, grid.sparsities, grid.variants()
             ):
+                old = (reuse or {}).get((arch_name, seed, method, sparsity, moon))
+                if unknowns == "none" and old is not None:
+                    rows.append(old)
+                    log.write(json.dumps(old) + "\n")
+                    continue
                 moon_cfg = {"enabled": moon, "warmup_epochs": max(1, grid.epochs // 6),
                             "unknowns": unknowns}  # fmt: skip
                 if unknowns != "none" and grid.unknowns_fraction is not None:
@@ -641,6 +656,9 @@ def main() -> None:
         type=float,
         help="loss weight of the synthesized rows (default: compress's)",
     )
+    parser.add_argument("--reuse", type=Path, nargs="+",
+                        help="take plain and MOON rows from these logs of the same grid "
+                        "instead of rerunning them (1-thread runs are deterministic)")  # fmt: skip
     parser.add_argument("--archs", nargs="+", choices=sorted(ARCHS), help="only these")
     parser.add_argument("--methods", nargs="+", help="only these (channel: see the docstring)")
     parser.add_argument("--sparsities", type=float, nargs="+", help="only these")
@@ -677,13 +695,15 @@ def main() -> None:
         return
     log_path = ROOT / "benchmarks" / f"reliability-{tag}.jsonl"
     command = "python benchmarks/reliability.py" + flags + sub_flags
+    if args.reuse:
+        command += " --reuse " + " ".join(f"benchmarks/{p.name}" for p in args.reuse)
     if args.render_only:  # e.g. a grid run in parts (--archs) whose logs were joined
         rows = [json.loads(line) for line in log_path.read_text().splitlines()]
         timing = f"Sum of the runs' times (section rebuilt from {log_path.name})"
         text = render(grid, rows, sum(r["seconds"] for r in rows), command, timing)
     else:
         with open(log_path, "w") as log:
-            rows = run_grid(grid, log)
+            rows = run_grid(grid, log, reused_rows(args.reuse) if args.reuse else None)
         text = render(grid, rows, time.perf_counter() - start, command)
     image = ROOT / "docs" / "img" / f"reliability-{tag}.png"
     plot(grid, rows, image)
