@@ -71,6 +71,46 @@ def grid_lines(path: Path) -> list[str]:
     return out
 
 
+def weight_of(path: Path) -> float:
+    """The ``--unknowns-weight`` a grid ran at (its log name's ``-w`` suffix; 0.5, the
+    default until session 20, without one)."""
+    tail = path.stem.rsplit("-w", 1)
+    return float(tail[1]) if len(tail) == 2 and tail[1].replace(".", "").isdigit() else 0.5
+
+
+def weight_lines(logs: list[Path]) -> list[str]:
+    """``synth`` (blur) against plain, per (ID set, architecture, sparsity), in every
+    grid that ran it: the evidence for the default ``--unknowns-weight``."""
+    out = [
+        "",
+        "### `synth` (blur) by loss weight (mean over the cell's runs; accuracy and AUROC "
+        "in %, Δ = synth - plain of the same grid)",
+        "",
+        "| ID set | arch | sparsity | weight | grid | runs | Δ accuracy | MSP plain -> synth "
+        "| mahalanobis++ plain -> synth |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    table = []
+    for path in logs:
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        id_set = "digits" if "-digits-" in path.name else "mnist5k"
+        for arch, sparsity in sorted({(r["arch"], r["sparsity"]) for r in rows}):
+            cell = [r for r in rows if (r["arch"], r["sparsity"]) == (arch, sparsity)]
+            plain = [r for r in cell if not r["moon"]]
+            synth = [r for r in cell if r["moon"] and r["unknowns"] == "synth"]
+            if not (plain and synth):
+                continue
+            d_acc = 100 * (_accuracy(synth) - _accuracy(plain))
+            means = [100 * rows_mean(x, s) for s in SCORES for x in (plain, synth)]
+            table.append((id_set, arch, sparsity, -weight_of(path), path.stem, len(synth),
+                          d_acc, *means))  # fmt: skip
+    for t in sorted(table):
+        out.append(f"| {t[0]} | {t[1]} | {t[2]:.0%} | {-t[3]:g} | "
+                   f"{t[4].removeprefix('reliability-')} | {t[5]} | {t[6]:+.2f} | "
+                   f"{t[7]:.1f} -> {t[8]:.1f} | {t[9]:.2f} -> {t[10]:.2f} |")  # fmt: skip
+    return out
+
+
 def render() -> str:
     logs = sorted(ROOT.glob("reliability-*-unknowns-*.jsonl"))
     lines = [
@@ -88,6 +128,7 @@ def render() -> str:
     ]
     for path in logs:
         lines += grid_lines(path)
+    lines += weight_lines(logs)
     return "\n".join(lines) + "\n"
 
 

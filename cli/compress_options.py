@@ -121,7 +121,7 @@ UnknownsFraction = Annotated[
 ]
 UnknownsWeight = Annotated[
     float | None,
-    typer.Option(help="Weight of their cross-entropy in the loss. Default 0.5."),
+    typer.Option(help="Weight of their cross-entropy in the loss. Default 0.1."),
 ]
 Score = Annotated[
     str | None,

@@ -117,7 +117,7 @@ def check_unknowns(spec: str, fraction: float, weight: float) -> None:
     if not (math.isfinite(fraction) and 0 < fraction <= 1):
         raise ConfigError(f"unknowns_fraction must be in (0, 1], got {fraction}; e.g. 0.125")
     if not (math.isfinite(weight) and weight > 0):
-        raise ConfigError(f"unknowns_weight must be > 0, got {weight}; e.g. 0.5")
+        raise ConfigError(f"unknowns_weight must be > 0, got {weight}; e.g. 0.1")
 
 
 def shares(m: int, parts: int) -> list[int]:
