@@ -128,9 +128,10 @@ def shutdown(finished: bool = False) -> None:
     ``finished``: this rank completed its work normally. The ranks then meet at a
     barrier first (gloo: ``monitored_barrier``, which raises after
     :data:`SHUTDOWN_BARRIER_TIMEOUT` instead of waiting forever), so no rank closes its
-    connections while a peer's gloo threads still finish the last collective: a rank
-    aborted with "terminate called without an active exception" in 1 of about 50 test
-    launches before. After a failure there is no barrier (a peer that failed would
+    connections while a peer's gloo threads still finish the last collective (a
+    finished rank aborted once with "terminate called without an active exception" in a
+    CI run of ``tests/test_distributed.py``; the barrier narrows that window, it is not
+    shown to close it). After a failure there is no barrier (a peer that failed would
     never arrive); the group is ended at once, as before.
     """
     if not (dist.is_available() and dist.is_initialized()):
