@@ -43,14 +43,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from reliability import ARCHS, FULL, ROOT, Grid, every_score, prepare
+from reliability import ARCHS, FULL, ROOT, Grid, compress_config, every_score, prepare
 from results_file import update_section  # benchmarks/ is on sys.path when run as a script
 
 from moonprune import unknown_forward
 from moonprune.checkpoints import DenseModel
-from moonprune.config import build_config
 from moonprune.conventions import has_unknown_output
 from moonprune.pipeline import compress
+from moonprune.reliability.metrics import accuracy
 from moonprune.unknowns import unknown_head
 
 #: (arch, method, sparsity, seed): cells of the mnist5k unknowns grid where blur lost most
@@ -131,7 +131,7 @@ def known_accuracy(model: torch.nn.Module, split: Any, k: int) -> float:
     with torch.no_grad():
         logits = model.eval()(split.x)
     known = logits[:, :k] if has_unknown_output(logits, k) else logits
-    return float((known.argmax(1) == split.y).double().mean())
+    return accuracy(known.argmax(1).numpy(), split.y.numpy())
 
 
 def run(grid: Grid, setting: Any, cell: tuple[str, str, float, int], name: str) -> dict:
@@ -141,13 +141,8 @@ def run(grid: Grid, setting: Any, cell: tuple[str, str, float, int], name: str) 
     moon = {"enabled": moon_on, "warmup_epochs": max(1, epochs // 6), "unknowns": unknowns,
             **fraction, **moon_extra}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp, patched(patch):
-        cfg = build_config({
-            "checkpoint": "", "data": grid.data, "ood": list(grid.ood),
-            "out": str(Path(tmp) / "out"), "arch": setting.spec.factory,
-            "arch_kwargs": setting.spec.kwargs, "export": False,
-            "train": {"epochs": epochs, "seed": seed, **train_extra}, "moon": moon,
-            "sparsity": {"method": method, "sparsity": sparsity},
-        })  # fmt: skip
+        cfg = compress_config(dataclasses.replace(grid, epochs=epochs), setting.spec, seed,
+                              Path(tmp) / "out", moon, method, sparsity, train_extra)  # fmt: skip
         start = time.perf_counter()
         result = compress(cfg, dense=DenseModel(copy.deepcopy(setting.dense), setting.spec))
         seconds = time.perf_counter() - start
@@ -159,7 +154,7 @@ def run(grid: Grid, setting: Any, cell: tuple[str, str, float, int], name: str) 
         "test_accuracy_here": known_accuracy(model, setting.splits.test, k),
         "train_accuracy": known_accuracy(model, setting.splits.train, k),
         "msp_mean": float(np.mean(list(msp.values()))),
-        "msp_near": float(np.mean([v for k, v in msp.items() if k.endswith("6-9")])),
+        "msp_near": float(np.mean([v for name, v in msp.items() if name.endswith("6-9")])),
     }  # fmt: skip
 
 
