@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 import torch
@@ -320,7 +320,18 @@ def test_netadapt_proposals_narrow_one_layer_group_by_one_grid_step() -> None:
 
     search = _Search(model, x, head, fraction, 64, 1, MacTimer())
     base = search.prune(16, (0.8,), "macs")[0]
+    built = []
+    build = search.build
+    search.build = lambda c: built.append(c) or build(c)  # type: ignore[method-assign]
     proposals = search.narrowed(base)
+    # each group built once: the networks every layer narrowed on its own would give,
+    # from fewer builds than there are layers to narrow (a residual chain is one group)
+    narrowable = [n for n, w in base.widths.items() if n != head and w > 16]
+    naive = {tuple(layer_widths(build(replace(base, widths={**base.widths, n: cut}))).items())
+             for n in narrowable for cut in [(base.widths[n] - 1) // 16 * 16]}  # fmt: skip
+    naive.discard(tuple(base.widths.items()))
+    assert {tuple(p.widths.items()) for p in proposals} == naive
+    assert len(built) == len(proposals) < len(narrowable)
     assert len(proposals) >= 3  # the stem/residual group and each block's inner conv
     assert len({tuple(p.widths.items()) for p in proposals}) == len(proposals)
     for p in proposals:
@@ -355,6 +366,43 @@ def test_netadapt_proposals_start_from_the_fastest_candidate_short_of_the_target
     found[1] = cand(1.0, 1.76, 48)
     _neighbours(search, found, 2.0)  # type: ignore[arg-type]
     assert search.bases[-1] == found[0]
-    # a candidate within tolerance already: nothing proposed
-    assert _neighbours(search, [*found, cand(1.5, 2.1, 24)], 2.0) == []  # type: ignore[arg-type]
+    # a candidate within AIM already: nothing proposed
+    assert _neighbours(search, [*found, cand(1.5, 2.05, 24)], 2.0) == []  # type: ignore[arg-type]
     assert len(search.bases) == 2
+
+
+def test_netadapt_rounds_continue_from_the_best_proposal_until_one_is_near_the_target() -> None:
+    """NetAdapt iterates: each round starts from the fastest proposal still short of the
+    target, and the search stops once one lies within AIM (half the tolerance: a plan at
+    the tolerance's edge gave a deployed file outside it)."""
+    from moonprune.sparsity.channel.search import AIM, NETADAPT_ROUNDS, _close_in
+
+    def cand(w: int, speed: float = 0.0) -> Candidate:
+        return Candidate(16, w / 64, w / 64, {"conv": w}, {1: 1.2, 64: speed})
+
+    @dataclass
+    class Search:  # speed-up 64 / width; no bracket can be bisected
+        step: int
+        batch: int = 64
+        bases: list[int] = field(default_factory=list)
+
+        def prune(self, _grid: int, _fractions: tuple[float, ...], _m: str) -> list[Candidate]:
+            return []
+
+        def narrowed(self, base: Candidate) -> list[Candidate]:
+            self.bases.append(base.widths["conv"])
+            return [cand(base.widths["conv"] - self.step)]
+
+        def time(self, made: list[Candidate]) -> list[Candidate]:
+            return [cand(c.widths["conv"], 64 / c.widths["conv"]) for c in made]
+
+    start = [cand(64, 1.0), cand(38, 64 / 38), cand(16, 4.0)]
+    search = Search(step=3)  # 35: 1.83x (within TOLERANCE, not AIM); then 32: 2.0x
+    found = _close_in(search, start, 2.0)  # type: ignore[arg-type]
+    assert search.bases == [38, 35] and [c.widths["conv"] for c in found[3:]] == [35, 32]
+    assert AIM * 2.0 < abs(64 / 35 - 2.0) <= TOLERANCE * 2.0
+    assert choose(found, Target("speedup", 2.0), 64).widths == {"conv": 32}
+    # a target never approached stops after NETADAPT_ROUNDS rounds
+    slow = Search(step=1)
+    _close_in(slow, start, 2.0)  # type: ignore[arg-type]
+    assert slow.bases == [38, 37, 36][:NETADAPT_ROUNDS] and NETADAPT_ROUNDS == 3

@@ -188,3 +188,13 @@ def prune_to_widths_(model: nn.Module, example: torch.Tensor, head_layer: str,
         cuts.append((root, order[: n - want].tolist()))
     for root, idxs in cuts:
         dg.get_pruning_group(root.target.module, root.handler, idxs).prune()
+
+
+def group_roots(model: nn.Module, example: torch.Tensor, head_layer: str) -> set[str]:
+    """Names of the layers whose width :func:`prune_to_widths_` reads: one per layer
+    group (a residual chain's members share its root's width)."""
+    tp = require_torch_pruning()
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    names = {m: n for n, m in model.named_modules()}
+    groups = dg.get_all_groups(ignored_layers=[model.get_submodule(head_layer)])
+    return {names[g[0].dep.target.module] for g in groups if g[0].dep.target.module in names}
