@@ -10,8 +10,10 @@ its seeds. Issue 18 asks of the variant, per cell: at least half of plain's AURO
 shortfall (100 - mean AUROC) removed; better than MOON; accuracy within 0.5 point of
 plain's; and no near-OOD set (the ID set's held-out classes) more than 0.5 point
 below plain's. Counted here for MSP (the paper's score) and for ``mahalanobis++``
-(compress's deployed default). Written into benchmarks/RESULTS.md, section
-unknowns-targets.
+(compress's deployed default). Two more tables: ``synth`` (blur) by loss weight, and
+every generator at the default weight 0.1 averaged over each grid's cells (mean and
+worst-cell accuracy change, MSP, near-OOD, ``mahalanobis++``, ECE): the evidence for
+what ``synth`` means. Written into benchmarks/RESULTS.md, section unknowns-targets.
 """
 
 from __future__ import annotations
@@ -111,6 +113,54 @@ def weight_lines(logs: list[Path]) -> list[str]:
     return out
 
 
+def _generator_means(cells: list[tuple[list[dict[str, Any]], list[dict[str, Any]]]],
+                     near: tuple[str, ...]) -> tuple[float, ...]:  # fmt: skip
+    """(cells, mean and worst Δ accuracy, MSP variant and plain, Δ near MSP,
+    Δ mahalanobis++, ECE variant and plain) over (plain rows, variant rows) cells."""
+    d_acc = [100 * (_accuracy(v) - _accuracy(p)) for p, v in cells]
+
+    def ece(rows: list[dict[str, Any]]) -> float:
+        return statistics.mean(r["compressed"]["ece"] for r in rows)
+
+    per_cell = [
+        (rows_mean(v, "msp"), rows_mean(p, "msp"),
+         rows_mean(v, "msp", near) - rows_mean(p, "msp", near),
+         rows_mean(v, "mahalanobis++") - rows_mean(p, "mahalanobis++"), ece(v), ece(p))
+        for p, v in cells
+    ]  # fmt: skip
+    means = [100 * statistics.mean(col) for col in zip(*per_cell, strict=True)]
+    return (len(cells), statistics.mean(d_acc), min(d_acc), *means)
+
+
+def generator_lines(logs: list[Path], weight: float = 0.1) -> list[str]:
+    """Every generator run at ``weight`` against plain of the same grid, averaged over
+    the grid's cells (architecture x method x sparsity; a cell is the mean of its
+    seeds): the evidence for what ``synth`` means."""
+    out = [
+        "",
+        f"### Each generator at loss weight {weight:g} (mean over the grid's cells of the "
+        "cell means; Δ = variant - plain, points)",
+        "",
+        "| grid | variant | cells | Δ accuracy | worst cell Δ accuracy | MSP mean AUROC (plain) "
+        "| Δ near-OOD MSP | Δ mahalanobis++ | ECE (plain) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for path in logs:
+        if weight_of(path) != weight:
+            continue
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        near = ((DIGITS if "-digits-" in path.name else FULL).ood[0],)
+        keys = sorted({(r["arch"], r["method"], r["sparsity"]) for r in rows})
+        variants = sorted({r["unknowns"] for r in rows if r["moon"] and r["unknowns"] != "none"})
+        for variant in variants:
+            cells = [(select(rows, k, False), select(rows, k, True, variant)) for k in keys]
+            m = _generator_means([c for c in cells if all(c)], near)
+            out.append(f"| {path.stem.removeprefix('reliability-')} | {variant} | {m[0]:.0f} | "
+                       f"{m[1]:+.2f} | {m[2]:+.2f} | {m[3]:.1f} ({m[4]:.1f}) | {m[5]:+.2f} | "
+                       f"{m[6]:+.2f} | {m[7]:.1f} ({m[8]:.1f}) |")  # fmt: skip
+    return out
+
+
 def render() -> str:
     logs = sorted(ROOT.glob("reliability-*-unknowns-*.jsonl"))
     lines = [
@@ -129,6 +179,7 @@ def render() -> str:
     for path in logs:
         lines += grid_lines(path)
     lines += weight_lines(logs)
+    lines += generator_lines(logs)
     return "\n".join(lines) + "\n"
 
 
