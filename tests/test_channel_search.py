@@ -402,6 +402,12 @@ def test_netadapt_rounds_continue_from_the_best_proposal_until_one_is_near_the_t
     assert search.bases == [38, 35] and [c.widths["conv"] for c in found[3:]] == [35, 32]
     assert AIM * 2.0 < abs(64 / 35 - 2.0) <= TOLERANCE * 2.0
     assert choose(found, Target("speedup", 2.0), 64).widths == {"conv": 32}
+    # a proposal that timing noise rates below its base still leads the next round
+    noisy = Search(step=3)
+    noisy.time = lambda made: [cand(c.widths["conv"], {35: 1.6, 32: 2.0}[c.widths["conv"]])
+                               for c in made]  # type: ignore[method-assign]  # fmt: skip
+    found = _close_in(noisy, start, 2.0)  # type: ignore[arg-type]
+    assert noisy.bases == [38, 35] and found[-1].speedup[64] == 2.0
     # a target never approached stops after NETADAPT_ROUNDS rounds
     slow = Search(step=1)
     _close_in(slow, start, 2.0)  # type: ignore[arg-type]
