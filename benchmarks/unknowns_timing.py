@@ -34,7 +34,7 @@ from moonprune.pipeline import compress
 from moonprune.training import EpochInfo, StepInfo
 
 SETTINGS = (("digits", DIGITS, "cnn"), ("mnist5k", FULL, "resnet8"))
-VARIANTS = ("plain", "none", "blur", "lowfreq", "mixup")
+VARIANTS = ("plain", "none", "blur", "lowfreq", "mixup", "blur+mixup")
 ROUNDS, EPOCHS = 3, 4
 FRACTION = 0.25  # the first default of --unknowns-fraction (0.125 since: see --fraction)
 
