@@ -101,7 +101,7 @@ class MoonConfig:
     #: as published), ``synth``, or generator names joined by ``+``; a fraction of each
     #: batch, labelled K, their cross-entropy weighted and added to MOON's loss; the
     #: fraction 0.125 keeps an epoch within issue 18's 1.3x of plain's time (blur, lowfreq,
-    #: mixup: 1.11-1.28x), where 0.25 cost 1.23-1.56x (RESULTS unknowns-timing*); the
+    #: mixup, synth: 1.17-1.22x), where 0.25 cost 1.23-1.56x (RESULTS unknowns-timing*); the
     #: weight 0.1 (0.5 until session 20, the issue's untuned prototype): at 0.5 the
     #: synthesized rows take the few weights a 95%-sparse network has from the ID classes
     #: (accuracy on its own training rows falls 10-15 points; RESULTS unknowns-fit), and
