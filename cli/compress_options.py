@@ -110,9 +110,9 @@ Unknowns = Annotated[
     str | None,
     typer.Option(
         help="Synthesized 'unknown' training rows (beyond the MOON paper): none "
-        "(default; MOON as published), synth (the evidence-chosen generators), or "
-        "generator names joined by '+' (patch2, patch4, mixup, blur, permute, "
-        "lowfreq, vos)."
+        "(default; MOON as published), synth (blur+mixup, chosen by the grids in "
+        "benchmarks/RESULTS.md), or generator names joined by '+' (patch2, patch4, mixup, "
+        "blur, permute, lowfreq, vos)."
     ),
 ]
 UnknownsFraction = Annotated[
