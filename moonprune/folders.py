@@ -21,7 +21,7 @@ import torch
 from moonprune.errors import DataError
 from moonprune.rows import FolderSource, LazyRows
 from moonprune.sources import RawImages
-from moonprune.streaming import check_workers, keep_as_is
+from moonprune.streaming import check_workers, keep_as_is, settle_threads
 from moonprune.user_data import list_image_folder, read_image
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ def check_files(files: list[Path], workers: int) -> list[Probe]:
     if workers == 0 or len(chunks) <= 1:
         results: Any = (check[c] for c in chunks)
     else:
+        settle_threads()
         results = torch.utils.data.DataLoader(
             check, sampler=chunks, batch_size=None, collate_fn=keep_as_is,
             num_workers=min(workers, len(chunks)),

@@ -32,6 +32,8 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -127,6 +129,24 @@ class _BatchReader(torch.utils.data.Dataset[Any]):
         return self.pre.normalise(images)
 
 
+def settle_threads(timeout: float = 0.25) -> None:
+    """Wait (at most ``timeout`` seconds in all) for this process's other Python threads
+    to end before a DataLoader forks its workers.
+
+    A worker forked while another thread is ending can hang for ever on CPython 3.11:
+    the child, in ``PyOS_AfterFork_Child``, waits for a runtime lock the ending thread
+    held at the moment of the fork. Seen once in ``.ci/run`` (a DDP test on a streamed
+    folder; gdb showed the worker in ``_PyThreadState_DeleteExcept``): the previous
+    loader's index-queue feeder threads are told to close and end on their own, just as
+    the next loader forks. A thread still alive after the wait is one blocked in a wait
+    (another live loader's feeder), which holds no such lock.
+    """
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and thread is not threading.main_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
 def keep_as_is(batch: Any) -> Any:
     """A ``collate_fn`` for readers that return whole batches (nothing to stack)."""
     return batch
@@ -145,6 +165,7 @@ def stream(
     if workers == 0 or len(batches) <= 1:
         results: Any = (reader[b] for b in batches)
     else:
+        settle_threads()
         results = torch.utils.data.DataLoader(
             reader,
             sampler=batches,  # each element is one batch

@@ -256,3 +256,24 @@ def test_limit_heap_growth_sets_glibcs_threshold_unless_the_environment_does(
     )
     if expected:
         assert limit_heap_growth() is True
+
+
+def test_workers_are_forked_only_after_ending_threads_have_ended() -> None:
+    """settle_threads (called before every DataLoader forks) waits for a thread that is
+    ending, and gives up on one blocked in a wait after its timeout."""
+    import threading
+    import time
+
+    from moonprune.streaming import settle_threads
+
+    ending = threading.Thread(target=time.sleep, args=(0.1,))
+    release = threading.Event()
+    blocked = threading.Thread(target=release.wait)
+    ending.start(), blocked.start()
+    start = time.monotonic()
+    settle_threads(timeout=1.0)
+    waited = time.monotonic() - start
+    assert not ending.is_alive() and blocked.is_alive()
+    assert 0.9 <= waited < 1.5  # the blocked thread used up the rest of the timeout, no more
+    release.set()
+    blocked.join()
