@@ -129,9 +129,13 @@ class _BatchReader(torch.utils.data.Dataset[Any]):
         return self.pre.normalise(images)
 
 
+#: the name :class:`multiprocessing.Queue` gives its feeder thread (CPython's queues.py)
+FEEDER_THREAD = "QueueFeederThread"
+
+
 def settle_threads(timeout: float = 0.25) -> None:
-    """Wait (at most ``timeout`` seconds in all) for this process's other Python threads
-    to end before a DataLoader forks its workers.
+    """Wait (at most ``timeout`` seconds in all) for this process's multiprocessing
+    queue feeder threads to end before a DataLoader forks its workers.
 
     A worker forked while another thread is ending can hang for ever on CPython 3.11:
     the child, in ``PyOS_AfterFork_Child``, waits for a runtime lock the ending thread
@@ -139,11 +143,13 @@ def settle_threads(timeout: float = 0.25) -> None:
     folder; gdb showed the worker in ``_PyThreadState_DeleteExcept``): the previous
     loader's index-queue feeder threads are told to close and end on their own, just as
     the next loader forks. A thread still alive after the wait is one blocked in a wait
-    (another live loader's feeder), which holds no such lock.
+    (another live loader's feeder), which holds no such lock. Only feeders are waited
+    for: a long-lived thread (the console's progress refresh) would cost the whole
+    timeout on every loader.
     """
     deadline = time.monotonic() + timeout
     for thread in threading.enumerate():
-        if thread is not threading.current_thread() and thread is not threading.main_thread():
+        if thread.name == FEEDER_THREAD and thread is not threading.current_thread():
             thread.join(max(0.0, deadline - time.monotonic()))
 
 

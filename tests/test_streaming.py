@@ -264,11 +264,11 @@ def test_workers_are_forked_only_after_ending_threads_have_ended() -> None:
     import threading
     import time
 
-    from moonprune.streaming import settle_threads
+    from moonprune.streaming import FEEDER_THREAD, settle_threads
 
-    ending = threading.Thread(target=time.sleep, args=(0.1,))
+    ending = threading.Thread(target=time.sleep, args=(0.1,), name=FEEDER_THREAD)
     release = threading.Event()
-    blocked = threading.Thread(target=release.wait)
+    blocked = threading.Thread(target=release.wait, name=FEEDER_THREAD)
     ending.start(), blocked.start()
     start = time.monotonic()
     settle_threads(timeout=1.0)
