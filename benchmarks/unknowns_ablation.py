@@ -25,6 +25,9 @@ deterministic, so the pairs differ only by the variant. Variants (each a hypothe
   ``a0noavg``: and no weight averaging (K+1 cross-entropy plus the synthesized rows);
 - ``late07``: the synthesized rows only from 70% of the epochs on;
 - ``vos``: blur+mixup+vos (a third of the rows from VOS's feature-space generator);
+- ``mixmid``: mixup's blend weight drawn from U(0.45, 0.55) instead of U(0.35, 0.65): a
+  blend with one digit at 65% may look like a messy ID digit; do such rows make the
+  network hedge on ID digits (``--probe``)?
 - ``bnmix``: the BatchNorm statistics recomputed at the end (of each averaging epoch, and
   of the run) on the training rows *with* synthesized rows added as in training, not on
   the ID rows alone: does the network trained on mixed batches want mixed statistics?
@@ -46,6 +49,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import itertools
 import json
 import os
@@ -69,7 +73,7 @@ from moonprune.batching import iterate_batches, min_rows_per_batch
 from moonprune.checkpoints import DenseModel
 from moonprune.pipeline import compress
 from moonprune.streaming import batch_rows
-from moonprune.unknowns import epoch_generator, rows_for, synthesize, unknown_head
+from moonprune.unknowns import UNKNOWNS, epoch_generator, rows_for, synthesize, unknown_head
 
 ROOT = Path(__file__).resolve().parent
 LOG = ROOT / "unknowns-ablation.jsonl"
@@ -175,6 +179,27 @@ def _bn_with_synthesized() -> Iterator[None]:
         loop._recalibration_batches = saved  # type: ignore[method-assign]
 
 
+def _mixup_middle(x: torch.Tensor, y: torch.Tensor, m: int, g: torch.Generator) -> torch.Tensor:
+    """``mixup`` with ``lam ~ U(0.45, 0.55)`` (the generator's own: U(0.35, 0.65))."""
+    i = torch.randint(len(x), (m,), generator=g)
+    other = (y.cpu()[None, :] != y.cpu()[i][:, None]).double()
+    noise = torch.rand(m, len(x), generator=g, dtype=torch.float64)
+    j = torch.argmax(noise + 2.0 * other, dim=1)
+    lam = (0.45 + 0.1 * torch.rand(m, generator=g)).to(x).reshape(m, *([1] * (x.ndim - 1)))
+    return lam * x[i.to(x.device)] + (1 - lam) * x[j.to(x.device)]
+
+
+@contextlib.contextmanager
+def _mixmid() -> Iterator[None]:
+    registry = UNKNOWNS._generators
+    saved = registry["mixup"]
+    registry["mixup"] = dataclasses.replace(saved, fn=_mixup_middle)
+    try:
+        yield
+    finally:
+        registry["mixup"] = saved
+
+
 def _detach() -> contextlib.AbstractContextManager[None]:
     from reliability import without
 
@@ -190,6 +215,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], Callable[[], Any]]] = {
     "a0noavg": ("blur+mixup", {"a_final": 0.0, "average_epochs": 0}, contextlib.nullcontext),
     "late07": ("blur+mixup", {}, lambda: _late(0.7)),
     "vos": ("blur+mixup+vos", {}, contextlib.nullcontext),
+    "mixmid": ("blur+mixup", {}, _mixmid),
     "bnmix": ("blur+mixup", {}, _bn_with_synthesized),
     "idbn": ("blur+mixup", {}, lambda: patched("id_bn")),
     "avgall": ("blur+mixup", {"average_fraction": 1.0}, contextlib.nullcontext),
@@ -208,6 +234,7 @@ LABELS = {
     "a0noavg": "`a0noavg`: reweighting and averaging off",
     "late07": "`late07`: rows from 70% of the epochs on",
     "vos": "`vos`: blur+mixup+vos",
+    "mixmid": "`mixmid`: mixup weights 0.45-0.55",
     "bnmix": "`bnmix`: BatchNorm recomputed with the rows",
     "idbn": "`idbn`: BatchNorm batches of the ID rows",
     "avgall": "`avgall`: average updated at every step",
