@@ -242,33 +242,38 @@ LABELS = {
 }
 
 
+def _settings(archs: list[str], seeds: list[int], epochs: int) -> Iterator[tuple]:
+    """(grid, arch, seed, its trained dense setting) for the mnist5k grid at ``epochs``."""
+    grid = Grid(**{**FULL.__dict__, "epochs": epochs})
+    for arch in archs:
+        for seed in seeds:
+            yield grid, arch, seed, prepare(grid, ARCHS[arch], seed)
+
+
 def run(variant: str, archs: list[str], seeds: list[int], epochs: int) -> None:
     unknowns, extra, patch = VARIANTS[variant]
-    grid = Grid(**{**FULL.__dict__, "epochs": epochs})
-    near = grid.ood[0]
+    near = FULL.ood[0]
     with LOG.open("a") as log:
-        for arch in archs:
-            for seed in seeds:
-                setting = prepare(grid, ARCHS[arch], seed)
-                for method in grid.methods:
-                    moon = {"enabled": True, "warmup_epochs": max(1, epochs // 6),
-                            "unknowns": unknowns, "unknowns_weight": 0.1, **extra}  # fmt: skip
-                    start = time.perf_counter()
-                    with patch():
-                        row = run_one(grid, setting, seed, method, 0.95, moon)
-                    maha = row["report_scores"]["compressed"]["mahalanobis++"]
-                    rec = {"variant": variant, "arch": arch, "seed": seed, "method": method,
-                           "sparsity": 0.95, "epochs": epochs,
-                           "accuracy": row["compressed"]["accuracy"],
-                           "msp_mean": score_mean(row, "msp"),
-                           "msp_near": score_mean(row, "msp", (near,)),
-                           "maha_near": maha[near]["auroc"]}  # fmt: skip
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
-                    print(f"{variant} {arch} seed {seed} {method}: acc "
-                          f"{100 * rec['accuracy']:.2f} MSP {100 * rec['msp_mean']:.1f} near "
-                          f"{100 * rec['msp_near']:.2f} ({time.perf_counter() - start:.0f}s)",
-                          flush=True)  # fmt: skip
+        for grid, arch, seed, setting in _settings(archs, seeds, epochs):
+            for method in grid.methods:
+                moon = {"enabled": True, "warmup_epochs": max(1, epochs // 6),
+                        "unknowns": unknowns, "unknowns_weight": 0.1, **extra}  # fmt: skip
+                start = time.perf_counter()
+                with patch():
+                    row = run_one(grid, setting, seed, method, 0.95, moon)
+                maha = row["report_scores"]["compressed"]["mahalanobis++"]
+                rec = {"variant": variant, "arch": arch, "seed": seed, "method": method,
+                       "sparsity": 0.95, "epochs": epochs,
+                       "accuracy": row["compressed"]["accuracy"],
+                       "msp_mean": score_mean(row, "msp"),
+                       "msp_near": score_mean(row, "msp", (near,)),
+                       "maha_near": maha[near]["auroc"]}  # fmt: skip
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                print(f"{variant} {arch} seed {seed} {method}: acc "
+                      f"{100 * rec['accuracy']:.2f} MSP {100 * rec['msp_mean']:.1f} near "
+                      f"{100 * rec['msp_near']:.2f} ({time.perf_counter() - start:.0f}s)",
+                      flush=True)  # fmt: skip
 
 
 PROBE_LOG = ROOT / "unknowns-ablation-probe.jsonl"
@@ -278,36 +283,31 @@ def probe(archs: list[str], seeds: list[int], epochs: int) -> None:
     """Where the near-OOD AUROC goes: for plain, MOON and ``synth`` runs of the grid's
     cells, the mean MSP, max known logit and p(unknown) of the ID test rows and of the
     near-OOD rows (mnist5k 6-9), from the saved model's logits."""
-    grid = Grid(**{**FULL.__dict__, "epochs": epochs})
-    near = grid.ood[0]
+    near = FULL.ood[0]
     with PROBE_LOG.open("a") as log:
-        for arch in archs:
-            for seed in seeds:
-                setting = prepare(grid, ARCHS[arch], seed)
-                k = setting.splits.num_classes
-                for method, variant in itertools.product(
-                    grid.methods, ("plain", "none", "blur+mixup")
-                ):
-                    moon = {"enabled": variant != "plain", "warmup_epochs": max(1, epochs // 6),
-                            "unknowns": "none" if variant == "plain" else variant,
-                            "unknowns_weight": 0.1}  # fmt: skip
-                    with tempfile.TemporaryDirectory() as tmp:
-                        cfg = compress_config(grid, setting.spec, seed, Path(tmp) / "out", moon,
-                                              method, 0.95)  # fmt: skip
-                        result = compress(cfg, dense=DenseModel(copy.deepcopy(setting.dense),
-                                                                setting.spec))  # fmt: skip
-                    logits = collect(result.checkpoint.model.eval(), setting.splits,
-                                     {near: setting.ood[near]})  # fmt: skip
-                    rec: dict[str, Any] = {"arch": arch, "seed": seed, "method": method,
-                                           "variant": variant, "epochs": epochs}  # fmt: skip
-                    for name, z in (("id", logits.test), ("near", logits.ood[near])):
-                        p = torch.softmax(z.double(), dim=-1)
-                        rec[f"{name}_msp"] = float(p[:, :k].amax(dim=-1).mean())
-                        rec[f"{name}_max_logit"] = float(z[:, :k].amax(dim=-1).double().mean())
-                        rec[f"{name}_p_unknown"] = float(p[:, k:].sum(dim=-1).mean())
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
-                    print(rec, flush=True)
+        for grid, arch, seed, setting in _settings(archs, seeds, epochs):
+            k = setting.splits.num_classes
+            for method, variant in itertools.product(grid.methods, ("plain", "none", "blur+mixup")):
+                moon = {"enabled": variant != "plain", "warmup_epochs": max(1, epochs // 6),
+                        "unknowns": "none" if variant == "plain" else variant,
+                        "unknowns_weight": 0.1}  # fmt: skip
+                with tempfile.TemporaryDirectory() as tmp:
+                    cfg = compress_config(grid, setting.spec, seed, Path(tmp) / "out", moon,
+                                          method, 0.95)  # fmt: skip
+                    result = compress(cfg, dense=DenseModel(copy.deepcopy(setting.dense),
+                                                            setting.spec))  # fmt: skip
+                logits = collect(result.checkpoint.model.eval(), setting.splits,
+                                 {near: setting.ood[near]})  # fmt: skip
+                rec: dict[str, Any] = {"arch": arch, "seed": seed, "method": method,
+                                       "variant": variant, "epochs": epochs}  # fmt: skip
+                for name, z in (("id", logits.test), ("near", logits.ood[near])):
+                    p = torch.softmax(z.double(), dim=-1)
+                    rec[f"{name}_msp"] = float(p[:, :k].amax(dim=-1).mean())
+                    rec[f"{name}_max_logit"] = float(z[:, :k].amax(dim=-1).double().mean())
+                    rec[f"{name}_p_unknown"] = float(p[:, k:].sum(dim=-1).mean())
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                print(rec, flush=True)
 
 
 def probe_lines() -> list[str]:
