@@ -3,11 +3,13 @@ network (issue 18)? Each hypothesis as a change to ``synth`` (blur+mixup, weight
 
     python benchmarks/unknowns_ablation.py --variant beta03 --archs cnn   # 9 runs, ~4 min
     python benchmarks/unknowns_ablation.py --variant vos --epochs 30      # 18 runs
+    python benchmarks/unknowns_ablation.py --probe --epochs 30 --seeds 0   # 18 runs
     python benchmarks/unknowns_ablation.py --render-only
 
 The cells are ``benchmarks/reliability.py``'s mnist5k grid at 95% sparsity (cnn and
 resnet8, RigL / SET / GMP, seeds 0-2, the same dense model per seed, compress's settings
-as the grid passes them: one warm-up epoch of six, ``--unknowns-weight 0.1``). Each run
+as the grid passes them: MOON's warm-up ``max(1, epochs // 6)`` epochs,
+``--unknowns-weight 0.1``). Each run
 is compared with the plain, MOON (``--unknowns none``) and MOON+blur+mixup runs of the
 same seed in the grid's logs (``reliability-full.jsonl`` and
 ``reliability-full-unknowns-blur_mixup-w0.1.jsonl``; at 30 epochs
@@ -36,9 +38,9 @@ deterministic, so the pairs differ only by the variant. Variants (each a hypothe
   (``unknowns_fit.py``'s patch; there, at weight 0.5 and ``blur``, it cost more): do
   the synthesized rows in the batch statistics cost the ID rows?
 - ``avgall`` (and ``moon-avgall``, MOON without synthesized rows): the average updated
-  at every step of its epochs, not in the first 10% of each (the reference's
-  ``average_fraction``; at 10 epochs the reference's schedule leaves the last 90% of
-  the last epoch out of the output).
+  at every step of its epochs, not in the first 10% of each (``average_fraction`` 0.1,
+  MOON_METHOD.md part 4; at 10 epochs that schedule leaves the last 90% of the last
+  epoch out of the output).
 
 Some variants change moonprune's training step from outside (patches here only); they
 are not options of the product. Written into RESULTS.md, section unknowns-ablation.
