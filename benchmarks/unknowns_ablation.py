@@ -23,7 +23,8 @@ deterministic, so the pairs differ only by the variant. Variants (each a hypothe
 - ``detach``: MOON's weight ``w`` without the gradient through p(unknown) (a live
   unknown output lets that gradient push hard ID rows into "unknown"): is it MOON's
   push?
-- ``a0``: MOON's reweighting off (``a_final`` 0: plain cross-entropy over K+1);
+- ``a0``: MOON's reweighting nearly off (``a_final`` 0: ``a`` starts at its usual small
+  ``ewma / 64`` and falls to 0, so the loss is almost plain cross-entropy over K+1);
   ``a0noavg``: and no weight averaging (K+1 cross-entropy plus the synthesized rows);
 - ``late07``: the synthesized rows only from 70% of the epochs on;
 - ``vos``: blur+mixup+vos (a third of the rows from VOS's feature-space generator);
@@ -232,8 +233,8 @@ LABELS = {
     "hinge": "`hinge`: no loss once p(unknown) >= 0.5",
     "beta03": "`beta03`: backbone gets 0.3 of their gradient",
     "detach": "`detach`: MOON's w without its gradient",
-    "a0": "`a0`: MOON's reweighting off",
-    "a0noavg": "`a0noavg`: reweighting and averaging off",
+    "a0": "`a0`: MOON's reweighting ramped to 0",
+    "a0noavg": "`a0noavg`: reweighting to 0, no averaging",
     "late07": "`late07`: rows from 70% of the epochs on",
     "vos": "`vos`: blur+mixup+vos",
     "mixmid": "`mixmid`: mixup weights 0.45-0.55",
