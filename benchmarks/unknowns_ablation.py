@@ -53,6 +53,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -65,7 +66,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from reliability import ARCHS, FULL, Grid, compress_config, prepare, run_one, score_mean
+from reliability import (
+    ARCHS,
+    FULL,
+    Grid,
+    compress_config,
+    prepare,
+    run_one,
+    score_mean,
+    without,
+)
 from results_file import update_section
 from unknowns_fit import patched
 
@@ -76,6 +86,7 @@ from moonprune.batching import iterate_batches, min_rows_per_batch
 from moonprune.checkpoints import DenseModel
 from moonprune.pipeline import compress
 from moonprune.streaming import batch_rows
+from moonprune.unknown_generators import mixup
 from moonprune.unknowns import UNKNOWNS, epoch_generator, rows_for, synthesize, unknown_head
 
 ROOT = Path(__file__).resolve().parent
@@ -182,21 +193,11 @@ def _bn_with_synthesized() -> Iterator[None]:
         loop._recalibration_batches = saved  # type: ignore[method-assign]
 
 
-def _mixup_middle(x: torch.Tensor, y: torch.Tensor, m: int, g: torch.Generator) -> torch.Tensor:
-    """``mixup`` with ``lam ~ U(0.45, 0.55)`` (the generator's own: U(0.35, 0.65))."""
-    i = torch.randint(len(x), (m,), generator=g)
-    other = (y.cpu()[None, :] != y.cpu()[i][:, None]).double()
-    noise = torch.rand(m, len(x), generator=g, dtype=torch.float64)
-    j = torch.argmax(noise + 2.0 * other, dim=1)
-    lam = (0.45 + 0.1 * torch.rand(m, generator=g)).to(x).reshape(m, *([1] * (x.ndim - 1)))
-    return lam * x[i.to(x.device)] + (1 - lam) * x[j.to(x.device)]
-
-
 @contextlib.contextmanager
 def _mixmid() -> Iterator[None]:
     registry = UNKNOWNS._generators
     saved = registry["mixup"]
-    registry["mixup"] = dataclasses.replace(saved, fn=_mixup_middle)
+    registry["mixup"] = dataclasses.replace(saved, fn=functools.partial(mixup, low=0.45, span=0.1))
     try:
         yield
     finally:
@@ -204,8 +205,6 @@ def _mixmid() -> Iterator[None]:
 
 
 def _detach() -> contextlib.AbstractContextManager[None]:
-    from reliability import without
-
     return without("gradient")
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -164,7 +165,7 @@ def generator_lines(logs: list[Path], weight: float = 0.1) -> list[str]:
 
 
 def _paired(plain: list[dict[str, Any]], variant: list[dict[str, Any]],
-            value: Any) -> list[float]:  # fmt: skip
+            value: Callable[[dict[str, Any]], float]) -> list[float]:  # fmt: skip
     """``value(variant run) - value(plain run)`` per seed (the grids pair them: one dense
     model per seed), in points."""
     by_seed = {r["seed"]: r for r in plain}

@@ -65,14 +65,17 @@ def patch_shuffle(
     return rows
 
 
-def mixup(x: torch.Tensor, y: torch.Tensor, m: int, g: torch.Generator) -> torch.Tensor:
+def mixup(
+    x: torch.Tensor, y: torch.Tensor, m: int, g: torch.Generator, low: float = 0.35,
+    span: float = 0.3,
+) -> torch.Tensor:  # fmt: skip
     """Row ``i`` blended with a row ``j`` of another class (the same class only when the
-    batch holds one class), ``lam ~ U(0.35, 0.65)``."""
+    batch holds one class), ``lam ~ U(low, low + span)``: ``U(0.35, 0.65)``."""
     i = _pick(len(x), m, g)
     other = (y.cpu()[None, :] != y.cpu()[i][:, None]).double()
     noise = torch.rand(m, len(x), generator=g, dtype=torch.float64)
     j = torch.argmax(noise + 2.0 * other, dim=1)  # a random row of another class
-    lam = (0.35 + 0.3 * torch.rand(m, generator=g)).to(x)
+    lam = (low + span * torch.rand(m, generator=g)).to(x)
     lam = lam.reshape(m, *([1] * (x.ndim - 1)))
     return lam * x[i.to(x.device)] + (1 - lam) * x[j.to(x.device)]
 
