@@ -63,6 +63,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -97,18 +98,13 @@ BASE = {10: ("reliability-full.jsonl", "reliability-full-unknowns-blur_mixup-w0.
 
 @contextlib.contextmanager
 def _hinge() -> Iterator[None]:
-    saved = unknown_forward.unknown_loss_sum
-
     def loss_sum(logits: torch.Tensor, unknown: int) -> torch.Tensor:
         target = torch.full((len(logits),), unknown, dtype=torch.long)
         ce = F.cross_entropy(logits, target, reduction="none")
         return torch.relu(ce + torch.log(torch.tensor(0.5))).sum()
 
-    unknown_forward.unknown_loss_sum = loss_sum  # type: ignore[assignment]
-    try:
+    with mock.patch.object(unknown_forward, "unknown_loss_sum", loss_sum):
         yield
-    finally:
-        unknown_forward.unknown_loss_sum = saved
 
 
 class _ScaleRows(torch.autograd.Function):
@@ -142,11 +138,8 @@ def _beta(beta: float) -> Iterator[None]:
         finally:
             hook.remove()
 
-    cls._forward_with_unknowns = forward  # type: ignore[method-assign]
-    try:
+    with mock.patch.object(cls, "_forward_with_unknowns", forward):
         yield
-    finally:
-        cls._forward_with_unknowns = saved  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager
@@ -164,13 +157,9 @@ def _late(start: float) -> Iterator[None]:
             return self.forward(x), torch.zeros(())
         return saved_forward(self, x, y, n_global, draws)
 
-    loop._train_step = step  # type: ignore[method-assign]
-    cls._forward_with_unknowns = forward  # type: ignore[method-assign]
-    try:
+    with mock.patch.object(loop, "_train_step", step), \
+            mock.patch.object(cls, "_forward_with_unknowns", forward):  # fmt: skip
         yield
-    finally:
-        loop._train_step = saved_step  # type: ignore[method-assign]
-        cls._forward_with_unknowns = saved_forward  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager
@@ -186,22 +175,17 @@ def _bn_with_synthesized() -> Iterator[None]:
             m = rows_for(len(x), self.moon_cfg.unknowns_fraction)
             yield torch.cat([x, synthesize(self.unknowns, x, y, m, draws, "input")])
 
-    loop._recalibration_batches = batches  # type: ignore[method-assign]
-    try:
+    with mock.patch.object(loop, "_recalibration_batches", batches):
         yield
-    finally:
-        loop._recalibration_batches = saved  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager
 def _mixmid() -> Iterator[None]:
-    registry = UNKNOWNS._generators
-    saved = registry["mixup"]
-    registry["mixup"] = dataclasses.replace(saved, fn=functools.partial(mixup, low=0.45, span=0.1))
-    try:
+    blend = dataclasses.replace(
+        UNKNOWNS.get("mixup"), fn=functools.partial(mixup, low=0.45, span=0.1)
+    )
+    with mock.patch.dict(UNKNOWNS._generators, {"mixup": blend}):
         yield
-    finally:
-        registry["mixup"] = saved
 
 
 def _detach() -> contextlib.AbstractContextManager[None]:
