@@ -20,6 +20,17 @@ deterministic, so the pairs differ only by the variant. Variants (each a hypothe
   (``relu(CE + log 0.5)``): is it the push past "rejected" that takes the capacity?
 - ``beta03``: their gradient into the layers below the classifier scaled by 0.3 (the
   classifier gets all of it): do they reshape the ID features?
+- ``beta0``: none of it (session 23: ``beta03`` left the cost where it was; if the
+  backbone's capacity were the cause, cutting all of their gradient into it should
+  remove the cost);
+- ``kcol``: their cross-entropy with the known logits detached, so it raises the unknown
+  logit without pushing the known ones down (the probe saw ID max logits shrink);
+- ``rowonly``: both: only the unknown row of the classifier (weights and bias) learns
+  from them, the rest of the network trains as under MOON alone;
+- ``oe``: their loss is outlier exposure's, cross-entropy to the uniform distribution
+  over the K known classes, with the unknown column left out: is it the unknown column
+  (which the ID rows' softmax must then hold down) that costs, or the flattening of
+  near-ID rows?
 - ``detach``: MOON's weight ``w`` without the gradient through p(unknown) (a live
   unknown output lets that gradient push hard ID rows into "unknown"): is it MOON's
   push?
@@ -42,6 +53,15 @@ deterministic, so the pairs differ only by the variant. Variants (each a hypothe
   at every step of its epochs, not in the first 10% of each (``average_fraction`` 0.1,
   MOON_METHOD.md part 4; at 10 epochs that schedule leaves the last 90% of the last
   epoch out of the output).
+- ``shufbn-*`` (session 23, as are ``beta0``, ``kcol``, ``rowonly`` and ``oe``):
+  BatchNorm statistics (the average's and the output's) recomputed on the training
+  rows in a seeded shuffled order, as the reference's shuffling loader gives them,
+  instead of moonprune's storage order, which on mnist5k (stored class by class) makes
+  every batch of 256 one or two classes: ``shufbn-plain`` and ``shufbn-none`` (plain and
+  MOON), ``shufbn-id`` (``synth``, ID rows only) and ``shufbn-mix`` (``synth``, with
+  synthesized rows added as in training). ``unknowns_trace.py`` saw ``synth``'s extra
+  cost over MOON appear when BatchNorm is recomputed on ID rows; these runs ask whether
+  recomputing it the way the network was trained removes it.
 
 Some variants change moonprune's training step from outside (patches here only); they
 are not options of the product. Written into RESULTS.md, section unknowns-ablation.
@@ -56,6 +76,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -83,6 +104,7 @@ from unknowns_fit import patched
 import moonprune.epoch_loop as epoch_loop
 import moonprune.unknown_forward as unknown_forward
 from moonprune.assessment import collect
+from moonprune.augment import augment_batch
 from moonprune.batching import iterate_batches, min_rows_per_batch
 from moonprune.checkpoints import DenseModel
 from moonprune.pipeline import compress
@@ -180,11 +202,71 @@ def _bn_with_synthesized() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _shuffled_bn(mixed: bool) -> Iterator[None]:
+    """BatchNorm statistics recomputed (the average's and the output's) on the training
+    rows in a seeded shuffled order, as the reference's shuffling loader gives them,
+    not in storage order; with ``mixed``, synthesized rows added as in training."""
+    loop = epoch_loop.EpochLoop
+
+    def batches(self: Any, epoch: int) -> Iterator[torch.Tensor]:
+        draws = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch + 15_485_863)
+        unknowns = epoch_generator(self.cfg.seed, epoch, self.dist.rank)
+        rows = batch_rows(self.data.x.shape, 256)
+        order = self.cfg.seed * 100_003 + epoch + 7_919
+        for x, y in iterate_batches(self.data, rows, order, self.device, True,
+                                    min_rows_per_batch(self.model)):  # fmt: skip
+            x = augment_batch(x, self.cfg.augment, draws)
+            if mixed:
+                m = rows_for(len(x), self.moon_cfg.unknowns_fraction)
+                x = torch.cat([x, synthesize(self.unknowns, x, y, m, unknowns, "input")])
+            yield x
+
+    with mock.patch.object(loop, "_recalibration_batches", batches):
+        yield
+
+
+@contextlib.contextmanager
 def _mixmid() -> Iterator[None]:
     blend = dataclasses.replace(
         UNKNOWNS.get("mixup"), fn=functools.partial(mixup, low=0.45, span=0.1)
     )
     with mock.patch.dict(UNKNOWNS._generators, {"mixup": blend}):
+        yield
+
+
+@contextlib.contextmanager
+def _unknown_column_only() -> Iterator[None]:
+    """The synthesized rows' cross-entropy with their known logits detached: it raises
+    their unknown logit without lowering the known ones."""
+    saved = unknown_forward.unknown_loss_sum
+
+    def loss_sum(logits: torch.Tensor, unknown: int) -> torch.Tensor:
+        keep = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
+        keep[unknown] = True
+        return saved(torch.where(keep, logits, logits.detach()), unknown)
+
+    with mock.patch.object(unknown_forward, "unknown_loss_sum", loss_sum):
+        yield
+
+
+@contextlib.contextmanager
+def _outlier_exposure() -> Iterator[None]:
+    """The synthesized rows' loss is cross-entropy to the uniform distribution over the
+    K known classes (Hendrycks et al., "Deep anomaly detection with outlier exposure",
+    ICLR 2019), minus its minimum ``log K``; the unknown column takes no part in it."""
+
+    def loss_sum(logits: torch.Tensor, unknown: int) -> torch.Tensor:
+        known = torch.log_softmax(logits[:, :unknown], dim=-1)
+        return (-known.mean(dim=-1) - math.log(unknown)).sum()
+
+    with mock.patch.object(unknown_forward, "unknown_loss_sum", loss_sum):
+        yield
+
+
+@contextlib.contextmanager
+def _row_only() -> Iterator[None]:
+    """Only the unknown row's weights (and bias) learn from the synthesized rows."""
+    with _beta(0.0), _unknown_column_only():
         yield
 
 
@@ -196,6 +278,10 @@ def _detach() -> contextlib.AbstractContextManager[None]:
 VARIANTS: dict[str, tuple[str, dict[str, Any], Callable[[], Any]]] = {
     "hinge": ("blur+mixup", {}, _hinge),
     "beta03": ("blur+mixup", {}, lambda: _beta(0.3)),
+    "beta0": ("blur+mixup", {}, lambda: _beta(0.0)),
+    "kcol": ("blur+mixup", {}, _unknown_column_only),
+    "rowonly": ("blur+mixup", {}, _row_only),
+    "oe": ("blur+mixup", {}, _outlier_exposure),
     "detach": ("blur+mixup", {}, _detach),
     "a0": ("blur+mixup", {"a_final": 0.0}, contextlib.nullcontext),
     "a0noavg": ("blur+mixup", {"a_final": 0.0, "average_epochs": 0}, contextlib.nullcontext),
@@ -206,6 +292,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], Callable[[], Any]]] = {
     "idbn": ("blur+mixup", {}, lambda: patched("id_bn")),
     "avgall": ("blur+mixup", {"average_fraction": 1.0}, contextlib.nullcontext),
     "moon-avgall": ("none", {"average_fraction": 1.0}, contextlib.nullcontext),
+    "shufbn-plain": ("plain", {}, lambda: _shuffled_bn(False)),
+    "shufbn-none": ("none", {}, lambda: _shuffled_bn(False)),
+    "shufbn-id": ("blur+mixup", {}, lambda: _shuffled_bn(False)),
+    "shufbn-mix": ("blur+mixup", {}, lambda: _shuffled_bn(True)),
 }
 
 
@@ -215,6 +305,10 @@ LABELS = {
     "blur+mixup": "**synth** (blur+mixup)",
     "hinge": "`hinge`: no loss once p(unknown) >= 0.5",
     "beta03": "`beta03`: backbone gets 0.3 of their gradient",
+    "beta0": "`beta0`: backbone gets none of their gradient",
+    "kcol": "`kcol`: their known logits detached",
+    "rowonly": "`rowonly`: only the unknown row learns from them",
+    "oe": "`oe`: their loss is outlier exposure's (uniform over the K known)",
     "detach": "`detach`: MOON's w without its gradient",
     "a0": "`a0`: MOON's reweighting ramped to 0",
     "a0noavg": "`a0noavg`: reweighting to 0, no averaging",
@@ -225,6 +319,10 @@ LABELS = {
     "idbn": "`idbn`: BatchNorm batches of the ID rows",
     "avgall": "`avgall`: average updated at every step",
     "moon-avgall": "`moon-avgall`: MOON, average at every step",
+    "shufbn-plain": "`shufbn-plain`: plain, BatchNorm recomputed on shuffled rows",
+    "shufbn-none": "`shufbn-none`: MOON, BatchNorm recomputed on shuffled rows",
+    "shufbn-id": "`shufbn-id`: BatchNorm recomputed on shuffled ID rows",
+    "shufbn-mix": "`shufbn-mix`: BatchNorm recomputed on shuffled ID + synthesized rows",
 }
 
 
@@ -242,8 +340,9 @@ def run(variant: str, archs: list[str], seeds: list[int], epochs: int) -> None:
     with LOG.open("a") as log:
         for grid, arch, seed, setting in _settings(archs, seeds, epochs):
             for method in grid.methods:
-                moon = {"enabled": True, "warmup_epochs": max(1, epochs // 6),
-                        "unknowns": unknowns, "unknowns_weight": 0.1, **extra}  # fmt: skip
+                moon = {"enabled": unknowns != "plain", "warmup_epochs": max(1, epochs // 6),
+                        "unknowns": unknowns.replace("plain", "none"), "unknowns_weight": 0.1,
+                        **extra}  # fmt: skip
                 start = time.perf_counter()
                 with patch():
                     row = run_one(grid, setting, seed, method, 0.95, moon)
@@ -377,6 +476,8 @@ def render() -> str:
         for (variant, *key), r in latest.items():
             runs.setdefault(variant, []).append({**r, "key": tuple(key)})
         for variant, vs in runs.items():
+            if variant.startswith("shufbn-") and variant != "shufbn-plain":
+                continue  # against shufbn-plain, in shuffled_lines
             pairs = [(v, base[("plain", *v["key"])]) for v in vs if ("plain", *v["key"]) in base]
             d = {k: [100 * (v[k] - p[k]) for v, p in pairs]
                  for k in ("accuracy", "msp_near", "maha_near")}  # fmt: skip
@@ -385,7 +486,40 @@ def render() -> str:
                          f"{sum(x >= -0.5 for x in d['accuracy'])} | "
                          f"{100 * statistics.mean(v['msp_mean'] for v, _ in pairs):.1f} | "
                          f"{_mse(d['msp_near'])} | {_mse(d['maha_near'])} |")  # fmt: skip
-    return "\n".join(lines + probe_lines()) + "\n"
+    return "\n".join(lines + shuffled_lines(rows) + probe_lines()) + "\n"
+
+
+def shuffled_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The ``shufbn-*`` runs against ``shufbn-plain``: every side recalibrated on shuffled
+    rows (the table above pairs them with the grid's plain, recalibrated in storage
+    order)."""
+    shuffled = [r for r in rows if r["epochs"] == 10 and r["variant"].startswith("shufbn-")]
+    latest = {(r["variant"], r["arch"], r["method"], r["seed"]): r for r in shuffled}
+    if not any(key[0] == "shufbn-plain" for key in latest):
+        return []
+    lines = [
+        "",
+        "### BatchNorm recomputed on shuffled rows, on every side (10 epochs)",
+        "",
+        "Each `shufbn-*` run against the `shufbn-plain` run of the same cell and seed (Δ "
+        "points, mean ± standard error).",
+        "",
+        "| variant | runs | Δ accuracy | runs within 0.5 | MSP | Δ near-OOD MSP | "
+        "Δ near-OOD mahalanobis++ |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for variant in ("shufbn-none", "shufbn-id", "shufbn-mix"):
+        pairs = [(r, latest[("shufbn-plain", *key[1:])]) for key, r in latest.items()
+                 if key[0] == variant and ("shufbn-plain", *key[1:]) in latest]  # fmt: skip
+        if not pairs:
+            continue
+        d = {k: [100 * (v[k] - p[k]) for v, p in pairs]
+             for k in ("accuracy", "msp_near", "maha_near")}  # fmt: skip
+        lines.append(f"| {LABELS[variant]} | {len(pairs)} | {_mse(d['accuracy'])} | "
+                     f"{sum(x >= -0.5 for x in d['accuracy'])} | "
+                     f"{100 * statistics.mean(v['msp_mean'] for v, _ in pairs):.1f} | "
+                     f"{_mse(d['msp_near'])} | {_mse(d['maha_near'])} |")  # fmt: skip
+    return lines
 
 
 def main() -> None:
