@@ -194,7 +194,9 @@ class EpochLoop(SynthesizedUnknowns):
         self.model_swa)``, openood/trainers/base_trainer.py:170), whose train-split
         preprocessor flips and crops (openood/preprocessors/utils.py:23-24,
         openood/preprocessors/base_preprocessor.py:26-27): the statistics then describe
-        the rows the network was trained on. That loader also shuffles; the order here
+        the rows the network was trained on. That loader also shuffles
+        (openood/datasets/utils.py:94-96, ``shuffle=split_config.shuffle``, which
+        configs/datasets/cifar10/cifar10.yml:21 sets to ``True`` for train); the order here
         stays the storage order, so that a run with ``--augment none`` (the default)
         reproduces the results recorded before this recalibration followed ``--augment``.
         That order costs where the rows are stored class by class (an image folder read
