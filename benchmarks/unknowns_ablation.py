@@ -274,7 +274,7 @@ def _detach() -> contextlib.AbstractContextManager[None]:
     return without("gradient")
 
 
-#: name -> (--unknowns, extra MOON settings, patch)
+#: name -> (--unknowns, or "plain" for MOON off; extra MOON settings; patch)
 VARIANTS: dict[str, tuple[str, dict[str, Any], Callable[[], Any]]] = {
     "hinge": ("blur+mixup", {}, _hinge),
     "beta03": ("blur+mixup", {}, lambda: _beta(0.3)),
@@ -341,8 +341,8 @@ def run(variant: str, archs: list[str], seeds: list[int], epochs: int) -> None:
         for grid, arch, seed, setting in _settings(archs, seeds, epochs):
             for method in grid.methods:
                 moon = {"enabled": unknowns != "plain", "warmup_epochs": max(1, epochs // 6),
-                        "unknowns": unknowns.replace("plain", "none"), "unknowns_weight": 0.1,
-                        **extra}  # fmt: skip
+                        "unknowns": "none" if unknowns == "plain" else unknowns,
+                        "unknowns_weight": 0.1, **extra}  # fmt: skip
                 start = time.perf_counter()
                 with patch():
                     row = run_one(grid, setting, seed, method, 0.95, moon)

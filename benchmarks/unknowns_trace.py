@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import copy
 import json
-import os
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -40,9 +39,9 @@ from moonprune.streaming import batch_rows
 
 ROOT = Path(__file__).resolve().parent
 LOG = ROOT / "unknowns-trace.jsonl"
-#: the grid's own variants: (--unknowns, extra MOON settings, patch); None: plain
-GRID: dict[str, tuple[str, dict[str, Any], Callable[[], Any]] | None] = {
-    "plain": None,
+#: the grid's own variants, as ``unknowns_ablation.VARIANTS`` gives the others
+GRID: dict[str, tuple[str, dict[str, Any], Callable[[], Any]]] = {
+    "plain": ("plain", {}, contextlib.nullcontext),
     "none": ("none", {}, contextlib.nullcontext),
     "blur+mixup": ("blur+mixup", {}, contextlib.nullcontext),
 }
@@ -81,12 +80,11 @@ def traced_run(grid: Any, setting: Any, seed: int, method: str, variant: str) ->
             recompute_batchnorm(self._recalibration_batches(grid.epochs), live)
             recomputed.update(scores(live, test.x, test.y, k))
 
-    spec = GRID[variant] if variant in GRID else VARIANTS[variant]
-    unknowns, extra, patch = spec or ("none", {}, contextlib.nullcontext)
+    unknowns, extra, patch = GRID[variant] if variant in GRID else VARIANTS[variant]
     moon = {
-        "enabled": spec is not None,
+        "enabled": unknowns != "plain",
         "warmup_epochs": max(1, grid.epochs // 6),
-        "unknowns": unknowns,
+        "unknowns": "none" if unknowns == "plain" else unknowns,
         "unknowns_weight": 0.1,
         **extra,
     }
@@ -185,9 +183,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--render-only", action="store_true")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     if not args.render_only:
+        torch.set_num_threads(args.threads)  # 1: runs repeat to the last digit
         trace(args.variants, args.archs, args.seeds, args.epochs)
     text = render()
     print(text)
