@@ -90,6 +90,7 @@ import torch
 import torch.nn.functional as F
 from reliability import (
     ARCHS,
+    DIGITS,
     FULL,
     Grid,
     compress_config,
@@ -114,8 +115,13 @@ from moonprune.unknowns import UNKNOWNS, epoch_generator, rows_for, synthesize, 
 
 ROOT = Path(__file__).resolve().parent
 LOG = ROOT / "unknowns-ablation.jsonl"
-BASE = {10: ("reliability-full.jsonl", "reliability-full-unknowns-blur_mixup-w0.1.jsonl"),
-        30: ("reliability-full-0.95-e30-unknowns-blur_mixup-w0.1.jsonl",)}  # fmt: skip
+#: the ID sets (``--data``) and, per (ID set, epochs), the grid's logs of plain, MOON and synth
+GRIDS = {"mnist5k": FULL, "digits": DIGITS}
+BASE = {("mnist5k", 10): ("reliability-full.jsonl",
+                          "reliability-full-unknowns-blur_mixup-w0.1.jsonl"),
+        ("mnist5k", 30): ("reliability-full-0.95-e30-unknowns-blur_mixup-w0.1.jsonl",),
+        ("digits", 10): ("reliability-digits.jsonl",
+                         "reliability-digits-unknowns-blur_mixup-w0.1.jsonl")}  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -326,19 +332,21 @@ LABELS = {
 }
 
 
-def _settings(archs: list[str], seeds: list[int], epochs: int) -> Iterator[tuple]:
-    """(grid, arch, seed, its trained dense setting) for the mnist5k grid at ``epochs``."""
-    grid = Grid(**{**FULL.__dict__, "epochs": epochs})
+def _settings(
+    archs: list[str], seeds: list[int], epochs: int, data: str = "mnist5k"
+) -> Iterator[tuple]:
+    """(grid, arch, seed, its trained dense setting) for the ``data`` grid at ``epochs``."""
+    grid = Grid(**{**GRIDS[data].__dict__, "epochs": epochs})
     for arch in archs:
         for seed in seeds:
             yield grid, arch, seed, prepare(grid, ARCHS[arch], seed)
 
 
-def run(variant: str, archs: list[str], seeds: list[int], epochs: int) -> None:
+def run(variant: str, archs: list[str], seeds: list[int], epochs: int, data: str) -> None:
     unknowns, extra, patch = VARIANTS[variant]
-    near = FULL.ood[0]
+    near = GRIDS[data].ood[0]
     with LOG.open("a") as log:
-        for grid, arch, seed, setting in _settings(archs, seeds, epochs):
+        for grid, arch, seed, setting in _settings(archs, seeds, epochs, data):
             for method in grid.methods:
                 moon = {"enabled": unknowns != "plain", "warmup_epochs": max(1, epochs // 6),
                         "unknowns": "none" if unknowns == "plain" else unknowns,
@@ -347,7 +355,8 @@ def run(variant: str, archs: list[str], seeds: list[int], epochs: int) -> None:
                 with patch():
                     row = run_one(grid, setting, seed, method, 0.95, moon)
                 maha = row["report_scores"]["compressed"]["mahalanobis++"]
-                rec = {"variant": variant, "arch": arch, "seed": seed, "method": method,
+                rec = {"variant": variant, "data": data, "arch": arch, "seed": seed,
+                       "method": method,
                        "sparsity": 0.95, "epochs": epochs,
                        "accuracy": row["compressed"]["accuracy"],
                        "msp_mean": score_mean(row, "msp"),
@@ -408,7 +417,7 @@ def probe_lines() -> list[str]:
         "[--seeds ...]`; mean over the runs (RigL/SET/GMP x the seeds and architectures "
         "given).",
         "",
-        "| epochs | variant | runs | MSP ID / near | max known logit ID / near | "
+        "| setting | variant | runs | MSP ID / near | max known logit ID / near | "
         "p(unknown) ID / near |",
         "|---|---|---|---|---|---|",
     ]
@@ -428,11 +437,11 @@ def probe_lines() -> list[str]:
     return lines
 
 
-def _base_rows(epochs: int) -> dict[tuple, dict[str, float]]:
+def _base_rows(epochs: int, data: str = "mnist5k") -> dict[tuple, dict[str, float]]:
     """(variant, arch, method, seed) -> the four numbers, from the grid's logs at 95%."""
     out: dict[tuple, dict[str, float]] = {}
-    near = FULL.ood[0]
-    for name in BASE[epochs]:
+    near = GRIDS[data].ood[0]
+    for name in BASE[(data, epochs)]:
         for line in (ROOT / name).read_text().splitlines():
             r = json.loads(line)
             if r["sparsity"] != 0.95:
@@ -459,20 +468,22 @@ def render() -> str:
         "(module docstring: each variant is one hypothesis). mnist5k 0-5 at 95% sparsity, "
         "cnn and resnet8, RigL/SET/GMP, seeds 0-2; Δ = run - plain run of the same seed "
         "(points, mean ± standard error over the runs); MSP = mean AUROC over the six OOD "
-        "sets; near = mnist5k 6-9.",
+        "sets; near = the ID set's held-out digits 6-9 (rows `digits, 10`: digits 0-5 as ID, "
+        "`--data digits`).",
         "",
         "| epochs | variant | runs | Δ accuracy | runs within 0.5 | MSP | Δ near-OOD MSP | "
         "Δ near-OOD mahalanobis++ |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for epochs in sorted({r["epochs"] for r in rows} | {10}):
-        base = _base_rows(epochs)
+    settings = {(r.get("data", "mnist5k"), r["epochs"]) for r in rows} | {("mnist5k", 10)}
+    for data, epochs in sorted(settings, key=lambda s: (s[0] != "mnist5k", s)):
+        base = _base_rows(epochs, data)
         runs: dict[str, list[dict[str, float]]] = {}
         for (variant, arch, method, seed), v in base.items():
             if variant != "plain":
                 runs.setdefault(variant, []).append({**v, "key": (arch, method, seed)})
-        latest = {(r["variant"], r["arch"], r["method"], r["seed"]): r
-                  for r in rows if r["epochs"] == epochs}  # a rerun replaces its run  # fmt: skip
+        latest = {(r["variant"], r["arch"], r["method"], r["seed"]): r for r in rows
+                  if r["epochs"] == epochs and r.get("data", "mnist5k") == data}  # fmt: skip
         for (variant, *key), r in latest.items():
             runs.setdefault(variant, []).append({**r, "key": tuple(key)})
         for variant, vs in runs.items():
@@ -482,7 +493,8 @@ def render() -> str:
             d = {k: [100 * (v[k] - p[k]) for v, p in pairs]
                  for k in ("accuracy", "msp_near", "maha_near")}  # fmt: skip
             name = LABELS.get(variant, variant)
-            lines.append(f"| {epochs} | {name} | {len(pairs)} | {_mse(d['accuracy'])} | "
+            where = str(epochs) if data == "mnist5k" else f"{data}, {epochs}"
+            lines.append(f"| {where} | {name} | {len(pairs)} | {_mse(d['accuracy'])} | "
                          f"{sum(x >= -0.5 for x in d['accuracy'])} | "
                          f"{100 * statistics.mean(v['msp_mean'] for v, _ in pairs):.1f} | "
                          f"{_mse(d['msp_near'])} | {_mse(d['maha_near'])} |")  # fmt: skip
@@ -493,7 +505,8 @@ def shuffled_lines(rows: list[dict[str, Any]]) -> list[str]:
     """The ``shufbn-*`` runs against ``shufbn-plain``: every side recalibrated on shuffled
     rows (the table above pairs them with the grid's plain, recalibrated in storage
     order)."""
-    shuffled = [r for r in rows if r["epochs"] == 10 and r["variant"].startswith("shufbn-")]
+    shuffled = [r for r in rows if r["epochs"] == 10 and r.get("data", "mnist5k") == "mnist5k"
+                and r["variant"].startswith("shufbn-")]  # fmt: skip
     latest = {(r["variant"], r["arch"], r["method"], r["seed"]): r for r in shuffled}
     if not any(key[0] == "shufbn-plain" for key in latest):
         return []
@@ -527,7 +540,9 @@ def main() -> None:
     parser.add_argument("--variant", choices=sorted(VARIANTS))
     parser.add_argument("--archs", nargs="+", default=sorted(ARCHS), choices=sorted(ARCHS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=10, choices=sorted(BASE))
+    parser.add_argument("--epochs", type=int, default=10, choices=sorted({e for _, e in BASE}))
+    parser.add_argument("--data", default="mnist5k", choices=sorted(GRIDS),
+                        help="the ID set (digits: 10 epochs only)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--render-only", action="store_true")
     parser.add_argument(
@@ -536,6 +551,8 @@ def main() -> None:
         help="mean scores of ID and near-OOD rows (plain, MOON, synth)",
     )
     args = parser.parse_args()
+    if (args.data, args.epochs) not in BASE or (args.probe and args.data != "mnist5k"):
+        parser.error(f"--data {args.data} runs at 10 epochs and without --probe")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     if args.probe:
@@ -543,7 +560,7 @@ def main() -> None:
     elif not args.render_only:
         if args.variant is None:
             parser.error("--variant is required unless --render-only")
-        run(args.variant, args.archs, args.seeds, args.epochs)
+        run(args.variant, args.archs, args.seeds, args.epochs, args.data)
     text = render()
     print(text)
     update_section("unknowns-ablation", text)
