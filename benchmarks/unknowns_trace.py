@@ -129,22 +129,28 @@ def render() -> str:
         "Command: `python benchmarks/unknowns_trace.py [--variants ...] [--archs ...] "
         "[--seeds ...]`. mnist5k 0-5 at 95% sparsity, RigL/SET/GMP; after each epoch the "
         "model in training (not the weight average) on the ID test rows. Δ accuracy = run "
-        "- plain run of the same cell and epoch (points, mean over the runs); the last "
-        "two columns: the model in training at the end with its BatchNorm statistics "
-        "recomputed as the output's are, and the output (MOON's weight average) against "
-        "plain's output (its network, BatchNorm recomputed).",
+        "- plain run of the same cell and epoch (points, mean over the runs); then the model "
+        "in training at the end with its BatchNorm statistics recomputed as the output's "
+        "are, and the output (MOON's weight average) against plain's output (its network, "
+        "BatchNorm recomputed); last, the live model's mean p(unknown) and mean largest "
+        "known logit on the ID test rows after the last epoch.",
         "",
     ]
     for epochs in sorted({key[-1] for key in latest}):
         cells = sorted({key[1:] for key in latest if key[0] == "plain" and key[-1] == epochs})
         header = " | ".join(str(e + 1) for e in range(epochs))
+        plain = statistics.mean(latest[("plain", *c)]["curve"][-1]["max_logit"] for c in cells)
         lines += [
             f"{epochs} epochs, {len(cells)} cells. Δ accuracy of the live model after epoch:",
             "",
-            f"| variant | {header} | live, BatchNorm recomputed | output |",
-            "|---|" + "---|" * (epochs + 2),
+            f"| variant | {header} | live, BatchNorm recomputed | output | "
+            f"p(unknown), largest known logit (plain: {plain:.2f}) |",
+            "|---|" + "---|" * (epochs + 3),
         ]
         for variant in dict.fromkeys(key[0] for key in latest if key[-1] == epochs):
+            ends = [latest[(variant, *c)]["curve"][-1] for c in cells if (variant, *c) in latest]
+            unknown = statistics.mean(e["p_unknown"] for e in ends)
+            logit = statistics.mean(e["max_logit"] for e in ends)
             pairs = [
                 (latest[(variant, *c)], latest[("plain", *c)])
                 for c in cells
@@ -167,7 +173,8 @@ def render() -> str:
             )
             steps = " | ".join(f"{d:+.1f}" for d in per_epoch)
             name = LABELS.get(variant, variant)
-            lines.append(f"| {name} ({len(pairs)}) | {steps} | {live:+.2f} | {out:+.2f} |")
+            lines.append(f"| {name} ({len(pairs)}) | {steps} | {live:+.2f} | {out:+.2f} | "
+                         f"{unknown:.2g}, {logit:.2f} |")  # fmt: skip
         lines.append("")
     return "\n".join(lines)
 
