@@ -25,6 +25,9 @@ deterministic, so the pairs differ only by the variant. Variants (each a hypothe
   remove the cost);
 - ``kcol``: their cross-entropy with the known logits detached, so it raises the unknown
   logit without pushing the known ones down (the probe saw ID max logits shrink);
+- ``kpush2``: the other way, twice the gradient on their known logits: if what costs is
+  the unknown logit rising where the known ones do not fall, pushing these down harder
+  should cost less;
 - ``rowonly``: both: only the unknown row of the classifier (weights and bias) learns
   from them, the rest of the network trains as under MOON alone;
 - ``oe``: their loss is outlier exposure's, cross-entropy to the uniform distribution
@@ -241,15 +244,17 @@ def _mixmid() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _unknown_column_only() -> Iterator[None]:
-    """The synthesized rows' cross-entropy with their known logits detached: it raises
-    their unknown logit without lowering the known ones."""
+def _known_push(gain: float) -> Iterator[None]:
+    """The synthesized rows' cross-entropy with the gradient on their known logits scaled
+    by ``gain`` (same value): 0 raises their unknown logit without lowering the known
+    ones, 2 lowers the known ones twice as hard."""
     saved = unknown_forward.unknown_loss_sum
 
     def loss_sum(logits: torch.Tensor, unknown: int) -> torch.Tensor:
-        keep = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
-        keep[unknown] = True
-        return saved(torch.where(keep, logits, logits.detach()), unknown)
+        known = torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
+        known[unknown] = False
+        scaled = gain * logits - (gain - 1) * logits.detach()
+        return saved(torch.where(known, scaled, logits), unknown)
 
     with mock.patch.object(unknown_forward, "unknown_loss_sum", loss_sum):
         yield
@@ -272,7 +277,7 @@ def _outlier_exposure() -> Iterator[None]:
 @contextlib.contextmanager
 def _row_only() -> Iterator[None]:
     """Only the unknown row's weights (and bias) learn from the synthesized rows."""
-    with _beta(0.0), _unknown_column_only():
+    with _beta(0.0), _known_push(0.0):
         yield
 
 
@@ -285,7 +290,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], Callable[[], Any]]] = {
     "hinge": ("blur+mixup", {}, _hinge),
     "beta03": ("blur+mixup", {}, lambda: _beta(0.3)),
     "beta0": ("blur+mixup", {}, lambda: _beta(0.0)),
-    "kcol": ("blur+mixup", {}, _unknown_column_only),
+    "kcol": ("blur+mixup", {}, lambda: _known_push(0.0)),
+    "kpush2": ("blur+mixup", {}, lambda: _known_push(2.0)),
     "rowonly": ("blur+mixup", {}, _row_only),
     "oe": ("blur+mixup", {}, _outlier_exposure),
     "detach": ("blur+mixup", {}, _detach),
@@ -313,6 +319,7 @@ LABELS = {
     "beta03": "`beta03`: backbone gets 0.3 of their gradient",
     "beta0": "`beta0`: backbone gets none of their gradient",
     "kcol": "`kcol`: their known logits detached",
+    "kpush2": "`kpush2`: twice the gradient on their known logits",
     "rowonly": "`rowonly`: only the unknown row learns from them",
     "oe": "`oe`: their loss is outlier exposure's (uniform over the K known)",
     "detach": "`detach`: MOON's w without its gradient",
