@@ -194,27 +194,12 @@ def _late(start: float) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _bn_with_synthesized() -> Iterator[None]:
-    loop = epoch_loop.EpochLoop
-    saved = loop._recalibration_batches
-
-    def batches(self: Any, epoch: int) -> Iterator[torch.Tensor]:
-        draws = epoch_generator(self.cfg.seed, epoch, self.dist.rank)
-        labelled = iterate_batches(self.data, batch_rows(self.data.x.shape, 256), 0,
-                                   self.device, False, min_rows_per_batch(self.model))  # fmt: skip
-        for x, (_, y) in zip(saved(self, epoch), labelled, strict=True):
-            m = rows_for(len(x), self.moon_cfg.unknowns_fraction)
-            yield torch.cat([x, synthesize(self.unknowns, x, y, m, draws, "input")])
-
-    with mock.patch.object(loop, "_recalibration_batches", batches):
-        yield
-
-
-@contextlib.contextmanager
-def _shuffled_bn(mixed: bool) -> Iterator[None]:
+def _recalibration(shuffled: bool, mixed: bool) -> Iterator[None]:
     """BatchNorm statistics recomputed (the average's and the output's) on the training
-    rows in a seeded shuffled order, as the reference's shuffling loader gives them,
-    not in storage order; with ``mixed``, synthesized rows added as in training."""
+    rows, augmented as the product's ``_recalibration_batches`` does: with ``shuffled``,
+    in a seeded shuffled order, as the reference's shuffling loader gives them, not in
+    storage order; with ``mixed``, synthesized rows added as in training. Neither gives
+    the product's batches."""
     loop = epoch_loop.EpochLoop
 
     def batches(self: Any, epoch: int) -> Iterator[torch.Tensor]:
@@ -222,7 +207,7 @@ def _shuffled_bn(mixed: bool) -> Iterator[None]:
         unknowns = epoch_generator(self.cfg.seed, epoch, self.dist.rank)
         rows = batch_rows(self.data.x.shape, 256)
         order = self.cfg.seed * 100_003 + epoch + 7_919
-        for x, y in iterate_batches(self.data, rows, order, self.device, True,
+        for x, y in iterate_batches(self.data, rows, order, self.device, shuffled,
                                     min_rows_per_batch(self.model)):  # fmt: skip
             x = augment_batch(x, self.cfg.augment, draws)
             if mixed:
@@ -300,14 +285,14 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], Callable[[], Any]]] = {
     "late07": ("blur+mixup", {}, lambda: _late(0.7)),
     "vos": ("blur+mixup+vos", {}, contextlib.nullcontext),
     "mixmid": ("blur+mixup", {}, _mixmid),
-    "bnmix": ("blur+mixup", {}, _bn_with_synthesized),
+    "bnmix": ("blur+mixup", {}, lambda: _recalibration(shuffled=False, mixed=True)),
     "idbn": ("blur+mixup", {}, lambda: patched("id_bn")),
     "avgall": ("blur+mixup", {"average_fraction": 1.0}, contextlib.nullcontext),
     "moon-avgall": ("none", {"average_fraction": 1.0}, contextlib.nullcontext),
-    "shufbn-plain": ("plain", {}, lambda: _shuffled_bn(False)),
-    "shufbn-none": ("none", {}, lambda: _shuffled_bn(False)),
-    "shufbn-id": ("blur+mixup", {}, lambda: _shuffled_bn(False)),
-    "shufbn-mix": ("blur+mixup", {}, lambda: _shuffled_bn(True)),
+    "shufbn-plain": ("plain", {}, lambda: _recalibration(shuffled=True, mixed=False)),
+    "shufbn-none": ("none", {}, lambda: _recalibration(shuffled=True, mixed=False)),
+    "shufbn-id": ("blur+mixup", {}, lambda: _recalibration(shuffled=True, mixed=False)),
+    "shufbn-mix": ("blur+mixup", {}, lambda: _recalibration(shuffled=True, mixed=True)),
 }
 
 
