@@ -7,8 +7,8 @@
     averaging.maybe_update(...)                         # last epochs only
 
 and at the epoch's end: ``schedule.end_epoch``, BatchNorm recalibration of the
-average (on training batches augmented as in training, as the reference does), and
-the epoch's record. Shuffling, augmentation and dropout are seeded per
+average (on shuffled training batches augmented as in training, as the reference
+does), and the epoch's record. Shuffling, augmentation and dropout are seeded per
 epoch (``seed``, ``epoch``), so a resumed run sees the same batches. A run that ends
 without an average gets its own network's BatchNorm statistics recomputed the same
 way (:meth:`EpochLoop.recompute_batchnorm`).
@@ -33,7 +33,7 @@ from moonprune.objectives import Reduction, moon_loss
 from moonprune.streaming import batch_rows
 from moonprune.train_records import EpochInfo, StepInfo, _Diverged
 from moonprune.unknown_forward import SynthesizedUnknowns
-from moonprune.unknowns import epoch_generator
+from moonprune.unknowns import epoch_generator, rows_for, synthesize
 
 logger = logging.getLogger(__name__)
 
@@ -187,39 +187,46 @@ class EpochLoop(SynthesizedUnknowns):
 
     def _recalibration_batches(self, epoch: int) -> Iterator[torch.Tensor]:
         """The rows the average's BatchNorm statistics are recomputed on: the whole
-        training set, augmented by ``--augment`` as the training batches are (seeded per
-        epoch, identical on every rank; with ``none`` the rows as they are).
+        training set in a seeded shuffled order, augmented by ``--augment`` as the
+        training batches are, and with ``--unknowns`` each batch's synthesized
+        input-space rows added as in training. Order, augmentation and synthesized rows
+        are seeded per run and epoch, identical on every rank (each rank holds the
+        whole set), and redrawn the same way by a resumed run.
 
         The reference recalibrates on its training loader (``bn_update(self.train_loader,
         self.model_swa)``, openood/trainers/base_trainer.py:170), whose train-split
         preprocessor flips and crops (openood/preprocessors/utils.py:23-24,
-        openood/preprocessors/base_preprocessor.py:26-27): the statistics then describe
-        the rows the network was trained on. That loader also shuffles
+        openood/preprocessors/base_preprocessor.py:26-27) and which shuffles
         (openood/datasets/utils.py:94-96, ``shuffle=split_config.shuffle``, which
-        configs/datasets/cifar10/cifar10.yml:21 sets to ``True`` for train); the order here
-        stays the storage order, so that a run with ``--augment none`` (the default)
-        reproduces the results recorded before this recalibration followed ``--augment``.
-        That order costs where the rows are stored class by class (an image folder read
-        class by class; mnist5k): a batch of 256 then holds one or two classes, and its
+        configs/datasets/cifar10/cifar10.yml:21 sets to ``True`` for train): the
+        statistics then describe the rows the network was trained on. Up to commit 7e1aa53
+        the rows came in storage order, which costs where they are stored class by class
+        (an image folder; mnist5k): a batch of 256 then holds one or two classes and its
         statistics miss the spread between classes. On mnist5k 0-5 at 95% sparsity (18
-        runs, ``benchmarks/unknowns_ablation.py --variant shufbn-plain``) the same rows
-        shuffled gained plain sparse training 0.54 +- 0.16 accuracy points and 0.82 +-
-        0.16 near-OOD AUROC points at 10 epochs, 0.31 +- 0.16 and 0.71 +- 0.10 at 30; on
-        digits, stored with the classes interleaved, it changed nothing. The storage
-        order stays for now because every recorded benchmark was measured with it:
-        shuffling means rerunning them all.
+        runs each, ``benchmarks/unknowns_ablation.py``) shuffling gained plain sparse
+        training 0.54 +- 0.16 accuracy points and 0.82 +- 0.16 near-OOD AUROC points at
+        10 epochs, and ``--unknowns synth`` 0.56 +- 0.18 accuracy points with its
+        synthesized rows added (-0.12 +- 0.11 without them: the network trained on
+        batches that held them). Not in the reference, which synthesizes nothing.
         """
-        draws = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch + 15_485_863)
+        seed = self.cfg.seed * 100_003 + epoch
+        draws = torch.Generator().manual_seed(seed + 15_485_863)
+        # rank 0's stream on every rank: the recomputed statistics must agree
+        unknowns = epoch_generator(self.cfg.seed, epoch, 0)
         batches = iterate_batches(
             self.data,
             batch_rows(self.data.x.shape, 256),
-            0,
+            seed + 7_919,
             self.device,
-            False,
+            True,
             min_rows_per_batch(self.model),
         )
-        for x, _ in batches:
-            yield augment_batch(x, self.cfg.augment, draws)
+        for x, y in batches:
+            x = augment_batch(x, self.cfg.augment, draws)
+            if self.unknowns:
+                m = rows_for(len(x), self.moon_cfg.unknowns_fraction)
+                x = torch.cat([x, synthesize(self.unknowns, x, y, m, unknowns, "input")])
+            yield x
 
     def recompute_batchnorm(self) -> None:
         """Recompute the trained network's BatchNorm statistics, as the average's are

@@ -24,6 +24,7 @@ from moonprune.training import (
     lr_factor,
     min_rows_per_batch,
 )
+from moonprune.unknowns import rows_for
 
 TRAIN = TrainConfig(epochs=4, batch_size=64, lr=0.05, seed=3)
 MOON = MoonConfig(warmup_epochs=1, average_epochs=1, average_fraction=0.3)
@@ -202,17 +203,25 @@ def test_average_batchnorm_is_recalibrated_on_rows_augmented_as_in_training(
     rows = torch.cat(list(trainer._recalibration_batches(last)))
     clean = digits06.train.x
     assert rows.shape == clean.shape
+    # the same epoch's rows without augmentation: the training set, shuffled
+    trainer.cfg = dataclasses.replace(train, augment="none")
+    shuffled = torch.cat(list(trainer._recalibration_batches(last)))
+    assert not torch.equal(shuffled, clean)
+    assert sorted(r.numpy().tobytes() for r in shuffled) == sorted(
+        r.numpy().tobytes() for r in clean
+    )
     if augment == "none":
-        assert torch.equal(rows, clean)
+        assert torch.equal(rows, shuffled)
     else:  # every row is its own clean row shifted by at most the crop's padding
-        assert not torch.equal(rows, clean)
+        assert not torch.equal(rows, shuffled)
         h, w = clean.shape[-2:]
         pad = crop_padding(h, w)
-        padded = torch.nn.functional.pad(clean, (pad,) * 4, mode="replicate")
+        padded = torch.nn.functional.pad(shuffled, (pad,) * 4, mode="replicate")
         offsets = [(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)]
         shifts = torch.stack([padded[..., dy : dy + h, dx : dx + w] for dy, dx in offsets])
         matches = (shifts == rows.unsqueeze(0)).flatten(2).all(dim=2).any(dim=0)
         assert bool(matches.all())
+    trainer.cfg = train
 
     def bn_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
         return [b for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))]
@@ -221,7 +230,7 @@ def test_average_batchnorm_is_recalibrated_on_rows_augmented_as_in_training(
     expected = copy.deepcopy(result.model)
     recompute_batchnorm(list(trainer._recalibration_batches(last)), expected)
     on_clean = copy.deepcopy(result.model)
-    recompute_batchnorm(list(clean.split(256)), on_clean)
+    recompute_batchnorm(list(shuffled.split(256)), on_clean)
     got = bn_buffers(result.model)
     assert got and all(torch.equal(a, b) for a, b in zip(got, bn_buffers(expected), strict=True))
     same_as_clean = all(torch.equal(a, b) for a, b in zip(got, bn_buffers(on_clean), strict=True))
@@ -238,19 +247,22 @@ def test_a_run_without_an_average_ships_its_own_batchnorm_statistics(
     # the shipped network carries the statistics of its training rows (as the average does)
     model = demo_cnn(num_classes=6, width=4) if not moon.enabled else _model(digits06)
     masker = MASKERS.create("rigl", MaskerConfig(sparsity=0.8, update_interval=3, seed=1))
-    result = Trainer(model, masker, digits06.train, TRAIN, moon).run()
+    trainer = Trainer(model, masker, digits06.train, TRAIN, moon)
+    result = trainer.run()
     assert result.model is model
 
-    # by hand: each BatchNorm layer's input on the training rows, 256 at a time, in train
-    # mode; the statistics are the row-weighted means of the per-batch mean and unbiased
-    # variance (the reference's bn_update)
+    # by hand: each BatchNorm layer's input on the training rows, 256 at a time (shuffled
+    # as the recalibration reads them), in train mode; the statistics are the row-weighted
+    # means of the per-batch mean and unbiased variance (the reference's bn_update)
+    rows = torch.cat(list(trainer._recalibration_batches(TRAIN.epochs)))
+    assert rows.shape == digits06.train.x.shape and not torch.equal(rows, digits06.train.x)
     probe = copy.deepcopy(result.model).train()
     seen: dict[str, list[torch.Tensor]] = {}
     layers = [(n, m) for n, m in probe.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
     for name, layer in layers:
         layer.register_forward_pre_hook(lambda _m, a, n=name: seen.setdefault(n, []).append(a[0]))
     with torch.no_grad():
-        for x in digits06.train.x.split(256):
+        for x in rows.split(256):
             probe(x)
     assert layers
     for name, _ in layers:
@@ -311,3 +323,50 @@ def test_batchnorm_recalibration_matches_the_reference_bn_update() -> None:
     for a, b, c in zip(stats(got), stats(expected), stats(equal_weights), strict=True):
         torch.testing.assert_close(a, b)
         assert not torch.allclose(a, c)
+
+
+def test_recalibration_batches_mix_the_classes_of_a_class_sorted_set(digits06) -> None:
+    # an image folder is read class by class; batches of it in storage order would each
+    # hold one or two classes and miss the spread between them (the reference shuffles)
+    by_class = torch.argsort(digits06.train.y, stable=True)
+    train = dataclasses.replace(
+        digits06.train, x=digits06.train.x[by_class], y=digits06.train.y[by_class]
+    )
+    label = {r.numpy().tobytes(): int(c) for r, c in zip(train.x, train.y, strict=True)}
+    masker = MASKERS.create("rigl", MaskerConfig(sparsity=0.8, seed=1))
+    trainer = Trainer(_model(digits06), masker, train, TRAIN, MOON)
+
+    def classes(epoch: int) -> list[set[int]]:
+        return [
+            {label[r.numpy().tobytes()] for r in x} for x in trainer._recalibration_batches(epoch)
+        ]
+
+    in_storage_order = [set(y.tolist()) for y in train.y.split(256)]
+    assert max(len(c) for c in in_storage_order) <= 3
+    assert [len(c) for c in classes(0)] == [6, 6, 6]
+    first = torch.cat(list(trainer._recalibration_batches(0)))
+    assert torch.equal(first, torch.cat(list(trainer._recalibration_batches(0))))  # seeded
+    assert not torch.equal(first, torch.cat(list(trainer._recalibration_batches(1))))
+    trainer.dist = DistContext(rank=1, world_size=2)  # every rank recomputes the same
+    assert torch.equal(first, torch.cat(list(trainer._recalibration_batches(0))))
+
+
+def test_recalibration_adds_the_synthesized_rows_as_training_does(digits06) -> None:
+    # training forwards each batch with its synthesized input-space rows, so BatchNorm's
+    # statistics are recomputed on batches that hold them too, the same on every rank
+    moon = dataclasses.replace(MOON, unknowns="blur+vos", unknowns_fraction=0.25)
+    masker = MASKERS.create("rigl", MaskerConfig(sparsity=0.8, seed=1))
+    trainer = Trainer(_model(digits06), masker, digits06.train, TRAIN, moon)
+    without = _trainer(_model(digits06), digits06)
+    id_rows = list(without._recalibration_batches(2))
+    batches = list(trainer._recalibration_batches(2))
+    # vos lives in feature space (after BatchNorm): only blur's share is added
+    assert [len(b) for b in batches] == [
+        len(x) + (rows_for(len(x), 0.25) + 1) // 2 for x in id_rows
+    ]
+    for x, b in zip(id_rows, batches, strict=True):
+        assert torch.equal(b[: len(x)], x)
+        assert torch.isfinite(b).all() and not torch.equal(b[len(x) :], x[: len(b) - len(x)])
+    trainer.dist = DistContext(rank=1, world_size=2)
+    again = list(trainer._recalibration_batches(2))
+    assert all(torch.equal(a, b) for a, b in zip(batches, again, strict=True))
