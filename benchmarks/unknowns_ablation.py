@@ -14,7 +14,12 @@ is compared with the plain, MOON (``--unknowns none``) and MOON+blur+mixup runs 
 same seed in the grid's logs (``reliability-full.jsonl`` and
 ``reliability-full-unknowns-blur_mixup-w0.1.jsonl``; at 30 epochs
 ``reliability-full-0.95-e30-unknowns-blur_mixup-w0.1.jsonl``): 1-thread runs are
-deterministic, so the pairs differ only by the variant. Variants (each a hypothesis):
+deterministic, so the pairs differ only by the variant. All of them were measured while
+moonprune recomputed BatchNorm's statistics on the training rows in storage order (up to
+commit 7e1aa53; it now shuffles them, see ``EpochLoop._recalibration_batches``): the
+grid's logs of then are kept in ``benchmarks/storage-order/``, and every variant runs
+with that order restored (:func:`_recalibration`) unless it sets its own (``shufbn-*``,
+``bnmix``), so this script still reproduces its log. Variants (each a hypothesis):
 
 - ``hinge``: the synthesized rows' loss stops once p(unknown) >= 0.5 on a row
   (``relu(CE + log 0.5)``): is it the push past "rejected" that takes the capacity?
@@ -198,8 +203,11 @@ def _recalibration(shuffled: bool, mixed: bool) -> Iterator[None]:
     """BatchNorm statistics recomputed (the average's and the output's) on the training
     rows, augmented as the product's ``_recalibration_batches`` does: with ``shuffled``,
     in a seeded shuffled order, as the reference's shuffling loader gives them, not in
-    storage order; with ``mixed``, synthesized rows added as in training. Neither gives
-    the product's batches."""
+    storage order; with ``mixed``, synthesized rows added as in training.
+    ``shuffled=False, mixed=False`` is moonprune's recalibration up to commit 7e1aa53, under
+    which every run of this script's log was made; ``shuffled=True, mixed=True`` gives the
+    product's batches since (the product seeds the synthesized rows with rank 0's stream on
+    every rank; in one process that is ``self.dist.rank``'s)."""
     loop = epoch_loop.EpochLoop
 
     def batches(self: Any, epoch: int) -> Iterator[torch.Tensor]:
@@ -217,6 +225,12 @@ def _recalibration(shuffled: bool, mixed: bool) -> Iterator[None]:
 
     with mock.patch.object(loop, "_recalibration_batches", batches):
         yield
+
+
+def storage_order() -> contextlib.AbstractContextManager[None]:
+    """The recalibration every logged run was made with (a variant's own patch, applied
+    inside it, replaces it)."""
+    return _recalibration(shuffled=False, mixed=False)
 
 
 @contextlib.contextmanager
@@ -344,7 +358,7 @@ def run(variant: str, archs: list[str], seeds: list[int], epochs: int, data: str
                         "unknowns": "none" if unknowns == "plain" else unknowns,
                         "unknowns_weight": 0.1, **extra}  # fmt: skip
                 start = time.perf_counter()
-                with patch():
+                with storage_order(), patch():
                     row = run_one(grid, setting, seed, method, 0.95, moon)
                 maha = row["report_scores"]["compressed"]["mahalanobis++"]
                 rec = {"variant": variant, "data": data, "arch": arch, "seed": seed,
@@ -434,7 +448,7 @@ def _base_rows(epochs: int, data: str = "mnist5k") -> dict[tuple, dict[str, floa
     out: dict[tuple, dict[str, float]] = {}
     near = GRIDS[data].ood[0]
     for name in BASE[(data, epochs)]:
-        for line in (ROOT / name).read_text().splitlines():
+        for line in (ROOT / "storage-order" / name).read_text().splitlines():
             r = json.loads(line)
             if r["sparsity"] != 0.95:
                 continue

@@ -11,7 +11,9 @@ mode and scored on the ID test rows: accuracy (known-class argmax, as the report
 it), mean largest known logit and mean p(unknown); after the last epoch, a copy of it
 is scored again with its BatchNorm statistics recomputed as the output's are. The
 scoring changes no weight and no random stream, so each run's final numbers are those
-of the grid's run. Together with the output, this splits a run's cost into what
+of the grid's run. Like ``unknowns_ablation.py``'s, every run recomputes BatchNorm in
+storage order, as moonprune did up to commit 7e1aa53 when the log was made
+(``unknowns_ablation.storage_order``). Together with the output, this splits a run's cost into what
 training leaves, what recomputing BatchNorm adds, and what the weight average adds.
 Written into RESULTS.md, section unknowns-trace.
 """
@@ -31,7 +33,7 @@ from unittest import mock
 import torch
 from reliability import ARCHS, run_one
 from results_file import update_section
-from unknowns_ablation import LABELS, VARIANTS, _settings
+from unknowns_ablation import LABELS, VARIANTS, _settings, storage_order
 
 import moonprune.epoch_loop as epoch_loop
 from moonprune.averaging import recompute_batchnorm
@@ -88,7 +90,7 @@ def traced_run(grid: Any, setting: Any, seed: int, method: str, variant: str) ->
         "unknowns_weight": 0.1,
         **extra,
     }
-    with patch(), mock.patch.object(epoch_loop.EpochLoop, "_end_epoch", end):
+    with storage_order(), patch(), mock.patch.object(epoch_loop.EpochLoop, "_end_epoch", end):
         row = run_one(grid, setting, seed, method, 0.95, moon)
     return {
         "final_accuracy": row["compressed"]["accuracy"],
