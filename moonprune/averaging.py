@@ -5,8 +5,8 @@ masks are frozen. During the first ``update_fraction`` of each such epoch's step
 running average ``avg <- avg * (1 - 1/(n+1)) + current / (n+1)`` is updated (that is
 :class:`torch.optim.swa_utils.AveragedModel`'s default equal-weight average; its first
 update copies the model). At the end of every averaging epoch the averaged model's
-BatchNorm statistics are recomputed on training data, augmented by ``--augment`` as
-the training batches are (:func:`recompute_batchnorm`;
+BatchNorm statistics are recomputed on the training rows, shuffled and augmented by
+``--augment`` as the training batches are (:func:`recompute_batchnorm`;
 ``EpochLoop._recalibration_batches``). Because every averaged weight is zero wherever
 the (frozen) mask is zero, the average keeps the zeros.
 """
