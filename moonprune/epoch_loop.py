@@ -85,9 +85,9 @@ class EpochLoop(SynthesizedUnknowns):
 
     def _run_epoch(self, epoch: int) -> None:
         start = time.perf_counter()
-        torch.manual_seed(self.cfg.seed * 100_003 + epoch)
+        seed = self._epoch_seed(epoch)
+        torch.manual_seed(seed)
         self.model.train()
-        seed = self.cfg.seed * 100_003 + epoch
         totals = EpochTotals(lr=self.cfg.lr)
         # the global batches' indices; each rank reads only its own rows of each
         global_batches = index_batches(
@@ -209,7 +209,7 @@ class EpochLoop(SynthesizedUnknowns):
         synthesized rows added (-0.12 +- 0.11 without them: the network trained on
         batches that held them). Not in the reference, which synthesizes nothing.
         """
-        seed = self.cfg.seed * 100_003 + epoch
+        seed = self._epoch_seed(epoch)
         draws = torch.Generator().manual_seed(seed + 15_485_863)
         # rank 0's stream on every rank: the recomputed statistics must agree
         unknowns = epoch_generator(self.cfg.seed, epoch, 0)
@@ -243,6 +243,12 @@ class EpochLoop(SynthesizedUnknowns):
         to ship; MOON's averaged network already gets them (part 4).
         """
         recompute_batchnorm(self._recalibration_batches(self.cfg.epochs), self.model)
+
+    def _epoch_seed(self, epoch: int) -> int:
+        """The seed of ``epoch``'s draws (batch order, augmentation, dropout,
+        recalibration order): fixed by ``--seed`` and the epoch, so a resumed run redraws
+        them."""
+        return self.cfg.seed * 100_003 + epoch
 
     def _lr_shape(self, epoch: int, step: int) -> float:
         """The schedule's factor at this step (:func:`moonprune.lr_schedule.lr_shape`)."""
