@@ -77,6 +77,9 @@ class Grid:
     unknowns_fraction: float | None = None
     #: their loss weight (None: compress's default)
     unknowns_weight: float | None = None
+    #: their K+1 head, ``mean`` or ``separate`` (None: compress's default, ``mean``, the
+    #: head of every grid logged before session 25 added the option)
+    unknown_head: str | None = None
 
     def variants(self) -> list[tuple[bool, str]]:
         """(MOON on, --unknowns) per variant: plain, MOON as published, MOON + each."""
@@ -211,6 +214,14 @@ def reused_rows(paths: list[Path]) -> dict[tuple, dict[str, Any]]:
             for r in rows if r.get("unknowns", "none") == "none"}  # fmt: skip
 
 
+def head_of(grid: Grid, moon: bool, unknowns: str) -> str | None:
+    """The K+1 head a run builds (``--unknown-head`` for the synthesized-unknowns
+    variants, compress's default ``mean`` otherwise); None for plain."""
+    if not moon:
+        return None
+    return (grid.unknown_head if unknowns != "none" else None) or "mean"
+
+
 def run_grid(grid: Grid, log: Any, reuse: dict[tuple, dict[str, Any]] | None = None) -> list:
     rows: list[dict[str, Any]] = []
     for arch_name, arch in grid.archs.items():
@@ -230,8 +241,11 @@ def run_grid(grid: Grid, log: Any, reuse: dict[tuple, dict[str, Any]] | None = N
                     moon_cfg["unknowns_fraction"] = grid.unknowns_fraction
                 if unknowns != "none" and grid.unknowns_weight is not None:
                     moon_cfg["unknowns_weight"] = grid.unknowns_weight
+                if unknowns != "none" and grid.unknown_head is not None:
+                    moon_cfg["unknown_head"] = grid.unknown_head
+                head = head_of(grid, moon, unknowns)
                 row = {"arch": arch_name, "seed": seed, "method": method, "sparsity": sparsity,
-                       "moon": moon, "unknowns": unknowns,
+                       "moon": moon, "unknowns": unknowns, "unknown_head": head,
                        **run_one(grid, setting, seed, method, sparsity, moon_cfg)}  # fmt: skip
                 rows.append(row)
                 log.write(json.dumps(row) + "\n")
@@ -627,6 +641,11 @@ def sub_grid(grid: Grid, args: argparse.Namespace) -> tuple[Grid, str, str]:
         suffix += f"-w{args.unknowns_weight:g}"
         flags += f" --unknowns-weight {args.unknowns_weight:g}"
         label.append(f"weight {args.unknowns_weight:g}")
+    if args.unknown_head is not None:
+        changes["unknown_head"] = args.unknown_head
+        suffix += f"-head-{args.unknown_head}"
+        flags += f" --unknown-head {args.unknown_head}"
+        label.append(f"{args.unknown_head} head")
     if label:
         changes["name"] = f"{grid.name}; " + "; ".join(label)
     return Grid(**{**vars(grid), **changes}), suffix, flags
@@ -656,6 +675,8 @@ def main() -> None:
         type=float,
         help="loss weight of the synthesized rows (default: compress's)",
     )
+    parser.add_argument("--unknown-head", choices=("mean", "separate"),
+                        help="their K+1 head (default: compress's, mean)")  # fmt: skip
     parser.add_argument("--reuse", type=Path, nargs="+",
                         help="take plain and MOON rows from these logs of the same grid "
                         "instead of rerunning them (1-thread runs are deterministic)")  # fmt: skip

@@ -70,6 +70,19 @@ with that order restored (:func:`_recalibration`) unless it sets its own (``shuf
   synthesized rows added as in training). ``unknowns_trace.py`` saw ``synth``'s extra
   cost over MOON appear when BatchNorm is recomputed on ID rows; these runs ask whether
   recomputing it the way the network was trained removes it.
+- ``shufbn-factor`` (session 25; BatchNorm recomputed as the product does since session
+  24): a factored head (:class:`FactoredHead`), whose unknown logit is ``logsumexp(known
+  logits) + g``: the synthesized rows' loss then moves only ``g``, and the ID rows'
+  (K+1)-way cross-entropy is the known classes' plus ``softplus(g)``, so no ID row has
+  to raise its known logits over a rising unknown one (session 23's finding);
+  ``shufbn-factord``: ``g`` reads the features detached, so the unknown output shapes
+  nothing below the classifier and the backbone trains as under MOON (with the rows in
+  BatchNorm's batches); ``shufbn-factor-none``: MOON alone with that head. Since
+  session 25 ``shufbn-factord`` is compress's ``--unknown-head separate``
+  (:class:`moonprune.heads.SeparateUnknownLinear`): the grid
+  ``reliability-full-unknowns-blur_mixup-w0.1-head-separate.jsonl`` repeats its 18 runs
+  to the last digit. Every variant here runs with ``unknown_head: mean``, the head all
+  of them were logged with (the factored ones patch that head's construction).
 
 Some variants change moonprune's training step from outside (patches here only); they
 are not options of the product. Written into RESULTS.md, section unknowns-ablation.
@@ -111,11 +124,13 @@ from results_file import update_section
 from unknowns_fit import patched
 
 import moonprune.epoch_loop as epoch_loop
+import moonprune.heads as heads
 import moonprune.unknown_forward as unknown_forward
 from moonprune.assessment import collect
 from moonprune.augment import augment_batch
 from moonprune.batching import iterate_batches, min_rows_per_batch
 from moonprune.checkpoints import DenseModel
+from moonprune.conventions import UNKNOWN_ROW_ATTR
 from moonprune.pipeline import compress
 from moonprune.streaming import batch_rows
 from moonprune.unknown_generators import mixup
@@ -280,6 +295,51 @@ def _row_only() -> Iterator[None]:
         yield
 
 
+class FactoredHead(torch.nn.Linear):
+    """A K+1 classifier whose unknown logit is ``logsumexp(known logits) + g``, with ``g``
+    the unknown row's own linear output: then ``p(unknown) = sigmoid(g)`` and ``p(k) = (1 -
+    sigmoid(g)) softmax(known)_k``. The (K+1)-way cross-entropy of an ID row splits into
+    the known classes' cross-entropy plus ``softplus(g)``, and a synthesized row's into
+    ``softplus(-g)``: the synthesized rows no longer move the known logits, and the ID
+    rows hold ``g`` down instead of raising their known logits above a rising unknown one.
+    With ``detached``, ``g`` reads the features without gradient, so no row's unknown
+    logit reshapes the layers below."""
+
+    detached = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = int(getattr(self, UNKNOWN_ROW_ATTR))
+        known = F.linear(x, self.weight[:k], self.bias[:k])
+        g = F.linear(x.detach() if self.detached else x, self.weight[k:], self.bias[k:])
+        return torch.cat([known, g + torch.logsumexp(known, dim=-1, keepdim=True)], dim=-1)
+
+
+@contextlib.contextmanager
+def _factored(detached: bool) -> Iterator[None]:
+    """K+1 heads built as :class:`FactoredHead`, the unknown row starting at ``g = -log K``
+    (weight 0), so ``p(unknown) = 1/(K+1)`` on every input and the known logits are the
+    dense model's; BatchNorm recomputed as the product does (shuffled, with the rows)."""
+    saved = heads.expanded_linear
+
+    def build(layer: torch.nn.Linear) -> torch.nn.Linear:
+        plain = saved(layer)
+        k = int(getattr(plain, UNKNOWN_ROW_ATTR))
+        new = FactoredHead(plain.in_features, k + 1, device=layer.weight.device,
+                           dtype=layer.weight.dtype)  # fmt: skip
+        new.detached = detached
+        with torch.no_grad():
+            new.weight.copy_(plain.weight)
+            new.bias.copy_(plain.bias)
+            new.weight[k] = 0.0
+            new.bias[k] = -math.log(k)
+        setattr(new, UNKNOWN_ROW_ATTR, k)
+        return new
+
+    with mock.patch.object(heads, "expanded_linear", build), \
+            _recalibration(shuffled=True, mixed=True):  # fmt: skip
+        yield
+
+
 def _detach() -> contextlib.AbstractContextManager[None]:
     return without("gradient")
 
@@ -307,6 +367,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], Callable[[], Any]]] = {
     "shufbn-none": ("none", {}, lambda: _recalibration(shuffled=True, mixed=False)),
     "shufbn-id": ("blur+mixup", {}, lambda: _recalibration(shuffled=True, mixed=False)),
     "shufbn-mix": ("blur+mixup", {}, lambda: _recalibration(shuffled=True, mixed=True)),
+    "shufbn-factor": ("blur+mixup", {}, lambda: _factored(detached=False)),
+    "shufbn-factord": ("blur+mixup", {}, lambda: _factored(detached=True)),
+    "shufbn-factor-none": ("none", {}, lambda: _factored(detached=False)),
 }
 
 
@@ -335,6 +398,9 @@ LABELS = {
     "shufbn-none": "`shufbn-none`: MOON, BatchNorm recomputed on shuffled rows",
     "shufbn-id": "`shufbn-id`: BatchNorm recomputed on shuffled ID rows",
     "shufbn-mix": "`shufbn-mix`: BatchNorm recomputed on shuffled ID + synthesized rows",
+    "shufbn-factor": "`shufbn-factor`: unknown logit = logsumexp(known) + its own row",
+    "shufbn-factord": "`shufbn-factord`: the same, its row on detached features",
+    "shufbn-factor-none": "`shufbn-factor-none`: MOON alone with that head",
 }
 
 
@@ -356,7 +422,7 @@ def run(variant: str, archs: list[str], seeds: list[int], epochs: int, data: str
             for method in grid.methods:
                 moon = {"enabled": unknowns != "plain", "warmup_epochs": max(1, epochs // 6),
                         "unknowns": "none" if unknowns == "plain" else unknowns,
-                        "unknowns_weight": 0.1, **extra}  # fmt: skip
+                        "unknowns_weight": 0.1, "unknown_head": "mean", **extra}  # fmt: skip
                 start = time.perf_counter()
                 with storage_order(), patch():
                     row = run_one(grid, setting, seed, method, 0.95, moon)
@@ -390,7 +456,7 @@ def probe(archs: list[str], seeds: list[int], epochs: int) -> None:
             for method, variant in itertools.product(grid.methods, ("plain", "none", "blur+mixup")):
                 moon = {"enabled": variant != "plain", "warmup_epochs": max(1, epochs // 6),
                         "unknowns": "none" if variant == "plain" else variant,
-                        "unknowns_weight": 0.1}  # fmt: skip
+                        "unknowns_weight": 0.1, "unknown_head": "mean"}  # fmt: skip
                 with tempfile.TemporaryDirectory() as tmp:
                     cfg = compress_config(grid, setting.spec, seed, Path(tmp) / "out", moon,
                                           method, 0.95)  # fmt: skip
@@ -527,7 +593,14 @@ def shuffled_lines(rows: list[dict[str, Any]]) -> list[str]:
         "Δ near-OOD mahalanobis++ |",
         "|---|---|---|---|---|---|---|",
     ]
-    for variant in ("shufbn-none", "shufbn-id", "shufbn-mix"):
+    for variant in (
+        "shufbn-none",
+        "shufbn-id",
+        "shufbn-mix",
+        "shufbn-factor",
+        "shufbn-factord",
+        "shufbn-factor-none",
+    ):
         pairs = [(r, latest[("shufbn-plain", *key[1:])]) for key, r in latest.items()
                  if key[0] == variant and ("shufbn-plain", *key[1:]) in latest]  # fmt: skip
         if not pairs:

@@ -139,7 +139,7 @@ def run(grid: Grid, setting: Any, cell: tuple[str, str, float, int], name: str) 
     _, method, sparsity, seed = cell
     fraction = {"unknowns_fraction": 0.125} if unknowns != "none" else {}
     moon = {"enabled": moon_on, "warmup_epochs": max(1, epochs // 6), "unknowns": unknowns,
-            **fraction, **moon_extra}  # fmt: skip
+            "unknown_head": "mean", **fraction, **moon_extra}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp, patched(patch):
         cfg = compress_config(dataclasses.replace(grid, epochs=epochs), setting.spec, seed,
                               Path(tmp) / "out", moon, method, sparsity, train_extra)  # fmt: skip

@@ -15,11 +15,14 @@ every generator at the default weight 0.1 averaged over each grid's cells (mean 
 worst-cell accuracy change, MSP, near-OOD, ``mahalanobis++``, ECE): the evidence for
 what ``synth`` means; and how far 3 seeds resolve the two 0.5-point targets: MOON as
 published (``none``) held to them too, and the standard errors of the paired (same
-seed) differences. Written into benchmarks/RESULTS.md, section unknowns-targets.
+seed) differences. And one more (session 25): the grids run with ``--unknown-head
+separate`` against their ``mean``-head twin and against MOON alone, paired run by run.
+Written into benchmarks/RESULTS.md, section unknowns-targets.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 from collections.abc import Callable
@@ -214,6 +217,60 @@ def noise_lines(logs: list[Path]) -> list[str]:
     return out
 
 
+def _run_values(r: dict[str, Any], near: str) -> dict[str, float]:
+    maha = r["report_scores"]["compressed"]["mahalanobis++"]
+    return {"accuracy": r["compressed"]["accuracy"], "near": score_mean(r, "msp", (near,)),
+            "msp": score_mean(r, "msp"), "maha_near": maha[near]["auroc"]}  # fmt: skip
+
+
+def _moon_runs(rows: list[dict[str, Any]], synth: bool, near: str) -> dict[tuple, dict[str, float]]:
+    """MOON runs with (``synth``) or without synthesized unknowns, by (arch, seed,
+    method, sparsity)."""
+    return {(r["arch"], r["seed"], r["method"], r["sparsity"]): _run_values(r, near)
+            for r in rows if r["moon"] and (r["unknowns"] != "none") == synth}  # fmt: skip
+
+
+def head_lines(logs: list[Path]) -> list[str]:
+    """The ``separate`` unknown head (``--unknown-head separate``) against the ``mean``
+    head of the same grid (the log without ``-head-separate``) and against MOON alone,
+    paired run by run (same seed, dense model and cell)."""
+    out = [
+        "",
+        "### The separate unknown head against the mean head and MOON (paired runs; "
+        "Δ ± standard error, points)",
+        "",
+        "| grid | sparsity | against | runs | Δ accuracy | Δ near-OOD MSP | Δ MSP mean AUROC "
+        "| Δ near-OOD mahalanobis++ |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for path in logs:
+        if not path.stem.endswith("-head-separate"):
+            continue
+        twin = path.with_name(path.name.replace("-head-separate", ""))
+        if not twin.exists():
+            continue
+        near = (DIGITS if "-digits-" in path.name else FULL).ood[0]
+        sep = [json.loads(line) for line in path.read_text().splitlines()]
+        mean = [json.loads(line) for line in twin.read_text().splitlines()]
+
+        s_runs = _moon_runs(sep, True, near)
+        sparsities = sorted({k[3] for k in s_runs})
+        against = (("mean head", _moon_runs(mean, True, near)),
+                   ("MOON", _moon_runs(sep, False, near)))  # fmt: skip
+        for sparsity, (name, other) in itertools.product([*sparsities, None], against):
+            keys = [k for k in s_runs if k in other and sparsity in (None, k[3])]
+            if not keys:
+                continue
+            cells = []
+            for f in ("accuracy", "near", "msp", "maha_near"):
+                d = [100 * (s_runs[k][f] - other[k][f]) for k in keys]
+                cells.append(f"{statistics.mean(d):+.2f} ± {_se(d):.2f}")
+            where = "all" if sparsity is None else f"{sparsity:.0%}"
+            out.append(f"| {path.stem.removeprefix('reliability-')} | {where} | {name} | "
+                       f"{len(keys)} | " + " | ".join(cells) + " |")  # fmt: skip
+    return out
+
+
 def render() -> str:
     logs = sorted(ROOT.glob("reliability-*-unknowns-*.jsonl"))
     lines = [
@@ -234,6 +291,7 @@ def render() -> str:
     lines += weight_lines(logs)
     lines += generator_lines(logs)
     lines += noise_lines([p for p in logs if "blur_mixup" in p.name])
+    lines += head_lines(logs)
     return "\n".join(lines) + "\n"
 
 

@@ -88,6 +88,7 @@ def traced_run(grid: Any, setting: Any, seed: int, method: str, variant: str) ->
         "warmup_epochs": max(1, grid.epochs // 6),
         "unknowns": "none" if unknowns == "plain" else unknowns,
         "unknowns_weight": 0.1,
+        "unknown_head": "mean",
         **extra,
     }
     with storage_order(), patch(), mock.patch.object(epoch_loop.EpochLoop, "_end_epoch", end):

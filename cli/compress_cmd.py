@@ -77,6 +77,7 @@ def compress(
     unknowns: opts.Unknowns = None,
     unknowns_fraction: opts.UnknownsFraction = None,
     unknowns_weight: opts.UnknownsWeight = None,
+    unknown_head: opts.UnknownHead = None,
     score: opts.Score = None,
     temperature: opts.Temperature = None,
     tpr: opts.Tpr = None,

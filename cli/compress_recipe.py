@@ -60,6 +60,7 @@ def recipe_overrides(flags: Mapping[str, Any]) -> dict[str, Any]:
         "moon.unknowns": flags["unknowns"],
         "moon.unknowns_fraction": flags["unknowns_fraction"],
         "moon.unknowns_weight": flags["unknowns_weight"],
+        "moon.unknown_head": flags["unknown_head"],
         "gates.min_auroc": flags["min_auroc"],
         "gates.max_fpr95": flags["max_fpr95"],
         "gates.min_accuracy": flags["min_accuracy"],

@@ -239,9 +239,10 @@ def unknowns_lines(report: RunReport) -> list[str]:
         return []
     rate = record.val_unknown_rate
     rate_text = "" if rate is None else f"; {100 * rate:.1f}% of ID validation rows -> unknown"
+    head_text = f", {record.head} unknown head" if record.head else ""
     return [
         f"unknowns: {record.setting} ({'+'.join(record.generators)}, "
-        f"{100 * fraction:.0f}% of each batch, weight {weight:g}){rate_text}"
+        f"{100 * fraction:.0f}% of each batch, weight {weight:g}{head_text}){rate_text}"
         " - beyond the MOON paper; --unknowns none is MOON as published"
     ]
 

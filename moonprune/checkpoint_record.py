@@ -22,7 +22,7 @@ from torch import nn
 
 from moonprune.arch import ArchSpec
 from moonprune.errors import CheckpointError
-from moonprune.heads import add_unknown_output_
+from moonprune.heads import add_unknown_output_, unknown_head_kind
 from moonprune.preprocessing import Preprocessing
 from moonprune.reliability.features import FeatureStats
 from moonprune.run_record import RunRecord
@@ -32,7 +32,11 @@ from moonprune.weights import check_finite, load_weights_
 
 FORMAT = "moonprune-checkpoint"
 #: 2: the run record under "run" (1: its fields at the top level, read as before)
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+#: the version a file is written with: 3 only with the ``separate`` unknown head (a
+#: reader of version 2 would rebuild a ``mean`` head and compute its unknown logit
+#: wrongly, so it must refuse the file), 2 otherwise, readable by every release since 2
+SEPARATE_HEAD_VERSION = 3
 
 
 @dataclass
@@ -98,12 +102,14 @@ class MoonpruneCheckpoint:
         return {} if self.run.config is None else self.run.config.as_dict()
 
     def to_dict(self) -> dict[str, Any]:
+        kind = unknown_head_kind(self.model, self.head_layer)
         return {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": SEPARATE_HEAD_VERSION if kind == "separate" else 2,
             "moonprune_version": self.version or __version__,
             "arch": self.arch.as_dict(),
             "head_layer": self.head_layer,
+            "unknown_head": kind,
             "classes": list(self.classes),
             "run": self.run.to_dict(),
             "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
@@ -136,7 +142,7 @@ def checkpoint_from_dict(
     spec = recorded_arch(obj["arch"], source, arch)
     model = spec.build()
     if obj["head_layer"] is not None:
-        add_unknown_output_(model, layer=obj["head_layer"])
+        add_unknown_output_(model, layer=obj["head_layer"], kind=obj.get("unknown_head") or "mean")
     state, masks = obj["state_dict"], obj["masks"]
     for key, value in (("state_dict", state), ("masks", masks)):
         if not isinstance(value, Mapping) or not all(

@@ -51,6 +51,8 @@ def check_train(cfg: TrainConfig) -> None:
 def check_moon(cfg: MoonConfig) -> None:
     """A :class:`MoonConfig` within its ranges."""
     check_unknowns(cfg.unknowns, cfg.unknowns_fraction, cfg.unknowns_weight)
+    if cfg.unknown_head not in ("mean", "separate"):
+        raise ConfigError(f"unknown_head must be mean or separate, got {cfg.unknown_head!r}")
     if cfg.warmup_epochs < 0:
         raise ConfigError(f"warmup_epochs must be >= 0, got {cfg.warmup_epochs}")
     if not (math.isfinite(cfg.init_factor) and cfg.init_factor > 0):

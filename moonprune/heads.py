@@ -26,11 +26,31 @@ earlier moonprune versions wrote, so their checkpoints still load.
 
 The new layer is marked with :data:`moonprune.conventions.UNKNOWN_ROW_ATTR` so that
 maskers keep the unknown row active.
+
+The ``separate`` head (:class:`SeparateUnknownLinear`, beyond the paper;
+``--unknown-head separate``) computes the unknown logit as ``logsumexp(known logits) +
+g``, with ``g`` the unknown row's output on the features *detached*. Then ``p(unknown)
+= sigmoid(g)`` and ``p(k) = (1 - sigmoid(g)) softmax(known)_k``, so a row's (K+1)-way
+cross-entropy splits into the known classes' cross-entropy plus ``softplus(g)`` (label
+k) or ``softplus(-g)`` (label K): synthesized rows (``--unknowns``) train ``g`` alone,
+and nothing the unknown output learns reshapes the known logits or the layers below.
+Why it exists: with the mean head, synthesized rows cost accuracy beyond MOON's own cost
+by making ID rows hold down a rising unknown logit (RESULTS.md "What the ablations of
+session 23 say"). Measured (session 25, README "Synthesized unknowns"): at 95% sparsity
+on mnist5k it keeps 0.65 point more accuracy than the mean head, but on digits and at
+90% its ``g``, a linear probe on features it does not shape, ranks the held-out digits
+worse (MSP near-OOD AUROC 0.9-1.9 points below the mean head's), so ``mean`` stays the
+default. The row starts at weight 0 and bias ``-log K``: ``p(unknown) = 1/(K+1)`` on
+every input, the reference's from-scratch value, and since ``logsumexp(z) - log K <=
+max z`` every known argmax is kept.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moonprune.conventions import UNKNOWN_ROW_ATTR
@@ -118,16 +138,64 @@ def expanded_linear(layer: nn.Linear) -> nn.Linear:
     return new
 
 
+#: the kinds of K+1 head (module docstring): ``mean`` (MOON as published), ``separate``
+UNKNOWN_HEADS = ("mean", "separate")
+
+
+class SeparateUnknownLinear(nn.Linear):
+    """A K+1 classifier whose unknown logit is ``logsumexp(known) + g(detached x)``
+    (module docstring). Its weight and bias are an ordinary ``(K+1, d)`` linear's, so
+    maskers, averaging, channel pruning and checkpoints treat it as one.
+
+    Example::
+
+        >>> import torch
+        >>> head = separate_unknown_linear(torch.nn.Linear(4, 3))
+        >>> p = torch.softmax(head(torch.randn(5, 4)), dim=-1)
+        >>> torch.allclose(p[:, 3], torch.full((5,), 0.25))
+        True
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = int(getattr(self, UNKNOWN_ROW_ATTR))
+        known = F.linear(x, self.weight[:k], self.bias[:k])
+        g = F.linear(x.detach(), self.weight[k:], self.bias[k:])
+        return torch.cat([known, torch.logsumexp(known, dim=-1, keepdim=True) + g], dim=-1)
+
+
+def separate_unknown_linear(layer: nn.Linear) -> SeparateUnknownLinear:
+    """A :class:`SeparateUnknownLinear` from the K-class ``layer``: known rows copied,
+    the unknown row at weight 0 and bias ``-log K`` (``p(unknown) = 1/(K+1)``)."""
+    k, d = layer.out_features, layer.in_features
+    new = SeparateUnknownLinear(d, k + 1, device=layer.weight.device, dtype=layer.weight.dtype)
+    with torch.no_grad():
+        new.weight[:k] = layer.weight
+        new.weight[k] = 0.0
+        new.bias[:k] = 0.0 if layer.bias is None else layer.bias
+        new.bias[k] = -math.log(k)
+    setattr(new, UNKNOWN_ROW_ATTR, k)
+    return new
+
+
+def unknown_head_kind(model: nn.Module, layer: str | None) -> str | None:
+    """``separate`` or ``mean`` for the K+1 head at ``layer``, None without one."""
+    if layer is None:
+        return None
+    return "separate" if isinstance(_get_module(model, layer), SeparateUnknownLinear) else "mean"
+
+
 def add_unknown_output_(
     model: nn.Module,
     example_input: torch.Tensor | None = None,
     layer: str | None = None,
+    kind: str = "mean",
 ) -> str:
     """Replace the final classifier of ``model`` in place by its K+1 version.
 
-    Give ``layer`` (the module name) or ``example_input`` (one batch, to find it).
-    Returns the layer's name, which a checkpoint records so the surgery can be
-    replayed on a freshly built model before loading K+1 weights.
+    Give ``layer`` (the module name) or ``example_input`` (one batch, to find it);
+    ``kind`` is one of :data:`UNKNOWN_HEADS` (module docstring). Returns the layer's
+    name, which a checkpoint records (with the kind) so the surgery can be replayed on
+    a freshly built model before loading K+1 weights.
 
     Example::
 
@@ -151,7 +219,10 @@ def add_unknown_output_(
             f"layer {layer!r} is a {type(module).__name__}, not nn.Linear; "
             "the unknown output is added to a linear classifier"
         )
-    _set_module(model, layer, expanded_linear(module))
+    if kind not in UNKNOWN_HEADS:
+        raise ValueError(f"kind must be one of {UNKNOWN_HEADS}, got {kind!r}")
+    new = expanded_linear(module) if kind == "mean" else separate_unknown_linear(module)
+    _set_module(model, layer, new)
     return layer
 
 

@@ -197,11 +197,13 @@ def _unknown_head(
     model: nn.Module, inputs: Inputs, cfg: CompressConfig, device: torch.device
 ) -> str | None:
     """The layer holding the unknown output: the checkpoint's when continuing from a
-    moonprune checkpoint (already K+1), else added now when MOON is on."""
+    moonprune checkpoint (already K+1, its head kept), else added now when MOON is on,
+    of the kind ``--unknown-head`` names (:mod:`moonprune.heads`)."""
     if inputs.dense.head_layer:
         return inputs.dense.head_layer
     if cfg.moon.enabled:
-        return add_unknown_output_(model, inputs.splits.train.x[:2].to(device), cfg.head_layer)
+        return add_unknown_output_(model, inputs.splits.train.x[:2].to(device), cfg.head_layer,
+                                   cfg.moon.unknown_head)  # fmt: skip
     return None
 
 

@@ -109,7 +109,8 @@ class UnknownsRecord:
     """The synthesized unknowns a run trained with (``unknowns``): the setting (``none``
     is MOON as published), the generators, their share of a batch and loss weight, the
     share of ID validation rows whose argmax is "unknown", the mean p(unknown) of each
-    generator's rows, and the warnings."""
+    generator's rows, the warnings, and the K+1 head's kind (``mean`` or ``separate``,
+    :mod:`moonprune.heads`; None without one, or in reports written before it existed)."""
 
     setting: str
     generators: list[str]
@@ -119,6 +120,7 @@ class UnknownsRecord:
     val_unknown_rate: float | None
     p_unknown_synth: dict[str, float]
     warnings: list[str]
+    head: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -23,6 +23,7 @@ from moonprune.assessment import Assessment
 from moonprune.config import MoonConfig
 from moonprune.conventions import UNKNOWN_ROW_ATTR, prunable_weights
 from moonprune.data import ImageSet
+from moonprune.heads import SeparateUnknownLinear
 from moonprune.outputs import atomic_path
 from moonprune.reliability.evaluation import reliability_diagram
 from moonprune.report_parts import UnknownsRecord
@@ -61,7 +62,8 @@ def unknowns_summary(
     The record: the setting (``none`` is MOON as published; anything else goes beyond
     the paper), the generators, fraction and weight, the share of ID validation rows
     whose argmax is "unknown" (the guard: a warning above 1%, in ``warnings``), and the
-    mean p(unknown) of each generator's rows made from the validation set.
+    mean p(unknown) of each generator's rows made from the validation set, and the
+    kind of K+1 head.
     """
     spec = moon.unknowns if moon.enabled else NONE
     names = UNKNOWNS.resolve(spec)
@@ -72,6 +74,9 @@ def unknowns_summary(
         val_unknown_rate=None, p_unknown_synth={}, warnings=[],
     )  # fmt: skip
     heads = [m for m in model.modules() if isinstance(getattr(m, UNKNOWN_ROW_ATTR, None), int)]
+    if heads:
+        record = replace(record, head="separate" if isinstance(heads[0], SeparateUnknownLinear)
+                         else "mean")  # fmt: skip
     if not heads or len(val) == 0:
         return record, {}
     k = int(getattr(heads[0], UNKNOWN_ROW_ATTR))

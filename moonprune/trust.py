@@ -138,6 +138,12 @@ def check_fields(obj: Mapping[str, Any], source: str, format_version: int) -> No
     head = obj.get("head_layer")
     if head is not None and not isinstance(head, str):
         raise CheckpointError(f"{source}: head_layer {short_repr(head)} must be a name; {fix}")
+    kind = obj.get("unknown_head")
+    if kind is not None and (head is None or kind not in ("mean", "separate")):
+        raise CheckpointError(
+            f"{source}: unknown_head {short_repr(kind)} must be 'mean' or 'separate' on a "
+            f"model with a head_layer; {fix}"
+        )
 
 
 #: The size attributes a channel-pruned checkpoint may set (nothing else is written).

@@ -231,6 +231,7 @@ def test_verify_json_never_overwrites_the_checkpoint(run_dir: Path) -> None:
      ({"temperature": -1.0}, "temperature -1.0"), ({"classes": 5}, "'classes' must be"),
      ({"arch": "moonprune.models:demo_cnn"}, "architecture record is damaged"),
      ({"format_version": 99}, "format version 99"),
+     ({"unknown_head": "median"}, "unknown_head 'median' must be 'mean' or 'separate'"),
      ({"preprocessing": {"channels": 1}}, "preprocessing record is damaged")],
 )  # fmt: skip
 @pytest.mark.parametrize("command", ["verify", "export", "inspect"])
@@ -264,7 +265,8 @@ def _raising_factory(tmp_path: Path) -> str:
      ("batch_size = 2.5", "batch_size in [train] must be int"),
      ("non-UTF-8 recipe", "is not UTF-8 text"), ("recipe is a folder", "is a folder"),
      ("out under a file", "is a file, not a folder"), ("out too long", "longer than"),
-     ("out is a symlink", "is a symbolic link")],
+     ("out is a symlink", "is a symbolic link"),
+     ("unknown head median", "unknown_head must be mean or separate, got 'median'")],
 )  # fmt: skip
 def test_bad_input_is_one_line(run_dir: Path, tmp_path: Path, case: str, needle: str) -> None:
     recipe = tmp_path / "r.toml"
@@ -283,6 +285,8 @@ def test_bad_input_is_one_line(run_dir: Path, tmp_path: Path, case: str, needle:
         extra += ["--config", str(recipe)]
     elif case == "recipe is a folder":
         extra += ["--config", str(tmp_path)]
+    elif case == "unknown head median":
+        extra += ["--unknown-head", "median"]
     args = _compress_args(run_dir, tmp_path, *extra)
     if case == "out under a file":
         (tmp_path / "afile").write_text("x")

@@ -9,7 +9,13 @@ from torch import nn
 from moonprune import models
 from moonprune.conventions import unknown_rows
 from moonprune.errors import CheckpointError
-from moonprune.heads import add_unknown_output_, expanded_linear, find_classifier
+from moonprune.heads import (
+    SeparateUnknownLinear,
+    add_unknown_output_,
+    expanded_linear,
+    find_classifier,
+    separate_unknown_linear,
+)
 
 ARCHS = {
     "demo_cnn": (models.demo_cnn, "classifier"),
@@ -140,3 +146,84 @@ def test_surgery_keeps_dtype_and_device() -> None:
     assert new.weight.dtype == torch.float64 and new.weight.device == head.weight.device
     assert torch.equal(new.weight[5], head.weight.mean(dim=0))
     assert torch.equal(new.bias[5], head.bias.mean())
+
+
+# -- the separate unknown head (beyond the paper; compress's head with --unknowns) ----
+
+
+def _separate(k: int = 5, d: int = 7, seed: int = 0) -> tuple[nn.Linear, SeparateUnknownLinear]:
+    torch.manual_seed(seed)
+    layer = nn.Linear(d, k)
+    return layer, separate_unknown_linear(layer)
+
+
+def test_separate_head_starts_at_one_over_k_plus_one_and_keeps_known_logits() -> None:
+    layer, head = _separate()
+    x = torch.randn(32, 7) * 3
+    z = head(x)
+    assert torch.equal(z[:, :5], layer(x))  # the known logits are the dense model's
+    p = torch.softmax(z.double(), dim=-1)
+    assert torch.allclose(p[:, 5], torch.full((32,), 1 / 6, dtype=torch.float64), atol=1e-6)
+    assert torch.equal(z.argmax(-1), layer(x).argmax(-1))  # logsumexp - log K <= max
+    assert unknown_rows(nn.Sequential(head)) == {"0.weight": 5}
+
+
+def test_separate_head_matches_the_hand_formula_and_the_loss_splits() -> None:
+    """z_u = logsumexp(z_known) + w_u.x + b_u; then p(unknown) = sigmoid(g), a row of
+    class y costs CE_K(known, y) + softplus(g) and a row labelled K costs softplus(-g)."""
+    _, head = _separate(seed=1)
+    with torch.no_grad():
+        head.weight[5].normal_()
+        head.bias[5] = 0.7
+    x = torch.randn(16, 7, dtype=torch.float64)
+    head = head.double()
+    z = head(x)
+    known = x @ head.weight[:5].T + head.bias[:5]
+    g = x @ head.weight[5] + head.bias[5]
+    assert torch.allclose(z[:, 5], torch.logsumexp(known, dim=-1) + g)
+    assert torch.allclose(torch.softmax(z, dim=-1)[:, 5], torch.sigmoid(g))
+    y = torch.randint(0, 5, (16,))
+    ce = nn.functional.cross_entropy(z, y, reduction="none")
+    expected = nn.functional.cross_entropy(known, y, reduction="none") + nn.functional.softplus(g)
+    assert torch.allclose(ce, expected)
+    ce_k = nn.functional.cross_entropy(z, torch.full((16,), 5), reduction="none")
+    assert torch.allclose(ce_k, nn.functional.softplus(-g))
+
+
+def test_the_unknown_output_shapes_nothing_below_or_beside_it() -> None:
+    """A synthesized row (label K) moves only the unknown row (what reaches the known
+    logits through the logsumexp cancels: zero up to rounding); an ID row moves the
+    layers below exactly as the known classes' cross-entropy alone would."""
+    torch.manual_seed(2)
+    body = nn.Sequential(nn.Linear(6, 7), nn.ReLU())
+    _, head = _separate(seed=2)
+    x = torch.randn(8, 6)
+    nn.functional.cross_entropy(head(body(x)), torch.full((8,), 5)).backward()
+    assert body[0].weight.grad.abs().max() < 1e-7
+    assert head.weight.grad[:5].abs().max() < 1e-6 and head.bias.grad[:5].abs().max() < 1e-6
+    assert head.weight.grad[5].abs().sum() > 0 and float(head.bias.grad[5]) < 0
+    y = torch.randint(0, 5, (8,))
+    body.zero_grad()
+    nn.functional.cross_entropy(head(body(x)), y).backward()
+    with_unknown = body[0].weight.grad.clone()
+    body.zero_grad()
+    nn.functional.cross_entropy(nn.functional.linear(body(x), head.weight[:5], head.bias[:5]),
+                                y).backward()  # fmt: skip
+    assert torch.allclose(with_unknown, body[0].weight.grad, atol=1e-7)
+
+
+def test_separate_head_surgery_exports_with_parity(tmp_path) -> None:
+    from moonprune.exporters.onnx_export import export_onnx
+
+    torch.manual_seed(3)
+    model = models.demo_cnn(num_classes=4, width=4).eval()
+    x = torch.randn(6, 1, 8, 8)
+    assert add_unknown_output_(model, x, kind="separate") == "classifier"
+    assert isinstance(model.classifier, SeparateUnknownLinear)
+    with torch.no_grad():
+        model.classifier.weight[4].normal_()
+    report = export_onnx(model, tmp_path / "m.onnx", num_known=4, input_shape=(1, 8, 8),
+                         threshold=0.5)  # fmt: skip
+    assert report.labels_agree and report.parity_max_abs_diff < 1e-4
+    with pytest.raises(ValueError, match="kind must be one of"):
+        add_unknown_output_(models.demo_cnn(num_classes=4, width=4), x, kind="median")

@@ -29,7 +29,7 @@ RUN_NESTED = {
     "timing": ["dense_eval_s", "train_s", "epoch_s_mean", "export_s", "total_s"],
     "data": ["id", "classes", "n_train", "n_val", "n_test", "ood"],
     "unknowns": ["setting", "generators", "beyond_paper", "fraction", "weight",
-                 "val_unknown_rate", "p_unknown_synth", "warnings"],
+                 "val_unknown_rate", "p_unknown_synth", "warnings", "head"],
     "export": ["path", "bytes", "gzip_bytes", "parity_max_abs_diff", "labels_agree", "opset",
                "export_seconds"],
 }  # fmt: skip

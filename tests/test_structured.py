@@ -12,9 +12,10 @@ from moonprune.exporters import export_onnx
 from typer.testing import CliRunner, Result
 
 from moonprune import models
+from moonprune.checkpoints import load_checkpoint
 from moonprune.conventions import unknown_rows
 from moonprune.errors import ConfigError
-from moonprune.heads import add_unknown_output_
+from moonprune.heads import SeparateUnknownLinear, add_unknown_output_
 from moonprune.report_parts import DeployedSpeed
 from moonprune.report_records import RunReport
 from moonprune.sparsity.channel.pruner import ChannelPruner
@@ -408,7 +409,8 @@ def test_channel_pruning_with_synthesized_unknowns(tmp_path: Path) -> None:
     """--unknowns works with channel pruning: the unknown row survives the surgery, the
     synthesized rows train it (p(unknown) on them far above the ID rows'), and the report
     says which unknowns were used."""
-    result, out = _compress_resnet8(tmp_path, "--epochs", "2", "--unknowns", "blur")
+    result, out = _compress_resnet8(tmp_path, "--epochs", "2", "--unknowns", "blur",
+                                    "--unknown-head", "separate")  # fmt: skip
     report = json.loads((out / "report.json").read_text())
     unknowns = report["unknowns"]
     assert unknowns["generators"] == ["blur"] and unknowns["beyond_paper"]
@@ -416,3 +418,11 @@ def test_channel_pruning_with_synthesized_unknowns(tmp_path: Path) -> None:
     synth = unknowns["p_unknown_synth"]["synth: blur"]
     assert synth > 3 * report["models"]["compressed"]["p_unknown"]["id_test"]["mean"]
     assert "beyond the MOON paper" in " ".join(result.output.split())
+    # the separate head survives channel pruning, the checkpoint records it (format 3,
+    # which older releases refuse) and the export passed parity
+    assert unknowns["head"] == "separate" and "separate unknown head" in result.output
+    saved = torch.load(out / "model.pt", weights_only=True)
+    assert saved["format_version"] == 3 and saved["unknown_head"] == "separate"
+    ckpt = load_checkpoint(out / "model.pt")
+    assert isinstance(ckpt.model.get_submodule(ckpt.head_layer), SeparateUnknownLinear)
+    assert (out / "model.onnx").exists()

@@ -105,6 +105,9 @@ def test_resolve_and_validation() -> None:
         MoonConfig(unknowns="synth", unknowns_fraction=0.0)
     with pytest.raises(ConfigError, match="unknowns_weight"):
         MoonConfig(unknowns="synth", unknowns_weight=-1.0)
+    with pytest.raises(ConfigError, match="unknown_head must be mean or separate"):
+        MoonConfig(unknown_head="median")
+    assert MoonConfig(unknowns="synth").unknown_head == "mean"  # the paper's head by default
     assert shares(7, 3) == [3, 2, 2] and rows_for(64, 0.25) == 16
     assert not torch.equal(
         torch.rand(3, generator=epoch_generator(0, 1, 0)),
