@@ -77,7 +77,7 @@ with that order restored (:func:`_recalibration`) unless it sets its own (``shuf
   to raise its known logits over a rising unknown one (session 23's finding);
   ``shufbn-factord``: ``g`` reads the features detached, so the unknown output shapes
   nothing below the classifier and the backbone trains as under MOON (with the rows in
-  BatchNorm's batches); ``shufbn-factor-none``: MOON alone with that head. Since
+  BatchNorm's batches). Since
   session 25 ``shufbn-factord`` is compress's ``--unknown-head separate``
   (:class:`moonprune.heads.SeparateUnknownLinear`): the grid
   ``reliability-full-unknowns-blur_mixup-w0.1-head-separate.jsonl`` repeats its 18 runs
@@ -369,7 +369,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], Callable[[], Any]]] = {
     "shufbn-mix": ("blur+mixup", {}, lambda: _recalibration(shuffled=True, mixed=True)),
     "shufbn-factor": ("blur+mixup", {}, lambda: _factored(detached=False)),
     "shufbn-factord": ("blur+mixup", {}, lambda: _factored(detached=True)),
-    "shufbn-factor-none": ("none", {}, lambda: _factored(detached=False)),
 }
 
 
@@ -400,7 +399,6 @@ LABELS = {
     "shufbn-mix": "`shufbn-mix`: BatchNorm recomputed on shuffled ID + synthesized rows",
     "shufbn-factor": "`shufbn-factor`: unknown logit = logsumexp(known) + its own row",
     "shufbn-factord": "`shufbn-factord`: the same, its row on detached features",
-    "shufbn-factor-none": "`shufbn-factor-none`: MOON alone with that head",
 }
 
 
@@ -599,7 +597,6 @@ def shuffled_lines(rows: list[dict[str, Any]]) -> list[str]:
         "shufbn-mix",
         "shufbn-factor",
         "shufbn-factord",
-        "shufbn-factor-none",
     ):
         pairs = [(r, latest[("shufbn-plain", *key[1:])]) for key, r in latest.items()
                  if key[0] == variant and ("shufbn-plain", *key[1:]) in latest]  # fmt: skip

@@ -82,7 +82,7 @@ def grid_lines(path: Path) -> list[str]:
 def weight_of(path: Path) -> float:
     """The ``--unknowns-weight`` a grid ran at (its log name's ``-w`` suffix; 0.5, the
     default until session 20, without one)."""
-    tail = path.stem.rsplit("-w", 1)
+    tail = path.stem.split("-head-")[0].rsplit("-w", 1)
     return float(tail[1]) if len(tail) == 2 and tail[1].replace(".", "").isdigit() else 0.5
 
 
@@ -257,7 +257,8 @@ def head_lines(logs: list[Path]) -> list[str]:
         sparsities = sorted({k[3] for k in s_runs})
         against = (("mean head", _moon_runs(mean, True, near)),
                    ("MOON", _moon_runs(sep, False, near)))  # fmt: skip
-        for sparsity, (name, other) in itertools.product([*sparsities, None], against):
+        rows_of = [*sparsities, None] if len(sparsities) > 1 else sparsities
+        for sparsity, (name, other) in itertools.product(rows_of, against):
             keys = [k for k in s_runs if k in other and sparsity in (None, k[3])]
             if not keys:
                 continue
