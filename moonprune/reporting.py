@@ -62,8 +62,8 @@ def unknowns_summary(
     The record: the setting (``none`` is MOON as published; anything else goes beyond
     the paper), the generators, fraction and weight, the share of ID validation rows
     whose argmax is "unknown" (the guard: a warning above 1%, in ``warnings``), and the
-    mean p(unknown) of each generator's rows made from the validation set, and the
-    kind of K+1 head.
+    mean p(unknown) of each generator's rows made from the validation set; also the
+    kind of K+1 head (``mean`` or ``separate``).
     """
     spec = moon.unknowns if moon.enabled else NONE
     names = UNKNOWNS.resolve(spec)
