@@ -41,8 +41,8 @@ on mnist5k it keeps 0.65 point more accuracy than the mean head, but on digits a
 90% its ``g``, a linear probe on features it does not shape, ranks the held-out digits
 worse (MSP near-OOD AUROC 0.9-1.9 points below the mean head's), so ``mean`` stays the
 default. The row starts at weight 0 and bias ``-log K``: ``p(unknown) = 1/(K+1)`` on
-every input, the reference's from-scratch value, and since ``logsumexp(z) - log K <=
-max z`` every known argmax is kept.
+every input (about what MOON_METHOD.md part 1 says the reference's from-scratch init
+gives), and since ``logsumexp(z) - log K <= max z`` every known argmax is kept.
 """
 
 from __future__ import annotations
