@@ -131,6 +131,7 @@ from moonprune.augment import augment_batch
 from moonprune.batching import iterate_batches, min_rows_per_batch
 from moonprune.checkpoints import DenseModel
 from moonprune.conventions import UNKNOWN_ROW_ATTR
+from moonprune.heads import SeparateUnknownLinear, separate_unknown_linear
 from moonprune.pipeline import compress
 from moonprune.streaming import batch_rows
 from moonprune.unknown_generators import mixup
@@ -295,44 +296,35 @@ def _row_only() -> Iterator[None]:
         yield
 
 
-class FactoredHead(torch.nn.Linear):
-    """A K+1 classifier whose unknown logit is ``logsumexp(known logits) + g``, with ``g``
-    the unknown row's own linear output: then ``p(unknown) = sigmoid(g)`` and ``p(k) = (1 -
-    sigmoid(g)) softmax(known)_k``. The (K+1)-way cross-entropy of an ID row splits into
-    the known classes' cross-entropy plus ``softplus(g)``, and a synthesized row's into
-    ``softplus(-g)``: the synthesized rows no longer move the known logits, and the ID
-    rows hold ``g`` down instead of raising their known logits above a rising unknown one.
-    With ``detached``, ``g`` reads the features without gradient, so no row's unknown
-    logit reshapes the layers below."""
-
-    detached = False
+class FactoredHead(SeparateUnknownLinear):
+    """compress's ``separate`` head (:class:`moonprune.heads.SeparateUnknownLinear`: the
+    unknown logit is ``logsumexp(known logits) + g``, so synthesized rows no longer move
+    the known logits and ID rows hold ``g`` down instead of raising their known logits
+    over a rising unknown one), except that ``g`` reads the features *with* gradient, so
+    the unknown row still reshapes the layers below."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = int(getattr(self, UNKNOWN_ROW_ATTR))
         known = F.linear(x, self.weight[:k], self.bias[:k])
-        g = F.linear(x.detach() if self.detached else x, self.weight[k:], self.bias[k:])
-        return torch.cat([known, g + torch.logsumexp(known, dim=-1, keepdim=True)], dim=-1)
+        g = F.linear(x, self.weight[k:], self.bias[k:])
+        return torch.cat([known, torch.logsumexp(known, dim=-1, keepdim=True) + g], dim=-1)
 
 
 @contextlib.contextmanager
 def _factored(detached: bool) -> Iterator[None]:
-    """K+1 heads built as :class:`FactoredHead`, the unknown row starting at ``g = -log K``
-    (weight 0), so ``p(unknown) = 1/(K+1)`` on every input and the known logits are the
-    dense model's; BatchNorm recomputed as the product does (shuffled, with the rows)."""
-    saved = heads.expanded_linear
+    """K+1 heads built as compress's ``separate`` head (``detached``) or as
+    :class:`FactoredHead`, from where the mean head was built (so the variant's runs keep
+    ``unknown_head: mean``, like every other); BatchNorm recomputed as the product does
+    (shuffled, with the rows)."""
 
     def build(layer: torch.nn.Linear) -> torch.nn.Linear:
-        plain = saved(layer)
-        k = int(getattr(plain, UNKNOWN_ROW_ATTR))
-        new = FactoredHead(plain.in_features, k + 1, device=layer.weight.device,
-                           dtype=layer.weight.dtype)  # fmt: skip
-        new.detached = detached
-        with torch.no_grad():
-            new.weight.copy_(plain.weight)
-            new.bias.copy_(plain.bias)
-            new.weight[k] = 0.0
-            new.bias[k] = -math.log(k)
-        setattr(new, UNKNOWN_ROW_ATTR, k)
+        separate = separate_unknown_linear(layer)
+        if detached:
+            return separate
+        new = FactoredHead(separate.in_features, separate.out_features,
+                           device=layer.weight.device, dtype=layer.weight.dtype)  # fmt: skip
+        new.load_state_dict(separate.state_dict())
+        setattr(new, UNKNOWN_ROW_ATTR, getattr(separate, UNKNOWN_ROW_ATTR))
         return new
 
     with mock.patch.object(heads, "expanded_linear", build), \

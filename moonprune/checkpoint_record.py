@@ -31,12 +31,11 @@ from moonprune.version import __version__
 from moonprune.weights import check_finite, load_weights_
 
 FORMAT = "moonprune-checkpoint"
-#: 2: the run record under "run" (1: its fields at the top level, read as before)
+#: 2: the run record under "run" (1: its fields at the top level, read as before);
+#: 3: the ``separate`` unknown head. Only such files are written as 3 (a reader of 2
+#: would rebuild a ``mean`` head and compute their unknown logit wrongly, so it must
+#: refuse them); every other file is written as 2, readable by every release since 2.
 FORMAT_VERSION = 3
-#: the version a file is written with: 3 only with the ``separate`` unknown head (a
-#: reader of version 2 would rebuild a ``mean`` head and compute its unknown logit
-#: wrongly, so it must refuse the file), 2 otherwise, readable by every release since 2
-SEPARATE_HEAD_VERSION = 3
 
 
 @dataclass
@@ -105,7 +104,7 @@ class MoonpruneCheckpoint:
         kind = unknown_head_kind(self.model, self.head_layer)
         return {
             "format": FORMAT,
-            "format_version": SEPARATE_HEAD_VERSION if kind == "separate" else 2,
+            "format_version": FORMAT_VERSION if kind == "separate" else 2,
             "moonprune_version": self.version or __version__,
             "arch": self.arch.as_dict(),
             "head_layer": self.head_layer,

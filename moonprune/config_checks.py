@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from moonprune.augment import check_augment
 from moonprune.errors import ConfigError
+from moonprune.heads import UNKNOWN_HEADS
 from moonprune.normalization import check_normalize
 from moonprune.unknowns import check_unknowns
 
@@ -51,7 +52,7 @@ def check_train(cfg: TrainConfig) -> None:
 def check_moon(cfg: MoonConfig) -> None:
     """A :class:`MoonConfig` within its ranges."""
     check_unknowns(cfg.unknowns, cfg.unknowns_fraction, cfg.unknowns_weight)
-    if cfg.unknown_head not in ("mean", "separate"):
+    if cfg.unknown_head not in UNKNOWN_HEADS:
         raise ConfigError(f"unknown_head must be mean or separate, got {cfg.unknown_head!r}")
     if cfg.warmup_epochs < 0:
         raise ConfigError(f"warmup_epochs must be >= 0, got {cfg.warmup_epochs}")

@@ -29,6 +29,7 @@ from typing import Any, TypeGuard
 
 from moonprune.arch import ArchSpec
 from moonprune.errors import CheckpointError
+from moonprune.heads import UNKNOWN_HEADS
 
 BUILTIN_MODULE = "moonprune.models"
 
@@ -139,7 +140,7 @@ def check_fields(obj: Mapping[str, Any], source: str, format_version: int) -> No
     if head is not None and not isinstance(head, str):
         raise CheckpointError(f"{source}: head_layer {short_repr(head)} must be a name; {fix}")
     kind = obj.get("unknown_head")
-    if kind is not None and (head is None or kind not in ("mean", "separate")):
+    if kind is not None and (head is None or kind not in UNKNOWN_HEADS):
         raise CheckpointError(
             f"{source}: unknown_head {short_repr(kind)} must be 'mean' or 'separate' on a "
             f"model with a head_layer; {fix}"
