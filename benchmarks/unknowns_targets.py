@@ -11,13 +11,15 @@ shortfall (100 - mean AUROC) removed; better than MOON; accuracy within 0.5 poin
 plain's; and no near-OOD set (the ID set's held-out classes) more than 0.5 point
 below plain's. Counted here for MSP (the paper's score) and for ``mahalanobis++``
 (compress's deployed default). Three more tables: ``synth`` (blur) by loss weight;
-every generator at the default weight 0.1 averaged over each grid's cells (mean and
-worst-cell accuracy change, MSP, near-OOD, ``mahalanobis++``, ECE): the evidence for
-what ``synth`` means; and how far 3 seeds resolve the two 0.5-point targets: MOON as
+every generator at the default weight 0.1 (and at 0.05) averaged over each grid's
+cells (mean and worst-cell accuracy change, MSP, near-OOD, ``mahalanobis++``, ECE): the
+evidence for what ``synth`` means; and how far 3 seeds resolve the two 0.5-point targets: MOON as
 published (``none``) held to them too, and the standard errors of the paired (same
 seed) differences. And one more (session 25): the grids run with ``--unknown-head
 separate`` against their ``mean``-head twin and against MOON alone, paired run by run.
-Written into benchmarks/RESULTS.md, section unknowns-targets.
+And (session 26) ``synth`` pooled over every cell of one ID set at one epoch count, the
+grids at compress's 30 epochs included. Written into benchmarks/RESULTS.md, section
+unknowns-targets.
 """
 
 from __future__ import annotations
@@ -272,6 +274,63 @@ def head_lines(logs: list[Path]) -> list[str]:
     return out
 
 
+def _epochs_of(path: Path) -> int:
+    """A grid's fine-tuning epochs (its log name's ``-eN`` part; 10 without one)."""
+    parts = [p for p in path.stem.split("-") if p[:1] == "e" and p[1:].isdigit()]
+    return int(parts[0][1:]) if parts else 10
+
+
+def pooled_lines(logs: list[Path], variant: str = "blur+mixup") -> list[str]:
+    """``variant`` (``synth``) at weight 0.1 with the mean head, every cell of every grid
+    of one ID set at one epoch count pooled (e.g. mnist5k at 30 epochs: the 90% grid
+    and the 95% one): the four targets counted, and the mean changes against plain."""
+    out = [
+        "",
+        f"### `synth` ({variant}, weight 0.1, mean head) pooled by ID set and epochs "
+        "(every cell its grids have; Δ = synth - plain, points, mean over cells)",
+        "",
+        "| ID set | epochs | grids | cells | " + " | ".join(TARGETS) + " | Δ accuracy "
+        "(worst cell) | MSP mean AUROC (plain) | Δ near-OOD MSP (worst cell) | Δ mahalanobis++ |",
+        "|---|---|---|---|" + "---|" * len(TARGETS) + "---|---|---|---|",
+    ]
+    groups: dict[tuple[str, int], list[Path]] = {}
+    for path in logs:
+        if weight_of(path) == 0.1 and "-head-" not in path.stem and "-channel-" not in path.stem:
+            id_set = "digits" if "-digits-" in path.name else "mnist5k"
+            groups.setdefault((id_set, _epochs_of(path)), []).append(path)
+    for (id_set, epochs), paths in sorted(groups.items()):
+        near = (DIGITS if id_set == "digits" else FULL).ood[0]
+        trios, names = [], []
+        for path in paths:
+            rows = [json.loads(line) for line in path.read_text().splitlines()]
+            keys = sorted({(r["arch"], r["method"], r["sparsity"]) for r in rows})
+            found = [(select(rows, k, False), select(rows, k, True),
+                      select(rows, k, True, variant)) for k in keys]  # fmt: skip
+            found = [t for t in found if all(t)]
+            if found:
+                trios += found
+                names.append(path.stem.removeprefix("reliability-"))
+        if not trios:
+            continue
+        counts = [sum(c) for c in zip(*(met(*t, "msp", near) for t in trios), strict=True)]
+        d_acc = [100 * (_accuracy(v) - _accuracy(p)) for p, _, v in trios]
+        d_near = [100 * (rows_mean(v, "msp", (near,)) - rows_mean(p, "msp", (near,)))
+                  for p, _, v in trios]  # fmt: skip
+        msp = [100 * rows_mean(v, "msp") for _, _, v in trios]
+        msp_plain = [100 * rows_mean(p, "msp") for p, _, _ in trios]
+        d_maha = [100 * (rows_mean(v, "mahalanobis++") - rows_mean(p, "mahalanobis++"))
+                  for p, _, v in trios]  # fmt: skip
+        out.append(
+            f"| {id_set} | {epochs} | {', '.join(names)} | {len(trios)} | "
+            + " | ".join(map(str, counts))
+            + f" | {statistics.mean(d_acc):+.2f} ({min(d_acc):+.2f}) | "
+            f"{statistics.mean(msp):.1f} ({statistics.mean(msp_plain):.1f}) | "
+            f"{statistics.mean(d_near):+.2f} ({min(d_near):+.2f}) | "
+            f"{statistics.mean(d_maha):+.2f} |"
+        )
+    return out
+
+
 def render() -> str:
     logs = sorted(ROOT.glob("reliability-*-unknowns-*.jsonl"))
     lines = [
@@ -291,8 +350,10 @@ def render() -> str:
         lines += grid_lines(path)
     lines += weight_lines(logs)
     lines += generator_lines(logs)
+    lines += generator_lines(logs, 0.05)
     lines += noise_lines([p for p in logs if "blur_mixup" in p.name])
     lines += head_lines(logs)
+    lines += pooled_lines(logs)
     return "\n".join(lines) + "\n"
 
 
