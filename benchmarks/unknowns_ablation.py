@@ -83,6 +83,16 @@ with that order restored (:func:`_recalibration`) unless it sets its own (``shuf
   ``reliability-full-unknowns-blur_mixup-w0.1-head-separate.jsonl`` repeats its 18 runs
   to the last digit. Every variant here runs with ``unknown_head: mean``, the head all
   of them were logged with (the factored ones patch that head's construction).
+- ``shufbn-noavg`` and ``shufbn-none-noavg`` (session 26, at 30 epochs): ``synth`` and
+  MOON with ``average_epochs`` 0, so no averaging phase: the lr follows its cosine over
+  every epoch and masks move until 75% of them, as in plain, instead of the last 20% of
+  the epochs held at the lr floor while the weights are averaged (MOON_METHOD.md part
+  4). At 10 epochs ``a0noavg`` kept 1.2 near-OOD points more than ``a0``, and
+  ``averaging_bn.py`` saw MOON without the phase keep plain's near-OOD AUROC: is the
+  averaging phase what costs near-OOD AUROC at compress's 30 epochs? Their table pairs
+  them with the 30-epoch grid's plain, MOON and ``synth`` runs
+  (``reliability-full-0.95-e30-unknowns-blur_mixup-w0.1.jsonl``, BatchNorm recomputed
+  as the product does since session 24, which ``shufbn-*`` restores).
 
 Some variants change moonprune's training step from outside (patches here only); they
 are not options of the product. Written into RESULTS.md, section unknowns-ablation.
@@ -361,6 +371,16 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], Callable[[], Any]]] = {
     "shufbn-mix": ("blur+mixup", {}, lambda: _recalibration(shuffled=True, mixed=True)),
     "shufbn-factor": ("blur+mixup", {}, lambda: _factored(detached=False)),
     "shufbn-factord": ("blur+mixup", {}, lambda: _factored(detached=True)),
+    "shufbn-noavg": (
+        "blur+mixup",
+        {"average_epochs": 0},
+        lambda: _recalibration(shuffled=True, mixed=True),
+    ),
+    "shufbn-none-noavg": (
+        "none",
+        {"average_epochs": 0},
+        lambda: _recalibration(shuffled=True, mixed=False),
+    ),
 }
 
 
@@ -391,6 +411,8 @@ LABELS = {
     "shufbn-mix": "`shufbn-mix`: BatchNorm recomputed on shuffled ID + synthesized rows",
     "shufbn-factor": "`shufbn-factor`: unknown logit = logsumexp(known) + its own row",
     "shufbn-factord": "`shufbn-factord`: the same, its row on detached features",
+    "shufbn-noavg": "`shufbn-noavg`: synth without MOON's averaging phase",
+    "shufbn-none-noavg": "`shufbn-none-noavg`: MOON without its averaging phase",
 }
 
 
@@ -560,7 +582,7 @@ def render() -> str:
                          f"{sum(x >= -0.5 for x in d['accuracy'])} | "
                          f"{100 * statistics.mean(v['msp_mean'] for v, _ in pairs):.1f} | "
                          f"{_mse(d['msp_near'])} | {_mse(d['maha_near'])} |")  # fmt: skip
-    return "\n".join(lines + shuffled_lines(rows) + probe_lines()) + "\n"
+    return "\n".join(lines + shuffled_lines(rows) + noavg_lines(rows) + probe_lines()) + "\n"
 
 
 def shuffled_lines(rows: list[dict[str, Any]]) -> list[str]:
@@ -600,6 +622,53 @@ def shuffled_lines(rows: list[dict[str, Any]]) -> list[str]:
                      f"{sum(x >= -0.5 for x in d['accuracy'])} | "
                      f"{100 * statistics.mean(v['msp_mean'] for v, _ in pairs):.1f} | "
                      f"{_mse(d['msp_near'])} | {_mse(d['maha_near'])} |")  # fmt: skip
+    return lines
+
+
+NOAVG_GRID = ROOT / "reliability-full-0.95-e30-unknowns-blur_mixup-w0.1.jsonl"
+
+
+def noavg_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The ``*-noavg`` runs (30 epochs) against the 30-epoch grid's product runs of the
+    same cell and seed: plain, MOON and ``synth`` (compress's BatchNorm recalibration)."""
+    runs = {(r["variant"], r["arch"], r["method"], r["seed"]): r for r in rows
+            if r["epochs"] == 30 and r["variant"].endswith("-noavg")}  # fmt: skip
+    if not runs or not NOAVG_GRID.exists():
+        return []
+    near = FULL.ood[0]
+    grid: dict[tuple, dict[str, float]] = {}
+    for line in NOAVG_GRID.read_text().splitlines():
+        r = json.loads(line)
+        variant = "plain" if not r["moon"] else r["unknowns"]
+        maha = r["report_scores"]["compressed"]["mahalanobis++"][near]["auroc"]
+        grid[(variant, r["arch"], r["method"], r["seed"])] = {
+            "accuracy": r["compressed"]["accuracy"], "msp_mean": score_mean(r, "msp"),
+            "msp_near": score_mean(r, "msp", (near,)), "maha_near": maha}  # fmt: skip
+    lines = [
+        "",
+        "### Without MOON's averaging phase (30 epochs)",
+        "",
+        "Each run against the run of the same cell and seed in "
+        f"`{NOAVG_GRID.name}` (the product's; Δ points, mean ± standard error).",
+        "",
+        "| variant | against | runs | Δ accuracy | runs within 0.5 | MSP | Δ near-OOD MSP | "
+        "Δ near-OOD mahalanobis++ |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    against = {"shufbn-none-noavg": ("plain", "none"),
+               "shufbn-noavg": ("plain", "none", "blur+mixup")}  # fmt: skip
+    for variant, others in against.items():
+        for other in others:
+            pairs = [(r, grid[(other, *key[1:])]) for key, r in runs.items()
+                     if key[0] == variant and (other, *key[1:]) in grid]  # fmt: skip
+            if not pairs:
+                continue
+            d = {k: [100 * (v[k] - p[k]) for v, p in pairs]
+                 for k in ("accuracy", "msp_near", "maha_near")}  # fmt: skip
+            lines.append(f"| {LABELS[variant]} | {LABELS.get(other, other)} | {len(pairs)} | "
+                         f"{_mse(d['accuracy'])} | {sum(x >= -0.5 for x in d['accuracy'])} | "
+                         f"{100 * statistics.mean(v['msp_mean'] for v, _ in pairs):.1f} | "
+                         f"{_mse(d['msp_near'])} | {_mse(d['maha_near'])} |")  # fmt: skip
     return lines
 
 
