@@ -13,9 +13,9 @@ below plain's. Counted here for MSP (the paper's score) and for ``mahalanobis++`
 (compress's deployed default). Three more tables: ``synth`` (blur) by loss weight;
 every generator at the default weight 0.1 (and at 0.05) averaged over each grid's
 cells (mean and worst-cell accuracy change, MSP, near-OOD, ``mahalanobis++``, ECE): the
-evidence for what ``synth`` means; and how far 3 seeds resolve the two 0.5-point targets: MOON as
-published (``none``) held to them too, and the standard errors of the paired (same
-seed) differences. And one more (session 25): the grids run with ``--unknown-head
+evidence for what ``synth`` means; and how far 3 seeds resolve the two 0.5-point
+targets: MOON as published (``none``) held to them too, and the standard errors of the
+paired (same seed) differences. And one more (session 25): the grids run with ``--unknown-head
 separate`` against their ``mean``-head twin and against MOON alone, paired run by run.
 And (session 26) ``synth`` pooled over every cell of one ID set at one epoch count, the
 grids at compress's 30 epochs included. Written into benchmarks/RESULTS.md, section
@@ -283,7 +283,8 @@ def _epochs_of(path: Path) -> int:
 def pooled_lines(logs: list[Path], variant: str = "blur+mixup") -> list[str]:
     """``variant`` (``synth``) at weight 0.1 with the mean head, every cell of every grid
     of one ID set at one epoch count pooled (e.g. mnist5k at 30 epochs: the 90% grid
-    and the 95% one): the four targets counted, and the mean changes against plain."""
+    and the 95% one): the four targets counted, and the mean changes against plain. The
+    grids pooled hold disjoint cells (a cell run in two of them would count twice)."""
     out = [
         "",
         f"### `synth` ({variant}, weight 0.1, mean head) pooled by ID set and epochs "
