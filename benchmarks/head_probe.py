@@ -82,11 +82,22 @@ def probe_run(args: argparse.Namespace, setting: Any, grid: Grid, variant: str, 
 
 
 def _tag(args: argparse.Namespace) -> str:
-    """'' for session 25's default setting, else what the flags changed."""
+    """'' for session 25's default setting, else its ID set, epochs and sparsity: one log
+    and section per such setting (a run with other archs, methods or seeds replaces it)."""
     default = (args.data, args.epochs, args.sparsity, args.archs, args.methods, args.seeds)
     if default == ("digits", 10, 0.9, ["cnn"], ["rigl"], [0, 1]):
         return ""
     return f"-{args.data}-e{args.epochs}-{args.sparsity:g}"
+
+
+def _paired(runs: list[dict[str, Any]], moon: dict[tuple, dict[str, Any]], key: str) -> str:
+    """Mean ± standard error of ``key`` minus MOON's run of the same cell and seed ("-"
+    for MOON itself or fewer than two pairs)."""
+    keys = [(r, (r["arch"], r["method"], r["seed"])) for r in runs]
+    d = [r[key] - moon[c][key] for r, c in keys if r["variant"] != "shufbn-none" and c in moon]
+    if len(d) < 2:
+        return "-"
+    return f"{statistics.mean(d):+.2f} ± {statistics.stdev(d) / len(d) ** 0.5:.2f}"
 
 
 def render(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
@@ -120,14 +131,6 @@ def render(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
         def m(key: str, runs: list[dict[str, Any]] = runs) -> float:
             return statistics.mean(r[key] for r in runs)
 
-        def paired(key: str, runs: list[dict[str, Any]] = runs, base: bool = variant
-                   == "shufbn-none") -> str:  # fmt: skip
-            d = [r[key] - moon[(r["arch"], r["method"], r["seed"])][key]
-                 for r in runs if (r["arch"], r["method"], r["seed"]) in moon]  # fmt: skip
-            if base or len(d) < 2:
-                return "-"
-            return f"{statistics.mean(d):+.2f} ± {statistics.stdev(d) / len(d) ** 0.5:.2f}"
-
         if "unknown" in runs[0]:
             rest = (f"{m('unknown'):.2f} | {m('id_q50'):.2g} / {m('id_q90'):.2g} | "
                     f"{m('near_q50'):.2g} / {m('near_q90'):.2g}")  # fmt: skip
@@ -135,8 +138,8 @@ def render(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
             rest = "- | - | -"
         acc = f"{m('accuracy'):.2f}" if "accuracy" in runs[0] else "-"
         lines.append(f"| {NAMES[variant]} | {len(runs)} | {acc} | {m('msp'):.2f} | "
-                     f"{m('known'):.2f} | {rest} | {paired('msp')} | "
-                     f"{paired('known')} |")  # fmt: skip
+                     f"{m('known'):.2f} | {rest} | {_paired(runs, moon, 'msp')} | "
+                     f"{_paired(runs, moon, 'known')} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
