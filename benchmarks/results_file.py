@@ -24,7 +24,9 @@ def update_section(name: str, text: str, path: Path = RESULTS) -> None:
     if start in current and end in current:
         before, _, rest = current.partition(start)
         _, _, after = rest.partition(end)
-        current = before + block + after.lstrip("\n")
+        # ``block`` ends its own end-marker line; what followed that line (a blank line
+        # before the next section, say) stays as it was
+        current = before + block + after.removeprefix("\n")
     else:
         current = current.rstrip() + "\n\n" + block
     tmp = path.with_suffix(".md.tmp")
