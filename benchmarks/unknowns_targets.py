@@ -18,8 +18,8 @@ targets: MOON as published (``none``) held to them too, and the standard errors 
 paired (same seed) differences. And one more (session 25): the grids run with ``--unknown-head
 separate`` against their ``mean``-head twin and against MOON alone, paired run by run.
 And (session 26) ``synth`` pooled over every cell of one ID set at one epoch count, the
-grids at compress's 30 epochs included. Written into benchmarks/RESULTS.md, section
-unknowns-targets.
+grids at compress's 30 epochs included, with the near-OOD change of each logit score.
+Written into benchmarks/RESULTS.md, section unknowns-targets.
 """
 
 from __future__ import annotations
@@ -294,23 +294,9 @@ def pooled_lines(logs: list[Path], variant: str = "blur+mixup") -> list[str]:
         "(worst cell) | MSP mean AUROC (plain) | Δ near-OOD MSP (worst cell) | Δ mahalanobis++ |",
         "|---|---|---|---|" + "---|" * len(TARGETS) + "---|---|---|---|",
     ]
-    groups: dict[tuple[str, int], list[Path]] = {}
-    for path in logs:
-        if weight_of(path) == 0.1 and "-head-" not in path.stem and "-channel-" not in path.stem:
-            id_set = "digits" if "-digits-" in path.name else "mnist5k"
-            groups.setdefault((id_set, _epochs_of(path)), []).append(path)
-    for (id_set, epochs), paths in sorted(groups.items()):
+    for (id_set, epochs), paths in sorted(_pooled_groups(logs).items()):
         near = (DIGITS if id_set == "digits" else FULL).ood[0]
-        trios, names = [], []
-        for path in paths:
-            rows = [json.loads(line) for line in path.read_text().splitlines()]
-            keys = sorted({(r["arch"], r["method"], r["sparsity"]) for r in rows})
-            found = [(select(rows, k, False), select(rows, k, True),
-                      select(rows, k, True, variant)) for k in keys]  # fmt: skip
-            found = [t for t in found if all(t)]
-            if found:
-                trios += found
-                names.append(path.stem.removeprefix("reliability-"))
+        trios, names = _trios(paths, variant)
         if not trios:
             continue
         counts = [sum(c) for c in zip(*(met(*t, "msp", near) for t in trios), strict=True)]
@@ -329,6 +315,61 @@ def pooled_lines(logs: list[Path], variant: str = "blur+mixup") -> list[str]:
             f"{statistics.mean(d_near):+.2f} ({min(d_near):+.2f}) | "
             f"{statistics.mean(d_maha):+.2f} |"
         )
+    return out
+
+
+def _pooled_groups(logs: list[Path]) -> dict[tuple[str, int], list[Path]]:
+    """The weight-0.1, mean-head, unstructured grids by (ID set, epochs)."""
+    groups: dict[tuple[str, int], list[Path]] = {}
+    for path in logs:
+        if weight_of(path) == 0.1 and "-head-" not in path.stem and "-channel-" not in path.stem:
+            id_set = "digits" if "-digits-" in path.name else "mnist5k"
+            groups.setdefault((id_set, _epochs_of(path)), []).append(path)
+    return groups
+
+
+def _trios(paths: list[Path], variant: str) -> tuple[list[tuple], list[str]]:
+    """(plain, MOON, ``variant``) rows of every cell the grids at ``paths`` ran, and the
+    names of the grids that had any."""
+    trios, names = [], []
+    for path in paths:
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        keys = sorted({(r["arch"], r["method"], r["sparsity"]) for r in rows})
+        found = [(select(rows, k, False), select(rows, k, True),
+                  select(rows, k, True, variant)) for k in keys]  # fmt: skip
+        found = [t for t in found if all(t)]
+        if found:
+            trios += found
+            names.append(path.stem.removeprefix("reliability-"))
+    return trios, names
+
+
+def score_lines(logs: list[Path], variant: str = "blur+mixup") -> list[str]:
+    """Near-OOD AUROC change of each logit score, pooled as :func:`pooled_lines` pools:
+    ``max_logit`` ranks rows the same under any softmax temperature, so a loss it shares
+    with MSP is not an artifact of the logits' scale."""
+    scores = ("msp", "max_logit", "energy")
+    out = [
+        "",
+        f"### Near-OOD AUROC by logit score, `synth` ({variant}) pooled as above (Δ points, "
+        "mean over cells; cells within 0.5 point in brackets)",
+        "",
+        "| ID set | epochs | cells | score | MOON - plain | synth - plain | synth - MOON |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (id_set, epochs), paths in sorted(_pooled_groups(logs).items()):
+        near = ((DIGITS if id_set == "digits" else FULL).ood[0],)
+        trios, _ = _trios(paths, variant)
+        if not trios:
+            continue
+        for score in scores:
+            cells = []
+            for a, b in ((0, 1), (0, 2), (1, 2)):
+                d = [100 * (rows_mean(t[b], score, near) - rows_mean(t[a], score, near))
+                     for t in trios]  # fmt: skip
+                cells.append(f"{statistics.mean(d):+.2f} ({sum(x >= -0.5 for x in d)})")
+            out.append(f"| {id_set} | {epochs} | {len(trios)} | {score} | " + " | ".join(cells)
+                       + " |")  # fmt: skip
     return out
 
 
@@ -355,6 +396,7 @@ def render() -> str:
     lines += noise_lines([p for p in logs if "blur_mixup" in p.name])
     lines += head_lines(logs)
     lines += pooled_lines(logs)
+    lines += score_lines(logs)
     return "\n".join(lines) + "\n"
 
 
