@@ -543,6 +543,16 @@ def _mse(values: list[float]) -> str:
     return f"{statistics.mean(values):+.2f} ± {se:.2f}"
 
 
+def _delta_cells(pairs: list[tuple[dict[str, Any], dict[str, float]]]) -> str:
+    """The table cells of (run, the run it is paired with) pairs: runs, Δ accuracy, runs
+    within 0.5 point, the runs' MSP mean AUROC, Δ near-OOD MSP and mahalanobis++."""
+    d = {k: [100 * (v[k] - p[k]) for v, p in pairs]
+         for k in ("accuracy", "msp_near", "maha_near")}  # fmt: skip
+    return (f"{len(pairs)} | {_mse(d['accuracy'])} | {sum(x >= -0.5 for x in d['accuracy'])} | "
+            f"{100 * statistics.mean(v['msp_mean'] for v, _ in pairs):.1f} | "
+            f"{_mse(d['msp_near'])} | {_mse(d['maha_near'])}")  # fmt: skip
+
+
 def render() -> str:
     rows = [json.loads(line) for line in LOG.read_text().splitlines()] if LOG.exists() else []
     lines = [
@@ -574,14 +584,9 @@ def render() -> str:
             if variant.startswith("shufbn-") and variant != "shufbn-plain":
                 continue  # against shufbn-plain, in shuffled_lines
             pairs = [(v, base[("plain", *v["key"])]) for v in vs if ("plain", *v["key"]) in base]
-            d = {k: [100 * (v[k] - p[k]) for v, p in pairs]
-                 for k in ("accuracy", "msp_near", "maha_near")}  # fmt: skip
             name = LABELS.get(variant, variant)
             where = str(epochs) if data == "mnist5k" else f"{data}, {epochs}"
-            lines.append(f"| {where} | {name} | {len(pairs)} | {_mse(d['accuracy'])} | "
-                         f"{sum(x >= -0.5 for x in d['accuracy'])} | "
-                         f"{100 * statistics.mean(v['msp_mean'] for v, _ in pairs):.1f} | "
-                         f"{_mse(d['msp_near'])} | {_mse(d['maha_near'])} |")  # fmt: skip
+            lines.append(f"| {where} | {name} | {_delta_cells(pairs)} |")
     return "\n".join(lines + shuffled_lines(rows) + noavg_lines(rows) + probe_lines()) + "\n"
 
 
@@ -616,12 +621,7 @@ def shuffled_lines(rows: list[dict[str, Any]]) -> list[str]:
                  if key[0] == variant and ("shufbn-plain", *key[1:]) in latest]  # fmt: skip
         if not pairs:
             continue
-        d = {k: [100 * (v[k] - p[k]) for v, p in pairs]
-             for k in ("accuracy", "msp_near", "maha_near")}  # fmt: skip
-        lines.append(f"| {LABELS[variant]} | {len(pairs)} | {_mse(d['accuracy'])} | "
-                     f"{sum(x >= -0.5 for x in d['accuracy'])} | "
-                     f"{100 * statistics.mean(v['msp_mean'] for v, _ in pairs):.1f} | "
-                     f"{_mse(d['msp_near'])} | {_mse(d['maha_near'])} |")  # fmt: skip
+        lines.append(f"| {LABELS[variant]} | {_delta_cells(pairs)} |")
     return lines
 
 
@@ -663,12 +663,8 @@ def noavg_lines(rows: list[dict[str, Any]]) -> list[str]:
                      if key[0] == variant and (other, *key[1:]) in grid]  # fmt: skip
             if not pairs:
                 continue
-            d = {k: [100 * (v[k] - p[k]) for v, p in pairs]
-                 for k in ("accuracy", "msp_near", "maha_near")}  # fmt: skip
-            lines.append(f"| {LABELS[variant]} | {LABELS.get(other, other)} | {len(pairs)} | "
-                         f"{_mse(d['accuracy'])} | {sum(x >= -0.5 for x in d['accuracy'])} | "
-                         f"{100 * statistics.mean(v['msp_mean'] for v, _ in pairs):.1f} | "
-                         f"{_mse(d['msp_near'])} | {_mse(d['maha_near'])} |")  # fmt: skip
+            lines.append(f"| {LABELS[variant]} | {LABELS.get(other, other)} | "
+                         f"{_delta_cells(pairs)} |")  # fmt: skip
     return lines
 
 
