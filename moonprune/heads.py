@@ -177,11 +177,14 @@ def separate_unknown_linear(layer: nn.Linear) -> SeparateUnknownLinear:
     return new
 
 
+def head_kind(head: nn.Module) -> str:
+    """``separate`` or ``mean``: the kind of the K+1 classifier ``head``."""
+    return "separate" if isinstance(head, SeparateUnknownLinear) else "mean"
+
+
 def unknown_head_kind(model: nn.Module, layer: str | None) -> str | None:
-    """``separate`` or ``mean`` for the K+1 head at ``layer``, None without one."""
-    if layer is None:
-        return None
-    return "separate" if isinstance(_get_module(model, layer), SeparateUnknownLinear) else "mean"
+    """The kind (:func:`head_kind`) of the K+1 head at ``layer``, None without one."""
+    return None if layer is None else head_kind(_get_module(model, layer))
 
 
 def add_unknown_output_(

@@ -23,7 +23,7 @@ from moonprune.assessment import Assessment
 from moonprune.config import MoonConfig
 from moonprune.conventions import UNKNOWN_ROW_ATTR, prunable_weights
 from moonprune.data import ImageSet
-from moonprune.heads import SeparateUnknownLinear
+from moonprune.heads import head_kind
 from moonprune.outputs import atomic_path
 from moonprune.reliability.evaluation import reliability_diagram
 from moonprune.report_parts import UnknownsRecord
@@ -75,8 +75,7 @@ def unknowns_summary(
     )  # fmt: skip
     heads = [m for m in model.modules() if isinstance(getattr(m, UNKNOWN_ROW_ATTR, None), int)]
     if heads:
-        record = replace(record, head="separate" if isinstance(heads[0], SeparateUnknownLinear)
-                         else "mean")  # fmt: skip
+        record = replace(record, head=head_kind(heads[0]))
     if not heads or len(val) == 0:
         return record, {}
     k = int(getattr(heads[0], UNKNOWN_ROW_ATTR))
